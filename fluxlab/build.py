@@ -1,0 +1,85 @@
+"""Assembling runs from a config: device, codec, model, the task pipeline; and rebuilding from a checkpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fluxlab.checkpoint import load_weights, read_description, resolve_checkpoint
+from fluxlab.config import Config, config_from_dict
+from fluxlab.models.flux import Flux, FluxParams
+from fluxlab.models.registry import flux_params
+from fluxlab.pipeline import FluxTextToImage, PixelCodec, TextEmbedding
+
+
+def cache_dir() -> Path:
+    """Where derived data (rendered datasets, text embeddings) is kept between runs."""
+    return Path(os.environ.get("FLUXLAB_CACHE", Path.home() / ".cache" / "fluxlab"))
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={spec!r} but no CUDA GPU is visible; use --train.device=cpu")
+    return device
+
+
+def build_codec(cfg: Config) -> nn.Module:
+    if cfg.encoding.space == "pixel":
+        return PixelCodec()
+    raise ValueError("encoding.space='latent' needs an autoencoder; it is not wired into this build yet")
+
+
+def model_params(cfg: Config, token_dim: int, context_dim: int, pooled_dim: int) -> FluxParams:
+    m = cfg.model
+    return flux_params(
+        m.preset,
+        hidden_size=m.hidden_size,
+        num_heads=m.num_heads,
+        depth=m.depth,
+        depth_single_blocks=m.depth_single_blocks,
+        axes_dim=m.axes_dim,
+        mlp_ratio=m.mlp_ratio,
+        guidance_embed=m.guidance_embed,
+        in_channels=token_dim,
+        out_channels=token_dim,
+        context_in_dim=context_dim,
+        vec_in_dim=pooled_dim,
+    )
+
+
+def build_pipeline(cfg: Config, params: FluxParams, device: torch.device) -> FluxTextToImage:
+    model = Flux(params).to(device)
+    codec = build_codec(cfg).to(device)
+    return FluxTextToImage(
+        model, codec, cfg.data.resolution, cfg.encoding.patch_size, mixed_precision=cfg.train.mixed_precision
+    )
+
+
+def encode_prompts(encoder, prompts: list[str]) -> TextEmbedding:
+    txt, vec = encoder.encode(list(prompts))
+    return TextEmbedding(txt.float().cpu(), vec.float().cpu())
+
+
+def load_for_sampling(
+    checkpoint: str | Path, device: torch.device, ema: bool = True
+) -> tuple[Config, FluxTextToImage, Path]:
+    """Rebuilds the trained pipeline from a checkpoint (or run) folder, with EMA weights by default."""
+    path = resolve_checkpoint(checkpoint)
+    desc = read_description(path)
+    cfg = config_from_dict(desc["config"])
+    params = FluxParams(**desc["model_params"])
+    cfg.train.mixed_precision = "auto"
+    pipe = build_pipeline(cfg, params, device)
+    pipe.model.load_state_dict(load_weights(path, ema=ema), strict=True)
+    pipe.model.eval()
+    return cfg, pipe, path

@@ -1,0 +1,154 @@
+"""Checkpoints that survive being killed mid-save.
+
+Each checkpoint is a folder ``checkpoints/step_XXXXXXX`` holding the weights as safetensors (model and
+EMA), a JSON description (run config, model params, step) and the training state (optimizer, schedule,
+RNG, data position) for ``--resume``. It is written under a temporary name, flushed and renamed, and the
+manifest ``meta.json`` is written last: a folder without a readable manifest is incomplete and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_DIR = "checkpoints"
+PREFIX = "step_"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    ema_state: dict[str, torch.Tensor] | None,
+    description: dict[str, Any],
+    train_state: dict[str, Any] | None,
+    keep_last: int = 3,
+) -> Path:
+    """Writes checkpoint ``step`` atomically, then prunes all but the newest ``keep_last``."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:07d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    files = ["model.safetensors", "config.json"]
+    save_file(_contiguous(model_state), tmp / "model.safetensors")
+    if ema_state is not None:
+        save_file(_contiguous(ema_state), tmp / "ema.safetensors")
+        files.append("ema.safetensors")
+    (tmp / "config.json").write_text(json.dumps({**description, "step": step}, indent=2) + "\n")
+    if train_state is not None:
+        torch.save(train_state, tmp / "train_state.pt")
+        files.append("train_state.pt")
+    for name in files:
+        _fsync_file(tmp / name)
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "files": files}) + "\n")
+    _fsync_file(tmp / "meta.json")
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    if keep_last > 0:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Finished-looking checkpoint folders, oldest first (temporary folders are ignored)."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None if the checkpoint is complete and readable, else a reason."""
+    meta = path / "meta.json"
+    try:
+        info = json.loads(meta.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "no readable meta.json (interrupted save?)"
+    for name in info.get("files", []):
+        f = path / name
+        if not f.is_file() or f.stat().st_size == 0:
+            return f"{name} is missing or empty"
+    try:
+        for name in info["files"]:
+            if name.endswith(".safetensors"):
+                load_file(path / name)
+            elif name.endswith(".json"):
+                json.loads((path / name).read_text())
+            elif name.endswith(".pt"):
+                torch.load(path / name, map_location="cpu", weights_only=False)
+    except Exception as e:  # any decode failure means the file is unusable
+        return f"{name} cannot be read: {e}"
+    return None
+
+
+def latest_checkpoint(run_dir: str | Path, need_train_state: bool = False) -> Path | None:
+    """The newest valid checkpoint; corrupt or partial ones are skipped with a warning."""
+    for path in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None and need_train_state and not (path / "train_state.pt").is_file():
+            problem = "it has no training state"
+        if problem is None:
+            return path
+        warnings.warn(f"skipping checkpoint {path}: {problem}; falling back to the one before", stacklevel=2)
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder (→ its newest valid checkpoint)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} does not exist")
+    if (p / "meta.json").is_file():
+        problem = verify_checkpoint(p)
+        if problem:
+            raise ValueError(f"checkpoint {p} is unusable: {problem}")
+        return p
+    found = latest_checkpoint(p)
+    if found is None:
+        raise FileNotFoundError(f"{p} holds no complete checkpoint (expected {p}/{CHECKPOINT_DIR}/{PREFIX}*/)")
+    return found
+
+
+def read_description(path: Path) -> dict[str, Any]:
+    return json.loads((path / "config.json").read_text())
+
+
+def load_weights(path: Path, ema: bool = True) -> dict[str, torch.Tensor]:
+    """The EMA weights when present (what we sample with), else the raw model's."""
+    f = path / "ema.safetensors"
+    return load_file(f if ema and f.is_file() else path / "model.safetensors")

@@ -1,0 +1,311 @@
+"""Run configuration: nested keyword-only dataclasses, named presets, and ``--a.b=value`` overrides.
+
+A run is fully described by one ``Config``; the resolved config is written beside every run and inside
+every checkpoint, so ``fluxlab sample`` and ``--resume`` rebuild exactly what was trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    arch: Literal["flux", "dit"] = "flux"
+    preset: str = "flux-tiny"
+    # Optional overrides of the preset's architecture; None keeps the preset's value.
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    depth: int | None = None
+    depth_single_blocks: int | None = None
+    axes_dim: list[int] | None = None
+    mlp_ratio: float | None = None
+    guidance_embed: bool | None = None
+    init_from: str | None = None  # a fluxlab checkpoint, BFL .safetensors or diffusers folder to start from
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    dataset: str = "openmoji"  # "openmoji" or a folder of images with captions
+    resolution: int = 32
+    val_fraction: float = 0.05
+    crop: Literal["center", "random"] = "center"
+    hflip: bool = False
+    color_jitter: float = 0.0
+    num_workers: int = 0
+    caption_dropout: float = 0.1
+    limit: int | None = None  # use only the first N examples (debugging, tests)
+
+
+@dataclass(kw_only=True)
+class EncodingConfig:
+    space: Literal["pixel", "latent"] = "pixel"
+    patch_size: int = 4  # pixel space: p×p RGB patches per token; latent space: 2
+    text_encoder: str = "minilm"  # "minilm" or a local FLUX folder (tokenizer/, text_encoder/, ...)
+    text_max_length: int = 16
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    kind: Literal["flow", "ddpm"] = "flow"
+    t_sampler: Literal["uniform", "logit_normal"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: bool = False
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float = 1.0
+    batch_size: int = 32
+    grad_accum: int = 1
+    steps: int = 1000
+    ema_decay: float = 0.999
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    max_minutes: float | None = None  # stop (and checkpoint) after this much training time
+    log_every: int = 10
+    sample_every: int = 500
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    threads: int | None = None  # CPU threads for torch; None keeps torch's default
+    tensorboard: bool = True
+
+
+@dataclass(kw_only=True)
+class SampleConfig:
+    steps: int = 30
+    sampler: Literal["euler", "heun"] = "euler"
+    guidance: float = 4.0  # classifier-free guidance scale (1 = off)
+    distilled_guidance: float = 3.5  # the value fed to a guidance-embedding model
+    shift: bool = True  # FLUX resolution shift of the schedule (off for schnell-like models)
+    seed: int = 0
+    negative_prompt: str = ""
+    prompts: list[str] = field(
+        default_factory=lambda: [
+            "red heart",
+            "grinning face",
+            "red apple",
+            "sun",
+            "blue heart",
+            "pile of poo",
+            "green apple",
+            "frog",
+        ]
+    )
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    encoding: EncodingConfig = field(default_factory=EncodingConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def validate(self) -> None:
+        """Checks that need several fields; raised before any work starts."""
+        res, p = self.data.resolution, self.encoding.patch_size
+        if res <= 0 or p <= 0:
+            raise ValueError("data.resolution and encoding.patch_size must be positive")
+        step = p if self.encoding.space == "pixel" else 8 * p
+        if res % step:
+            raise ValueError(
+                f"data.resolution={res} is not divisible by {step} "
+                f"({'encoding.patch_size' if self.encoding.space == 'pixel' else '8× autoencoder × encoding.patch_size'})"
+            )
+        if not 0 <= self.data.caption_dropout < 1:
+            raise ValueError(f"data.caption_dropout={self.data.caption_dropout} must be in [0, 1)")
+        if not 0 <= self.data.val_fraction < 1:
+            raise ValueError(f"data.val_fraction={self.data.val_fraction} must be in [0, 1)")
+        if self.optim.batch_size < 1 or self.optim.grad_accum < 1 or self.optim.steps < 1:
+            raise ValueError("optim.batch_size, optim.grad_accum and optim.steps must be at least 1")
+        if not 0 <= self.optim.ema_decay < 1:
+            raise ValueError(f"optim.ema_decay={self.optim.ema_decay} must be in [0, 1)")
+        if self.optim.lr <= 0:
+            raise ValueError(f"optim.lr={self.optim.lr} must be positive")
+        if self.model.arch == "flux":
+            from fluxlab.models.registry import flux_params
+
+            m = self.model
+            flux_params(  # raises on an unknown preset, heads not dividing the width, RoPE axes off
+                m.preset,
+                hidden_size=m.hidden_size,
+                num_heads=m.num_heads,
+                depth=m.depth,
+                depth_single_blocks=m.depth_single_blocks,
+                axes_dim=m.axes_dim,
+                mlp_ratio=m.mlp_ratio,
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Building configs from dicts, with type checks that name the offending field.
+
+
+def _check_value(path: str, tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(path, arg, value)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{path}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{path}={value!r}: choose one of {list(args)}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{path}: expected a list, got {value!r}")
+        return [_check_value(f"{path}[{i}]", args[0], v) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ValueError(f"{path}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{path}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{path}: expected a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    return value
+
+
+def _build(cls: type, data: Any, path: str = "") -> Any:
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ValueError(f"{path or 'config'}: expected a mapping of fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"section '{path}'" if path else "the config"
+        raise ValueError(f"unknown key {path + '.' if path else ''}{unknown[0]} in {where}; known keys: {sorted(names)}")
+    kwargs = {k: _check_value(f"{path}.{k}" if path else k, hints[k], v) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["--optim.lr=3e-4", "train.seed=1"]`` → nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise ValueError(f"override {item!r} must look like --section.key=value")
+        key, raw = text.split("=", 1)
+        parts = key.split(".")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        if isinstance(value, (dict,)):
+            raise ValueError(f"override {item!r}: give one field at a time")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
+    """A preset name or a YAML/JSON file (which may say ``base: PRESET``), then overrides; validated."""
+    from fluxlab.presets import PRESETS
+
+    if name_or_path in PRESETS:
+        data: dict[str, Any] = PRESETS[name_or_path]
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ValueError(
+                f"--config {name_or_path!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a file"
+            )
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML/JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the config must be a mapping of sections")
+        base = data.pop("base", None)
+        if base is not None:
+            if base not in PRESETS:
+                raise ValueError(f"{path}: base preset {base!r} unknown; choose one of {sorted(PRESETS)}")
+            data = _deep_merge(PRESETS[base], data)
+    if overrides:
+        data = _deep_merge(data, parse_overrides(overrides))
+    cfg = config_from_dict(data)
+    cfg.validate()
+    return cfg

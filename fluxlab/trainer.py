@@ -1,0 +1,388 @@
+"""The training loop: batch → loss → step → EMA → log → sample/checkpoint, the same on CPU and GPU."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from fluxlab.build import build_pipeline, cache_dir, encode_prompts, model_params, resolve_device
+from fluxlab.checkpoint import latest_checkpoint, save_checkpoint
+from fluxlab.config import Config
+from fluxlab.objectives import RectifiedFlow
+from fluxlab.pipeline import TextEmbedding
+
+T_BINS = 10
+MAX_NONFINITE_IN_A_ROW = 10
+
+
+class InfiniteBatchSampler(Sampler[list[int]]):
+    """Shuffled batches forever, a fresh permutation per epoch, from a position that can be restored.
+
+    Batch ``k`` of the run is a pure function of (seed, k), so resuming at ``start_batch`` replays
+    exactly the order an uninterrupted run would have seen, without loading the skipped data.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world: int = 1):
+        if n < batch_size * world:
+            raise ValueError(
+                f"the dataset has {n} examples, fewer than one batch ({batch_size} × {world} processes); "
+                "lower optim.batch_size"
+            )
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start_batch, self.rank, self.world = start_batch, rank, world
+        self.batches_per_epoch = n // (batch_size * world)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        k = self.start_batch
+        while True:
+            epoch, i = divmod(k, self.batches_per_epoch)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            global_bs = self.batch_size * self.world
+            chunk = perm[i * global_bs : (i + 1) * global_bs]
+            yield chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
+            k += 1
+
+    def __len__(self) -> int:  # infinite; DataLoader only needs this for len(loader)
+        return 2**62
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    o = cfg.optim
+    if o.warmup_steps and step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "cosine":
+        progress = (step - o.warmup_steps) / max(1, o.steps - o.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+class CaptionTable:
+    """All captions' embeddings, encoded once (cached on disk), looked up by caption string."""
+
+    def __init__(self, encoder, captions: list[str], device: torch.device):
+        from fluxlab.text_cache import encode_captions_cached
+
+        unique = sorted(set(captions) | {""})
+        txt, vec = encode_captions_cached(encoder, unique, cache_dir() / "text")
+        self.index = {c: i for i, c in enumerate(unique)}
+        self.txt = txt.float().to(device)
+        self.vec = vec.float().to(device)
+        self.empty = self.index[""]
+
+    def lookup(self, captions: list[str], drop: Tensor | None = None) -> TextEmbedding:
+        idx = torch.tensor([self.index[c] for c in captions], device=self.txt.device)
+        if drop is not None:  # caption dropout trains the unconditional branch used by CFG
+            idx = torch.where(drop, torch.full_like(idx, self.empty), idx)
+        return TextEmbedding(self.txt[idx], self.vec[idx])
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool = False, quiet: bool = False):
+        cfg.validate()
+        self.cfg = cfg
+        self.quiet = quiet
+        self.run_dir = Path(cfg.train.output_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.device = resolve_device(cfg.train.device)
+        self._seed_everything(cfg.train.seed)
+
+        self.dataset = self._build_dataset()
+        self._log(f"dataset: {len(self.dataset)} training examples from {cfg.data.dataset}")
+
+        from fluxlab.text_encoders import build_text_encoder
+
+        encoder = build_text_encoder(cfg.encoding.text_encoder, cfg.encoding.text_max_length, self.device)
+        self.captions = CaptionTable(encoder, list(self.dataset.captions), self.device)
+        self.sample_text = encode_prompts(encoder, cfg.sample.prompts)
+        self.negative_text = encode_prompts(encoder, [cfg.sample.negative_prompt])
+        context_dim, pooled_dim = encoder.context_dim, encoder.pooled_dim
+        del encoder  # frozen and no longer needed: every caption is in the table
+
+        token_dim = 3 * cfg.encoding.patch_size**2 if cfg.encoding.space == "pixel" else 0
+        self.params = model_params(cfg, token_dim, context_dim, pooled_dim)
+        self.pipe = build_pipeline(cfg, self.params, self.device)
+        self.model = self.pipe.model
+        self.model.initialize_weights()
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self._log(f"model: {cfg.model.preset} with {n_params / 1e6:.2f}M parameters on {self.device}")
+
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=o.lr,
+            betas=(o.beta1, o.beta2),
+            weight_decay=o.weight_decay,
+            eps=o.eps,
+            fused=self.device.type == "cuda",
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        c = cfg.objective
+        self.objective = RectifiedFlow(
+            t_sampler=c.t_sampler, logit_mean=c.logit_mean, logit_std=c.logit_std, shift=c.shift
+        )
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed + 1)
+
+        self.step = 0
+        self.batches_seen = 0
+        self.skipped_images = 0
+        self.nonfinite_steps = 0
+        if resume:
+            self._resume()
+        cfg.save(self.run_dir / "config.json")
+
+    # ------------------------------------------------------------------------------------------
+    def _log(self, msg: str) -> None:
+        if not self.quiet:
+            tqdm.write(msg)
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _build_dataset(self):
+        from fluxlab.data import build_dataset
+
+        d = self.cfg.data
+        ds = build_dataset(
+            d.dataset,
+            resolution=d.resolution,
+            split="train" if d.val_fraction > 0 else "all",
+            val_fraction=d.val_fraction,
+            seed=self.cfg.train.seed,
+            crop=d.crop,
+            hflip=d.hflip,
+            color_jitter=d.color_jitter,
+            limit=d.limit,
+        )
+        if len(ds) == 0:
+            raise ValueError(f"data.dataset={d.dataset!r} has no training examples")
+        return ds
+
+    def _loader(self) -> Iterator[dict[str, Any]]:
+        from fluxlab.data import collate_skip_bad
+
+        sampler = InfiniteBatchSampler(
+            len(self.dataset), self.cfg.optim.batch_size, self.cfg.train.seed, start_batch=self.batches_seen
+        )
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            num_workers=self.cfg.data.num_workers,
+            collate_fn=collate_skip_bad,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=self.cfg.data.num_workers > 0,
+            prefetch_factor=4 if self.cfg.data.num_workers > 0 else None,
+        )
+        return iter(loader)
+
+    # ------------------------------------------------------------------------------------------
+    def _description(self) -> dict[str, Any]:
+        return {"config": self.cfg.to_dict(), "model_params": self.params.to_dict(), "format": "fluxlab-v1"}
+
+    def _train_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "batches_seen": self.batches_seen,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy_rng": np.random.get_state(),
+            "python_rng": random.getstate(),
+            "skipped_images": self.skipped_images,
+            "nonfinite_steps": self.nonfinite_steps,
+        }
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.run_dir,
+            self.step,
+            self.model.state_dict(),
+            self.ema.state_dict(),
+            self._description(),
+            self._train_state(),
+            keep_last=self.cfg.train.keep_last,
+        )
+
+    def _resume(self) -> None:
+        from safetensors.torch import load_file
+
+        path = latest_checkpoint(self.run_dir, need_train_state=True)
+        if path is None:
+            self._log(f"--resume: no checkpoint in {self.run_dir}, starting from scratch")
+            return
+        self.model.load_state_dict(load_file(path / "model.safetensors", device=str(self.device)), strict=True)
+        self.ema.load_state_dict(load_file(path / "ema.safetensors", device=str(self.device)), strict=True)
+        state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
+        self.step = state["step"]
+        self.batches_seen = state["batches_seen"]
+        self.skipped_images = state["skipped_images"]
+        self.nonfinite_steps = state["nonfinite_steps"]
+        self._log(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # Warm-up of the decay (as in k-diffusion/timm): early weights are forgotten quickly.
+        decay = min(self.cfg.optim.ema_decay, (1 + self.step) / (10 + self.step))
+        ema_params = list(self.ema.parameters())
+        params = [p.detach() for p in self.model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+    def _micro_batch_loss(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        images = batch["image"].to(self.device, non_blocking=True)
+        b = images.shape[0]
+        drop = torch.rand(b, generator=self.generator, device=self.device) < self.cfg.data.caption_dropout
+        text = self.captions.lookup(batch["caption"], drop)
+        x0 = self.pipe.to_tokens(images)
+        predict = lambda x_t, t: self.pipe.velocity(self.model, x_t, t, text)  # noqa: E731
+        return self.objective.loss(predict, x0, generator=self.generator)
+
+    def sample_grid(self, name: str) -> Path:
+        from fluxlab.data import make_grid
+
+        s = self.cfg.sample
+        images = self.pipe.generate(
+            self.sample_text,
+            self.negative_text,
+            steps=s.steps,
+            guidance=s.guidance,
+            distilled_guidance=s.distilled_guidance,
+            shift=s.shift,
+            sampler=s.sampler,
+            seed=s.seed,
+            model=self.ema,
+        )
+        out = self.run_dir / "samples" / f"{name}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        grid = make_grid(images, nrow=min(8, len(images)), captions=list(s.prompts))
+        grid.save(out)
+        if self.writer is not None:
+            self.writer.add_image("samples", np.asarray(grid), self.step, dataformats="HWC")
+        return out
+
+    def train(self) -> Path:
+        cfg = self.cfg
+        o = cfg.optim
+        self.writer = None
+        if cfg.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        batches = self._loader()
+        bin_sum = torch.zeros(T_BINS, device=self.device)
+        bin_count = torch.zeros(T_BINS, device=self.device)
+        loss_sum, loss_n, epoch_sum, epoch_n = 0.0, 0, 0.0, 0
+        per_epoch = len(self.dataset) // o.batch_size
+        nonfinite_in_a_row = 0
+        start_time = time.monotonic()
+        last_path: Path | None = None
+        self.model.train()
+        bar = tqdm(total=o.steps, initial=self.step, desc="train", dynamic_ncols=True, disable=self.quiet)
+        while self.step < o.steps:
+            step_loss = torch.zeros((), device=self.device)
+            for _ in range(o.grad_accum):
+                batch = next(batches)
+                self.batches_seen += 1
+                if batch is None:  # every image of the batch was unreadable
+                    continue
+                self.skipped_images += int(batch.get("skipped", 0))
+                per_sample, t = self._micro_batch_loss(batch)
+                loss = per_sample.mean()
+                (loss / o.grad_accum).backward()
+                step_loss += loss.detach() / o.grad_accum
+                bins = (t.detach() * T_BINS).long().clamp(0, T_BINS - 1)
+                bin_sum.scatter_add_(0, bins, per_sample.detach().float())
+                bin_count.scatter_add_(0, bins, torch.ones_like(bin_sum[bins]))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+            if not (torch.isfinite(grad_norm) and torch.isfinite(step_loss)):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.nonfinite_steps += 1
+                nonfinite_in_a_row += 1
+                warnings.warn(f"step {self.step}: non-finite loss or gradient, step skipped")
+                if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                    raise RuntimeError(
+                        f"{nonfinite_in_a_row} non-finite steps in a row at step {self.step}: stopping. "
+                        f"The last good checkpoint is {last_path or 'not written yet'}; lower optim.lr?"
+                    )
+                continue
+            nonfinite_in_a_row = 0
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self._update_ema()
+            self.step += 1
+            bar.update(1)
+
+            loss_value = step_loss.item()
+            loss_sum, loss_n = loss_sum + loss_value, loss_n + 1
+            epoch_sum, epoch_n = epoch_sum + loss_value, epoch_n + 1
+            if self.step % cfg.train.log_every == 0 or self.step == o.steps:
+                mean = loss_sum / loss_n
+                lr = self.scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+                if self.writer is not None:
+                    self.writer.add_scalar("loss/step", mean, self.step)
+                    self.writer.add_scalar("lr", lr, self.step)
+                    self.writer.add_scalar("grad_norm", grad_norm.item(), self.step)
+                    for i in range(T_BINS):
+                        if bin_count[i] > 0:
+                            self.writer.add_scalar(
+                                f"loss_t/{i / T_BINS:.1f}-{(i + 1) / T_BINS:.1f}", (bin_sum[i] / bin_count[i]).item(), self.step
+                            )
+                loss_sum, loss_n = 0.0, 0
+                bin_sum.zero_()
+                bin_count.zero_()
+            if per_epoch and self.step % per_epoch == 0 and epoch_n:
+                if self.writer is not None:
+                    self.writer.add_scalar("loss/epoch", epoch_sum / epoch_n, self.step // per_epoch)
+                epoch_sum, epoch_n = 0.0, 0
+
+            out_of_time = (
+                cfg.train.max_minutes is not None and time.monotonic() - start_time > 60 * cfg.train.max_minutes
+            )
+            if out_of_time:
+                self._log(f"train.max_minutes={cfg.train.max_minutes} reached at step {self.step}")
+            finished = self.step >= o.steps or out_of_time
+            if self.step % cfg.train.sample_every == 0 or finished:
+                self.sample_grid(f"step_{self.step:07d}")
+                self.model.train()
+            if self.step % cfg.train.checkpoint_every == 0 or finished:
+                last_path = self.save()
+            if out_of_time:
+                break
+        bar.close()
+        if last_path is None:  # resumed at or past the last step: still leave a checkpoint
+            last_path = self.save()
+        if self.skipped_images:
+            self._log(f"skipped {self.skipped_images} unreadable images (see the warnings above for their names)")
+        if self.nonfinite_steps:
+            self._log(f"skipped {self.nonfinite_steps} steps with a non-finite loss or gradient")
+        if self.writer is not None:
+            self.writer.close()
+        return last_path
