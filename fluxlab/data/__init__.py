@@ -1,0 +1,59 @@
+"""Datasets, decoding and transforms: the first stage of the data flow (see DESIGN.md)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from torch.utils.data import Dataset
+
+from .common import cache_dir, collate_skip_bad
+from .folder import IMAGE_EXTENSIONS, ImageCaptionFolder
+from .images import DEFAULT_MAX_PIXELS, BadImageError, load_image
+from .openmoji import GROUPS as OPENMOJI_GROUPS
+from .openmoji import OpenMoji
+from .transforms import ImageTransform, make_grid, to_pil
+
+__all__ = [
+    "BadImageError", "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "ImageCaptionFolder", "ImageTransform",
+    "OPENMOJI_GROUPS", "OpenMoji", "build_dataset", "cache_dir", "collate_skip_bad", "load_image",
+    "make_grid", "to_pil",
+]
+
+
+def build_dataset(
+    name_or_path: str | os.PathLike[str],
+    resolution: int,
+    split: Literal["train", "val", "all"] = "all",
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    crop: Literal["center", "random"] = "center",
+    hflip: bool = False,
+    color_jitter: float = 0.0,
+    caption_ext: str = ".txt",
+    limit: int | None = None,
+) -> Dataset:
+    """"openmoji" -> the embedded OpenMoji set; anything else is an image folder path.
+
+    Augmentation (random crop, flip, jitter) applies only to the train split; val and all are
+    deterministic so validation losses are comparable between runs. OpenMoji renders are already
+    square at `resolution`, so only flips/jitter can change them.
+    """
+    augment = split == "train"
+    transform = ImageTransform(
+        resolution,
+        crop=crop if augment else "center",
+        hflip=hflip and augment,
+        color_jitter=color_jitter if augment else 0.0,
+    )
+    if str(name_or_path).lower() == "openmoji":
+        needs_transform = augment and (hflip or color_jitter > 0)
+        return OpenMoji(resolution, transform if needs_transform else None, split, val_fraction, seed, limit=limit)
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {str(name_or_path)!r} is neither 'openmoji' nor an existing folder")
+    folder = ImageCaptionFolder(
+        path, transform, caption_ext=caption_ext, split=split, val_fraction=val_fraction, seed=seed
+    )
+    return folder if limit is None else folder.take(limit)
