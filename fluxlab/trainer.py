@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import time
@@ -16,11 +17,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from fluxlab.build import build_pipeline, cache_dir, encode_prompts, model_params, resolve_device
+from fluxlab.build import resolve_device
 from fluxlab.checkpoint import latest_checkpoint, save_checkpoint
 from fluxlab.config import Config
-from fluxlab.objectives import RectifiedFlow
-from fluxlab.pipeline import TextEmbedding
+from fluxlab.tasks import build_task
 
 T_BINS = 10
 MAX_NONFINITE_IN_A_ROW = 10
@@ -67,26 +67,6 @@ def lr_factor(step: int, cfg: Config) -> float:
     return 1.0
 
 
-class CaptionTable:
-    """All captions' embeddings, encoded once (cached on disk), looked up by caption string."""
-
-    def __init__(self, encoder, captions: list[str], device: torch.device):
-        from fluxlab.text_cache import encode_captions_cached
-
-        unique = sorted(set(captions) | {""})
-        txt, vec = encode_captions_cached(encoder, unique, cache_dir() / "text")
-        self.index = {c: i for i, c in enumerate(unique)}
-        self.txt = txt.float().to(device)
-        self.vec = vec.float().to(device)
-        self.empty = self.index[""]
-
-    def lookup(self, captions: list[str], drop: Tensor | None = None) -> TextEmbedding:
-        idx = torch.tensor([self.index[c] for c in captions], device=self.txt.device)
-        if drop is not None:  # caption dropout trains the unconditional branch used by CFG
-            idx = torch.where(drop, torch.full_like(idx, self.empty), idx)
-        return TextEmbedding(self.txt[idx], self.vec[idx])
-
-
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False, quiet: bool = False):
         cfg.validate()
@@ -102,20 +82,8 @@ class Trainer:
         self.dataset = self._build_dataset()
         self._log(f"dataset: {len(self.dataset)} training examples from {cfg.data.dataset}")
 
-        from fluxlab.text_encoders import build_text_encoder
-
-        encoder = build_text_encoder(cfg.encoding.text_encoder, cfg.encoding.text_max_length, self.device)
-        self.captions = CaptionTable(encoder, list(self.dataset.captions), self.device)
-        self.sample_text = encode_prompts(encoder, cfg.sample.prompts)
-        self.negative_text = encode_prompts(encoder, [cfg.sample.negative_prompt])
-        context_dim, pooled_dim = encoder.context_dim, encoder.pooled_dim
-        del encoder  # frozen and no longer needed: every caption is in the table
-
-        token_dim = 3 * cfg.encoding.patch_size**2 if cfg.encoding.space == "pixel" else 0
-        self.params = model_params(cfg, token_dim, context_dim, pooled_dim)
-        self.pipe = build_pipeline(cfg, self.params, self.device)
-        self.model = self.pipe.model
-        self.model.initialize_weights()
+        self.task = build_task(cfg, self.dataset, self.device)
+        self.model = self.task.model
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         n_params = sum(p.numel() for p in self.model.parameters())
         self._log(f"model: {cfg.model.preset} with {n_params / 1e6:.2f}M parameters on {self.device}")
@@ -130,10 +98,6 @@ class Trainer:
             fused=self.device.type == "cuda",
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
-        c = cfg.objective
-        self.objective = RectifiedFlow(
-            t_sampler=c.t_sampler, logit_mean=c.logit_mean, logit_std=c.logit_std, shift=c.shift
-        )
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed + 1)
 
         self.step = 0
@@ -193,7 +157,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _description(self) -> dict[str, Any]:
-        return {"config": self.cfg.to_dict(), "model_params": self.params.to_dict(), "format": "fluxlab-v1"}
+        return {"config": self.cfg.to_dict(), "format": "fluxlab-v1", **self.task.description()}
 
     def _train_state(self) -> dict[str, Any]:
         return {
@@ -254,33 +218,18 @@ class Trainer:
         params = [p.detach() for p in self.model.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
-    def _micro_batch_loss(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        images = batch["image"].to(self.device, non_blocking=True)
-        b = images.shape[0]
-        drop = torch.rand(b, generator=self.generator, device=self.device) < self.cfg.data.caption_dropout
-        text = self.captions.lookup(batch["caption"], drop)
-        x0 = self.pipe.to_tokens(images)
-        predict = lambda x_t, t: self.pipe.velocity(self.model, x_t, t, text)  # noqa: E731
-        return self.objective.loss(predict, x0, generator=self.generator)
+    def _write_log(self, record: dict[str, Any]) -> None:
+        """One JSON line per log step: the loss curve survives without TensorBoard."""
+        with open(self.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def sample_grid(self, name: str) -> Path:
         from fluxlab.data import make_grid
 
-        s = self.cfg.sample
-        images = self.pipe.generate(
-            self.sample_text,
-            self.negative_text,
-            steps=s.steps,
-            guidance=s.guidance,
-            distilled_guidance=s.distilled_guidance,
-            shift=s.shift,
-            sampler=s.sampler,
-            seed=s.seed,
-            model=self.ema,
-        )
+        images, captions = self.task.sample_images(self.ema)
         out = self.run_dir / "samples" / f"{name}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        grid = make_grid(images, nrow=min(8, len(images)), captions=list(s.prompts))
+        grid = make_grid(images, nrow=min(8, len(images)), captions=captions)
         grid.save(out)
         if self.writer is not None:
             self.writer.add_image("samples", np.asarray(grid), self.step, dataformats="HWC")
@@ -312,7 +261,7 @@ class Trainer:
                 if batch is None:  # every image of the batch was unreadable
                     continue
                 self.skipped_images += int(batch.get("skipped", 0))
-                per_sample, t = self._micro_batch_loss(batch)
+                per_sample, t = self.task.loss(self.model, batch, self.generator)
                 loss = per_sample.mean()
                 (loss / o.grad_accum).backward()
                 step_loss += loss.detach() / o.grad_accum
@@ -346,15 +295,26 @@ class Trainer:
                 mean = loss_sum / loss_n
                 lr = self.scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+                t_curve = [
+                    (bin_sum[i] / bin_count[i]).item() if bin_count[i] > 0 else None for i in range(T_BINS)
+                ]
+                self._write_log(
+                    {
+                        "step": self.step,
+                        "loss": mean,
+                        "lr": lr,
+                        "grad_norm": grad_norm.item(),
+                        "loss_per_t_bin": t_curve,
+                        "seconds": round(time.monotonic() - start_time, 2),
+                    }
+                )
                 if self.writer is not None:
                     self.writer.add_scalar("loss/step", mean, self.step)
                     self.writer.add_scalar("lr", lr, self.step)
                     self.writer.add_scalar("grad_norm", grad_norm.item(), self.step)
-                    for i in range(T_BINS):
-                        if bin_count[i] > 0:
-                            self.writer.add_scalar(
-                                f"loss_t/{i / T_BINS:.1f}-{(i + 1) / T_BINS:.1f}", (bin_sum[i] / bin_count[i]).item(), self.step
-                            )
+                    for i, value in enumerate(t_curve):
+                        if value is not None:
+                            self.writer.add_scalar(f"loss_t/{i / T_BINS:.1f}-{(i + 1) / T_BINS:.1f}", value, self.step)
                 loss_sum, loss_n = 0.0, 0
                 bin_sum.zero_()
                 bin_count.zero_()

@@ -1,0 +1,70 @@
+"""``fluxlab sample``: a captioned grid of images from a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+ACCEPTS_OVERRIDES = False
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("sample", help="generate images from a checkpoint")
+    s.add_argument("--checkpoint", required=True, help="a run folder or one of its checkpoints/step_* folders")
+    s.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
+    s.add_argument("--negative-prompt", default=None)
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
+    s.add_argument("--sampler", choices=["euler", "heun"], default=None)
+    s.add_argument("--shift", action=argparse.BooleanOptionalAction, default=None, help="FLUX resolution shift")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--num", type=int, default=1, help="images per prompt")
+    s.add_argument("--nrow", type=int, default=None, help="tiles per row of the grid")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA")
+    s.add_argument("--out", required=True, help="PNG file for the grid")
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    import torch
+
+    from fluxlab.build import encode_prompts, load_for_sampling, resolve_device
+    from fluxlab.data import make_grid
+    from fluxlab.pipeline import TextEmbedding
+    from fluxlab.text_encoders import build_text_encoder
+
+    if args.num < 1 or args.batch_size < 1:
+        raise ValueError("--num and --batch-size must be at least 1")
+    device = resolve_device(args.device)
+    cfg, pipe, path = load_for_sampling(args.checkpoint, device, ema=not args.no_ema)
+    prompts = [p for p in args.prompt for _ in range(args.num)]
+    encoder = build_text_encoder(cfg.encoding.text_encoder, cfg.encoding.text_max_length, device)
+    text = encode_prompts(encoder, prompts)
+    negative_prompt = args.negative_prompt if args.negative_prompt is not None else cfg.sample.negative_prompt
+    negative = encode_prompts(encoder, [negative_prompt])
+    del encoder
+    s = cfg.sample
+    images = []
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = slice(start, start + args.batch_size)
+        images.append(
+            pipe.generate(
+                TextEmbedding(text.txt[chunk], text.vec[chunk]),
+                negative,
+                steps=args.steps or s.steps,
+                guidance=args.guidance if args.guidance is not None else s.guidance,
+                distilled_guidance=s.distilled_guidance,
+                shift=s.shift if args.shift is None else args.shift,
+                sampler=args.sampler or s.sampler,
+                seed=args.seed + start,
+                progress=True,
+            )
+        )
+    nrow = args.nrow or (args.num if args.num > 1 else min(8, len(prompts)))
+    grid = make_grid(torch.cat(images), nrow=nrow, captions=prompts)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    print(f"wrote {out} ({len(prompts)} images from {path})")
+    return 0

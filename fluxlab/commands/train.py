@@ -1,0 +1,31 @@
+"""``fluxlab train``: train from a preset or YAML file with ``--section.key=value`` overrides."""
+
+from __future__ import annotations
+
+import argparse
+
+ACCEPTS_OVERRIDES = True
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model",
+        description="Train from a preset or a YAML file; override any field with --section.key=value "
+        "(e.g. --optim.lr=3e-4 --train.output_dir=runs/x).",
+    )
+    p.add_argument("--config", required=True, help="preset name (openmoji-cpu, openmoji-gpu, debug) or a YAML file")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from fluxlab.config import load_config
+    from fluxlab.trainer import Trainer
+
+    cfg = load_config(args.config, overrides)
+    trainer = Trainer(cfg, resume=args.resume)
+    path = trainer.train()
+    print(f"checkpoint: {path}")
+    print(f"samples:    {trainer.run_dir / 'samples'}")
+    print(f"tensorboard --logdir {trainer.run_dir / 'tb'}")
+    return 0

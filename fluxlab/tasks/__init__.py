@@ -1,0 +1,37 @@
+"""Tasks: what is trained (model + inputs + objective + how to sample), separate from how (the trainer).
+
+A task exposes ``model``, ``loss(model, batch, generator) -> (per-sample loss, t)``,
+``sample_images(model) -> (images, captions)`` and ``description()`` (saved in every checkpoint so
+the task can be rebuilt for sampling). The trainer only ever talks to this interface, so DDPM/DiT,
+Kontext editing or latent-space training plug in without touching the loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from fluxlab.config import Config
+
+
+class Task(Protocol):
+    model: nn.Module
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> tuple[Tensor, Tensor]: ...
+
+    def sample_images(self, model: nn.Module) -> tuple[Tensor, list[str]]: ...
+
+    def description(self) -> dict[str, Any]: ...
+
+
+def build_task(cfg: Config, dataset: Any, device: torch.device) -> Task:
+    """The task for a config, built for training on ``dataset``."""
+    if cfg.model.arch == "flux" and cfg.objective.kind == "flow":
+        from fluxlab.tasks.text_to_image import TextToImageTask
+
+        return TextToImageTask.for_training(cfg, dataset, device)
+    raise ValueError(
+        f"model.arch={cfg.model.arch!r} with objective.kind={cfg.objective.kind!r} is not wired into the trainer yet"
+    )

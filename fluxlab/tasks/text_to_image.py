@@ -1,0 +1,101 @@
+"""FLUX text-to-image by rectified flow: captions → cached text embeddings → velocity on image tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fluxlab.build import build_pipeline, cache_dir, encode_prompts, model_params
+from fluxlab.config import Config
+from fluxlab.models.flux import FluxParams
+from fluxlab.objectives import RectifiedFlow
+from fluxlab.pipeline import FluxTextToImage, TextEmbedding
+
+
+class CaptionTable:
+    """All captions' embeddings, encoded once (cached on disk), looked up by caption string."""
+
+    def __init__(self, encoder: Any, captions: list[str], device: torch.device, cache: Path | None = None):
+        from fluxlab.text_cache import encode_captions_cached
+
+        unique = sorted(set(captions) | {""})
+        txt, vec = encode_captions_cached(encoder, unique, cache or cache_dir() / "text")
+        self.index = {c: i for i, c in enumerate(unique)}
+        self.txt = txt.float().to(device)
+        self.vec = vec.float().to(device)
+        self.empty = self.index[""]
+
+    def lookup(self, captions: list[str], drop: Tensor | None = None) -> TextEmbedding:
+        idx = torch.tensor([self.index[c] for c in captions], device=self.txt.device)
+        if drop is not None:  # caption dropout trains the unconditional branch used by CFG
+            idx = torch.where(drop, torch.full_like(idx, self.empty), idx)
+        return TextEmbedding(self.txt[idx], self.vec[idx])
+
+
+def objective_from_config(cfg: Config) -> RectifiedFlow:
+    c = cfg.objective
+    return RectifiedFlow(t_sampler=c.t_sampler, logit_mean=c.logit_mean, logit_std=c.logit_std, shift=c.shift)
+
+
+class TextToImageTask:
+    def __init__(
+        self,
+        cfg: Config,
+        pipe: FluxTextToImage,
+        params: FluxParams,
+        captions: CaptionTable,
+        sample_text: TextEmbedding,
+        negative_text: TextEmbedding,
+    ):
+        self.cfg = cfg
+        self.pipe = pipe
+        self.model = pipe.model
+        self.params = params
+        self.captions = captions
+        self.sample_text = sample_text
+        self.negative_text = negative_text
+        self.objective = objective_from_config(cfg)
+
+    @classmethod
+    def for_training(cls, cfg: Config, dataset: Any, device: torch.device) -> "TextToImageTask":
+        from fluxlab.text_encoders import build_text_encoder
+
+        encoder = build_text_encoder(cfg.encoding.text_encoder, cfg.encoding.text_max_length, device)
+        captions = CaptionTable(encoder, list(dataset.captions), device)
+        sample_text = encode_prompts(encoder, cfg.sample.prompts)
+        negative_text = encode_prompts(encoder, [cfg.sample.negative_prompt])
+        token_dim = 3 * cfg.encoding.patch_size**2
+        params = model_params(cfg, token_dim, encoder.context_dim, encoder.pooled_dim)
+        del encoder  # frozen and no longer needed: every caption is in the table
+        pipe = build_pipeline(cfg, params, device)
+        pipe.model.initialize_weights()
+        return cls(cfg, pipe, params, captions, sample_text, negative_text)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        device = self.captions.txt.device
+        images = batch["image"].to(device, non_blocking=True)
+        drop = torch.rand(images.shape[0], generator=generator, device=device) < self.cfg.data.caption_dropout
+        text = self.captions.lookup(batch["caption"], drop)
+        x0 = self.pipe.to_tokens(images)
+        return self.objective.loss(lambda x_t, t: self.pipe.velocity(model, x_t, t, text), x0, generator=generator)
+
+    def sample_images(self, model: nn.Module) -> tuple[Tensor, list[str]]:
+        s = self.cfg.sample
+        images = self.pipe.generate(
+            self.sample_text,
+            self.negative_text,
+            steps=s.steps,
+            guidance=s.guidance,
+            distilled_guidance=s.distilled_guidance,
+            shift=s.shift,
+            sampler=s.sampler,
+            seed=s.seed,
+            model=model,
+        )
+        return images, list(s.prompts)
+
+    def description(self) -> dict[str, Any]:
+        return {"task": "text_to_image", "model_params": self.params.to_dict()}
