@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Order is the order of `fluxlab --help`.
-COMMANDS = ["train", "sample"]
+COMMANDS = ["train", "sample", "plot"]
 
 
 def _modules() -> dict:
