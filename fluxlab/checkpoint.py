@@ -42,6 +42,11 @@ def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    """Where checkpoint ``step`` of a run lives (whether or not it exists yet)."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"{PREFIX}{step:07d}"
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -52,9 +57,9 @@ def save_checkpoint(
     keep_last: int = 3,
 ) -> Path:
     """Writes checkpoint ``step`` atomically, then prunes all but the newest ``keep_last``."""
-    root = Path(run_dir) / CHECKPOINT_DIR
+    final = checkpoint_path(run_dir, step)
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{step:07d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -70,7 +75,9 @@ def save_checkpoint(
         files.append("train_state.pt")
     for name in files:
         _fsync_file(tmp / name)
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "files": files}) + "\n")
+    # Sizes let pruning spot a truncated file without reading gigabytes of weights.
+    sizes = {name: (tmp / name).stat().st_size for name in files}
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "files": files, "sizes": sizes}) + "\n")
     _fsync_file(tmp / "meta.json")
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
@@ -78,9 +85,34 @@ def save_checkpoint(
     os.replace(tmp, final)
     _fsync_dir(root)
     if keep_last > 0:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(run_dir, keep_last, final)
+    _remove_stale_temporaries(root)
     return final
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int, just_saved: Path | None = None) -> list[Path]:
+    """Deletes all but the newest ``keep_last`` *valid* checkpoints and returns what it deleted.
+
+    Validity, not the folder name, decides: a corrupt ``step_9`` left by an earlier crash must not push
+    the only good checkpoints out. Corrupt folders older than the newest kept one go too; newer corrupt
+    ones stay (a resume warns about them) until a save of that step replaces them.
+    """
+    found = list_checkpoints(run_dir)
+    valid = [p for p in found if p == just_saved or verify_checkpoint(p, full=False) is None]
+    kept = valid[-keep_last:]
+    if not kept:
+        return []
+    doomed = [p for p in found if p not in kept and p.name < kept[-1].name]
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
+    return doomed
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    """Half-written folders of saves killed mid-way (other pids): never loadable, often huge."""
+    for tmp in root.glob(f".tmp-{PREFIX}*"):
+        if not tmp.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -92,17 +124,28 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def verify_checkpoint(path: Path) -> str | None:
-    """None if the checkpoint is complete and readable, else a reason."""
+def verify_checkpoint(path: Path, full: bool = True) -> str | None:
+    """None if the checkpoint is complete and readable, else a reason.
+
+    ``full=False`` checks only the manifest and file sizes (cheap enough to run on every save);
+    ``full=True`` also decodes every file.
+    """
     meta = path / "meta.json"
     try:
         info = json.loads(meta.read_text())
     except (OSError, json.JSONDecodeError):
         return "no readable meta.json (interrupted save?)"
-    for name in info.get("files", []):
+    if not isinstance(info, dict) or not isinstance(info.get("files"), list):
+        return "meta.json lists no files"
+    sizes = info.get("sizes", {})
+    for name in info["files"]:
         f = path / name
         if not f.is_file() or f.stat().st_size == 0:
             return f"{name} is missing or empty"
+        if name in sizes and f.stat().st_size != sizes[name]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {sizes[name]} (truncated?)"
+    if not full:
+        return None
     try:
         for name in info["files"]:
             if name.endswith(".safetensors"):

@@ -34,15 +34,24 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    dataset: str = "openmoji"  # "openmoji" or a folder of images with captions
+    # "openmoji", a folder of images with captions, or WebDataset shards ("data/{000000..000127}.tar")
+    dataset: str = "openmoji"
     resolution: int = 32
     val_fraction: float = 0.05
     crop: Literal["center", "random"] = "center"
     hflip: bool = False
     color_jitter: float = 0.0
     num_workers: int = 0
-    caption_dropout: float = 0.1
+    caption_dropout: float = 0.1  # condition dropout for CFG: the caption, or the class label of a DiT
     limit: int | None = None  # use only the first N examples (debugging, tests)
+    val_limit: int | None = 256  # validation loss uses at most this many held-out examples (× 8 timesteps)
+    # OpenMoji only: "base" drops skin-tone variants and private-use extras (~2,000 of ~4,500 emoji),
+    # which lets a CPU-sized budget spend its steps on distinct shapes.
+    openmoji_subset: Literal["all", "base"] = "all"
+    shuffle_buffer: int = 1000  # shards only: samples held per loader worker for shuffling (0 = stream order)
+    # "edit": Kontext-style (condition image, instruction, target) pairs; "openmoji" then means its variant
+    # pairs (skin tone, gender, hair, color) and a folder needs a metadata.jsonl of such rows.
+    task: Literal["text_to_image", "edit"] = "text_to_image"
 
 
 @dataclass(kw_only=True)
@@ -60,6 +69,11 @@ class ObjectiveConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     shift: bool = False
+    # kind="ddpm" only (T = 1000 steps):
+    beta_schedule: Literal["linear", "cosine"] = "linear"
+    prediction: Literal["epsilon", "v", "x0"] = "epsilon"
+    loss: Literal["mse", "l1"] = "mse"
+    min_snr_gamma: float | None = None  # min-SNR-γ loss weighting (5.0 in the paper); None = off
 
 
 @dataclass(kw_only=True)
@@ -88,7 +102,9 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 500
     checkpoint_every: int = 1000
+    eval_every: int = 0  # validation loss at 8 fixed timesteps every N steps (0 = off); needs data.val_fraction > 0
     keep_last: int = 3
+    max_nonfinite_steps: int = 10  # stop after this many steps in a row with a NaN/inf loss or gradient
     threads: int | None = None  # CPU threads for torch; None keeps torch's default
     tensorboard: bool = True
 
@@ -96,7 +112,9 @@ class TrainConfig:
 @dataclass(kw_only=True)
 class SampleConfig:
     steps: int = 30
-    sampler: Literal["euler", "heun"] = "euler"
+    sampler: Literal["euler", "heun", "ddim", "ddpm"] = "euler"  # euler/heun for flow; ddim/ddpm for ddpm
+    eta: float = 0.0  # DDIM noise (0 = deterministic, 1 = DDPM-like)
+    spacing: Literal["leading", "linspace", "trailing"] = "trailing"  # DDIM/DDPM timestep spacing
     guidance: float = 4.0  # classifier-free guidance scale (1 = off)
     distilled_guidance: float = 3.5  # the value fed to a guidance-embedding model
     shift: bool = True  # FLUX resolution shift of the schedule (off for schnell-like models)
@@ -151,8 +169,22 @@ class Config:
             raise ValueError("optim.batch_size, optim.grad_accum and optim.steps must be at least 1")
         if not 0 <= self.optim.ema_decay < 1:
             raise ValueError(f"optim.ema_decay={self.optim.ema_decay} must be in [0, 1)")
+        if self.train.eval_every < 0 or (self.data.val_limit is not None and self.data.val_limit < 1):
+            raise ValueError("train.eval_every must be ≥ 0 (0 = off) and data.val_limit ≥ 1 (or null for all)")
+        if self.train.max_nonfinite_steps < 1 or self.train.keep_last < 0:
+            raise ValueError("train.max_nonfinite_steps must be ≥ 1 and train.keep_last ≥ 0 (0 keeps every checkpoint)")
+        if self.train.eval_every and self.data.val_fraction == 0:
+            raise ValueError("train.eval_every needs a held-out split: set data.val_fraction > 0 (e.g. 0.05)")
         if self.optim.lr <= 0:
             raise ValueError(f"optim.lr={self.optim.lr} must be positive")
+        if self.data.task == "edit":
+            if self.model.arch != "flux" or self.objective.kind != "flow":
+                raise ValueError("data.task='edit' trains a Kontext-style Flux: set model.arch=flux, objective.kind=flow")
+            if self.data.hflip or self.data.color_jitter > 0 or self.data.crop != "center":
+                raise ValueError(
+                    "data.task='edit' needs data.hflip=false, data.color_jitter=0 and data.crop=center: "
+                    "augmenting the target apart from its condition would teach the wrong edit"
+                )
         if self.model.arch == "flux":
             from fluxlab.models.registry import flux_params
 
@@ -166,6 +198,21 @@ class Config:
                 axes_dim=m.axes_dim,
                 mlp_ratio=m.mlp_ratio,
             )
+        if self.model.arch == "dit":
+            from fluxlab.tasks.class_to_image import dit_params
+
+            dit_params(self, num_classes=1).validate()  # unknown preset, patch vs resolution, heads vs width
+        flow_samplers, ddpm_samplers = ("euler", "heun"), ("ddim", "ddpm")
+        wanted = flow_samplers if self.objective.kind == "flow" else ddpm_samplers
+        if self.sample.sampler not in wanted:
+            raise ValueError(
+                f"sample.sampler={self.sample.sampler!r} does not sample objective.kind={self.objective.kind!r}; "
+                f"use one of {list(wanted)}"
+            )
+        if self.objective.min_snr_gamma is not None and self.objective.min_snr_gamma <= 0:
+            raise ValueError(f"objective.min_snr_gamma={self.objective.min_snr_gamma} must be positive (5 is usual)")
+        if self.sample.eta < 0:
+            raise ValueError(f"sample.eta={self.sample.eta} must be at least 0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +225,7 @@ def _check_value(path: str, tp: Any, value: Any) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
             return None
         errors = []
         for arg in args:
@@ -271,7 +318,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise ValueError(f"override {item!r} must look like --section.key=value")
         key, raw = text.split("=", 1)
         parts = key.split(".")
-        value = yaml.safe_load(raw) if raw != "" else ""
+        # Scalars stay strings: the field's type decides (YAML would turn "no" into False).
+        value = yaml.safe_load(raw) if raw.strip().startswith(("[", "{")) else raw
         if isinstance(value, (dict,)):
             raise ValueError(f"override {item!r}: give one field at a time")
         node = out

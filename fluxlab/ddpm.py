@@ -234,11 +234,24 @@ class DDPMObjective:
         return min_snr_weight(self.schedule.snr(t), self.min_snr_gamma, self.prediction)
 
     def loss(
-        self, predict: Predict, x0: Tensor, generator: torch.Generator | None = None
+        self,
+        predict: Predict,
+        x0: Tensor,
+        generator: torch.Generator | None = None,
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Per-sample loss [B] (mean over non-batch dims, float32) and the model time t_int / T [B]."""
-        t = self.sample_t(x0.shape[0], x0.device, generator)
-        noise = _randn(x0.shape, x0, generator)
+        """Per-sample loss [B] (mean over non-batch dims, float32) and the model time t_int / T [B].
+
+        A given ``t`` is model time in [0, 1] (as returned), floored to an integer step; with ``noise`` too the
+        loss is deterministic (validation at fixed timesteps).
+        """
+        if t is None:
+            t = self.sample_t(x0.shape[0], x0.device, generator)
+        else:
+            steps = self.schedule.num_timesteps
+            t = (t.to(x0.device).double() * steps).long().clamp(0, steps - 1)
+        noise = _randn(x0.shape, x0, generator) if noise is None else noise.to(x0.device, x0.dtype)
         self.schedule.to(x0.device)
         x_t = self.schedule.q_sample(x0, t, noise)
         t_model = self.schedule.to_model_time(t)
@@ -304,6 +317,8 @@ def ddpm_sample(
     predict: Predict,
     x_T: Tensor,
     *,
+    steps: int | None = None,
+    spacing: Spacing = "trailing",
     schedule: DDPMSchedule | None = None,
     prediction: Prediction = "epsilon",
     clip_x0: float | None = None,
@@ -311,13 +326,18 @@ def ddpm_sample(
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """Ancestral sampling through all T steps; ``callback(i, x)`` sees x after step i."""
+    """Ancestral sampling through all T steps (``steps`` None or T), or through ``steps`` timesteps of
+    ``ddim_timesteps(steps, spacing)`` with the posterior between consecutive kept timesteps (the
+    respacing of Nichol & Dhariwal §4). ``callback(i, x)`` sees x after step i."""
     schedule = schedule if schedule is not None else DDPMSchedule()
+    n = schedule.num_timesteps
+    ts = list(range(n - 1, -1, -1)) if steps is None or steps == n else ddim_timesteps(steps, spacing, n)
     x = x_T
-    for i, t in enumerate(tqdm(range(schedule.num_timesteps - 1, -1, -1), disable=not progress)):
+    for i, t in enumerate(tqdm(ts, disable=not progress)):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         out = _eps_channels(predict(x, _model_time(t, x, schedule)), x)
         noise = _randn(x.shape, x, generator) if t > 0 else None
-        x = schedule.ddpm_step(out, t, x, noise, prediction=prediction, clip_x0=clip_x0)
+        x = schedule.ddpm_step(out, t, x, noise, t_prev=t_prev, prediction=prediction, clip_x0=clip_x0)
         if callback is not None:
             callback(i, x)
     return x
@@ -354,3 +374,33 @@ def ddim_sample(
         if callback is not None:
             callback(i, x)
     return x
+
+
+def ddpm_generate(
+    predict: Predict,
+    x_T: Tensor,
+    objective: DDPMObjective,
+    sampler: str,
+    steps: int,
+    *,
+    eta: float = 0.0,
+    spacing: Spacing = "trailing",
+    clip_x0: float | None = 1.0,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """``sampler`` "ddim" or "ddpm" over a (guided) model trained by ``objective``; what tasks call.
+    clip_x0 = 1 by default: pixels live in [-1, 1] (ADM's clip_denoised)."""
+    common = dict(
+        schedule=objective.schedule.to(x_T.device),
+        spacing=spacing,
+        prediction=objective.prediction,
+        clip_x0=clip_x0,
+        generator=generator,
+        progress=progress,
+    )
+    if sampler == "ddim":
+        return ddim_sample(predict, x_T, steps, eta, **common)
+    if sampler == "ddpm":
+        return ddpm_sample(predict, x_T, steps=steps, **common)
+    raise ValueError(f"sampler {sampler!r} does not sample a DDPM model; choose ddim or ddpm")

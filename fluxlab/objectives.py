@@ -59,12 +59,27 @@ class RectifiedFlow:
         return (1 - t_) * x0 + t_ * noise
 
     def loss(
-        self, predict: Predict, x0: Tensor, generator: torch.Generator | None = None
+        self,
+        predict: Predict,
+        x0: Tensor,
+        generator: torch.Generator | None = None,
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Per-sample MSE between the predicted and the true velocity, and the sampled t."""
-        seq_len = x0.shape[1] if x0.ndim == 3 else x0[0].numel()
-        t = self.sample_t(x0.shape[0], seq_len, x0.device, generator)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        """Per-sample MSE between the predicted and the true velocity, and t.
+
+        ``t`` [B] and ``noise`` (shaped like x0) are drawn from ``generator`` unless given; giving both makes
+        the loss a deterministic measurement (validation at fixed timesteps).
+        """
+        if t is None:
+            seq_len = x0.shape[1] if x0.ndim == 3 else x0[0].numel()
+            t = self.sample_t(x0.shape[0], seq_len, x0.device, generator)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if t.shape != (x0.shape[0],) or noise.shape != x0.shape:
+            raise ValueError(f"t must be [{x0.shape[0]}] and noise {tuple(x0.shape)}; got {tuple(t.shape)} and "
+                             f"{tuple(noise.shape)}")
+        t, noise = t.to(x0.device), noise.to(x0.device, x0.dtype)
         x_t = self.interpolate(x0, noise, t)
         pred = predict(x_t, t)
         target = noise - x0

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fluxlab.kontext import ConditionTokens, prepare_edit_inputs, target_prediction
 from fluxlab.latents import image_ids, pack, text_ids, unpack
 from fluxlab.models.flux import Flux
+from fluxlab.ddpm import DDPMObjective, ddpm_generate
 from fluxlab.sampling import euler, get_schedule, heun
 
 
@@ -27,6 +29,25 @@ class PixelCodec(nn.Module):
 
     def decode(self, latents: Tensor) -> Tensor:
         return latents.clamp(-1, 1)
+
+
+class LatentCodec(nn.Module):
+    """Latent space through a FLUX autoencoder: scale·(z − shift), 16 channels at 1/8 of the side."""
+
+    def __init__(self, autoencoder: nn.Module):
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.channels = autoencoder.params.z_channels
+        self.downsample = autoencoder.downsample_factor
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.autoencoder.parameters()).dtype
+
+    def encode(self, images: Tensor) -> Tensor:
+        return self.autoencoder.encode(images.to(self._dtype())).float()
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.autoencoder.decode(latents.to(self._dtype())).float().clamp(-1, 1)
 
 
 @dataclass
@@ -89,21 +110,31 @@ class FluxTextToImage:
         return self.codec.decode(unpack(tokens, self.latent_size, self.latent_size, self.patch_size))
 
     def velocity(
-        self, model: nn.Module, x_t: Tensor, t: Tensor, text: TextEmbedding, guidance: Tensor | None = None
+        self,
+        model: nn.Module,
+        x_t: Tensor,
+        t: Tensor,
+        text: TextEmbedding,
+        guidance: Tensor | None = None,
+        condition: ConditionTokens | None = None,
     ) -> Tensor:
+        """v(x_t, t); with a Kontext ``condition`` its tokens ride along and only x_t's part is returned."""
         b = x_t.shape[0]
         device = x_t.device
+        img, ids = x_t, image_ids(b, self.grid, self.grid, device=device)
+        if condition is not None:
+            img, ids = prepare_edit_inputs(x_t, ids, condition)
         with autocast_for(device, self.mixed_precision):
             out = model(
-                img=x_t,
-                img_ids=image_ids(b, self.grid, self.grid, device=device),
+                img=img,
+                img_ids=ids,
                 txt=text.txt,
                 txt_ids=text_ids(b, text.txt.shape[1], device=device),
                 timesteps=t,
                 y=text.vec,
                 guidance=guidance,
             )
-        return out.float()
+        return target_prediction(out, x_t.shape[1]).float()
 
     @torch.no_grad()
     def generate(
@@ -118,8 +149,15 @@ class FluxTextToImage:
         seed: int = 0,
         model: nn.Module | None = None,
         progress: bool = False,
+        condition: ConditionTokens | None = None,
+        ddpm: DDPMObjective | None = None,
+        eta: float = 0.0,
+        spacing: str = "trailing",
     ) -> Tensor:
-        """Images [B, 3, H, W] in [-1, 1] for a batch of prompt embeddings; one seed → the same noise."""
+        """Images [B, 3, H, W] in [-1, 1] for a batch of prompt embeddings; one seed → the same noise.
+        A model trained by ``ddpm`` (its ε/v/x0 output in place of the velocity) samples with
+        sampler "ddim" (``eta``) or "ddpm" over ``steps`` timesteps of ``spacing``.
+        ``condition`` (one per prompt) makes it a Kontext edit; CFG keeps it in both branches."""
         model = model if model is not None else self.model
         device = next(model.parameters()).device
         b = text.txt.shape[0]
@@ -133,13 +171,23 @@ class FluxTextToImage:
             # One forward over [cond; uncond] rather than two: half the kernel launches.
             both = TextEmbedding.cat([text, negative.to(device).repeat(b)])
             g_both = torch.cat([g_vec, g_vec]) if g_vec is not None else None
+        cond_both = None
+        if condition is not None:
+            condition = condition.to(device)
+            cond_both = ConditionTokens.cat([condition, condition]) if use_cfg else None
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             if not use_cfg:
-                return self.velocity(model, x, t, text, g_vec)
-            v_cond, v_uncond = self.velocity(model, torch.cat([x, x]), torch.cat([t, t]), both, g_both).chunk(2)
+                return self.velocity(model, x, t, text, g_vec, condition=condition)
+            v_cond, v_uncond = self.velocity(
+                model, torch.cat([x, x]), torch.cat([t, t]), both, g_both, condition=cond_both
+            ).chunk(2)
             return v_uncond + guidance * (v_cond - v_uncond)
 
+        if ddpm is not None:
+            tokens = ddpm_generate(velocity, noise, ddpm, sampler, steps, eta=eta, spacing=spacing, generator=gen,
+                                   progress=progress)  # type: ignore[arg-type]
+            return self.from_tokens(tokens).float().cpu()
         integrate = {"euler": euler, "heun": heun}.get(sampler)
         if integrate is None:
             raise ValueError(f"sampler {sampler!r} unknown; choose euler or heun")

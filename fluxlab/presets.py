@@ -7,17 +7,20 @@ from typing import Any
 PRESETS: dict[str, dict[str, Any]] = {
     # The embedded default: FLUX architecture, pixel space, OpenMoji at 32², a 2-core CPU in ~10 minutes.
     "openmoji-cpu": {
+        # 16² with 2×2 patches on the ~2,000 base emoji: a GPU sweep of CPU-sized recipes (docs/openmoji-cpu.md)
+        # showed this learns heart/disc shapes and prompt colours within 1,200 steps; 32²/4×4 stayed blocky.
         "model": {"preset": "flux-tiny"},
-        "data": {"dataset": "openmoji", "resolution": 32},
-        "encoding": {"space": "pixel", "patch_size": 4, "text_encoder": "minilm", "text_max_length": 16},
+        "data": {"dataset": "openmoji", "resolution": 16, "openmoji_subset": "base"},
+        "encoding": {"space": "pixel", "patch_size": 2, "text_encoder": "minilm", "text_max_length": 16},
         "objective": {"kind": "flow", "t_sampler": "logit_normal"},
-        "optim": {"lr": 5e-4, "warmup_steps": 100, "batch_size": 64, "steps": 1500, "ema_decay": 0.995},
+        "optim": {"lr": 1e-3, "beta2": 0.99, "warmup_steps": 100, "batch_size": 32, "steps": 1200, "ema_decay": 0.995},
         "train": {
             "output_dir": "runs/openmoji-cpu",
-            "max_minutes": 10,
+            "max_minutes": 9,
             "log_every": 10,
             "sample_every": 500,
             "checkpoint_every": 500,
+            "eval_every": 0,  # the demo spends its CPU minutes on training; turn on with --train.eval_every=500
         },
         "sample": {"steps": 20, "guidance": 3.0},
     },
@@ -34,8 +37,35 @@ PRESETS: dict[str, dict[str, Any]] = {
             "log_every": 50,
             "sample_every": 1000,
             "checkpoint_every": 1000,
+            "eval_every": 1000,
         },
         "sample": {"steps": 30, "guidance": 4.0},
+    },
+    # Kontext-style editing on OpenMoji variant pairs (skin tone, gender, hair, color), 64², one GPU in
+    # ≤ 20 minutes: the condition's 256 tokens double the image sequence, so half openmoji-gpu's batch.
+    "openmoji-edit-gpu": {
+        "model": {"preset": "flux-small"},
+        "data": {"dataset": "openmoji", "task": "edit", "resolution": 64, "num_workers": 6},
+        "encoding": {"space": "pixel", "patch_size": 4, "text_encoder": "minilm", "text_max_length": 16},
+        "objective": {"kind": "flow", "t_sampler": "logit_normal"},
+        "optim": {"lr": 3e-4, "warmup_steps": 300, "batch_size": 128, "steps": 6000, "ema_decay": 0.999},
+        "train": {
+            "output_dir": "runs/openmoji-edit-gpu",
+            "max_minutes": 18,
+            "log_every": 50,
+            "sample_every": 1000,
+            "checkpoint_every": 1000,
+        },
+        "sample": {"steps": 30, "guidance": 2.5},
+    },
+    # Seconds on a CPU: the edit stack at toy size (the first 64 pairs: a few emoji and their tones).
+    "edit-debug": {
+        "model": {"preset": "flux-debug"},
+        "data": {"dataset": "openmoji", "task": "edit", "resolution": 16, "limit": 64},
+        "encoding": {"space": "pixel", "patch_size": 4, "text_encoder": "minilm", "text_max_length": 12},
+        "optim": {"lr": 1e-3, "batch_size": 8, "steps": 4},
+        "train": {"output_dir": "runs/edit-debug", "log_every": 1, "sample_every": 4, "checkpoint_every": 2},
+        "sample": {"steps": 2},
     },
     # Seconds on a CPU: the full stack at toy size, for tests and smoke runs.
     "debug": {
@@ -45,5 +75,54 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim": {"lr": 1e-3, "batch_size": 8, "steps": 4},
         "train": {"output_dir": "runs/debug", "log_every": 1, "sample_every": 4, "checkpoint_every": 2},
         "sample": {"steps": 2, "prompts": ["red heart", "grinning face"]},
+    },
+    # The DDPM baseline: class-conditional DiT (10 OpenMoji groups), DDIM grid (one image per class), sized
+    # for a 2-core CPU in about 5 minutes. At this budget the classic ε/linear recipe only gives patch mosaics;
+    # v-prediction + cosine betas + min-SNR-5 gives centred emoji-coloured shapes (docs/ddpm-vs-flow.md).
+    "dit-openmoji-cpu": {
+        "model": {"arch": "dit", "preset": "dit-tiny"},
+        "data": {"dataset": "openmoji", "resolution": 32, "caption_dropout": 0.1},
+        "encoding": {"space": "pixel", "patch_size": 4},
+        "objective": {
+            "kind": "ddpm", "beta_schedule": "cosine", "prediction": "v", "loss": "mse", "min_snr_gamma": 5.0
+        },
+        "optim": {"lr": 1e-3, "warmup_steps": 100, "batch_size": 32, "steps": 800, "ema_decay": 0.995},
+        "train": {
+            "output_dir": "runs/dit-openmoji-cpu",
+            "max_minutes": 6,
+            "log_every": 10,
+            "sample_every": 400,
+            "checkpoint_every": 400,
+        },
+        "sample": {"sampler": "ddim", "steps": 50, "eta": 0.0, "spacing": "trailing", "guidance": 3.0, "prompts": []},
+    },
+    # DDPM-DiT for the equal-wall-time comparison with openmoji-gpu (flow, flux-small 40.0M parameters):
+    # dit-small has 40.6M at 64², same data, batch, lr, EMA and time budget. Not run on CPU.
+    "dit-openmoji-gpu": {
+        "model": {"arch": "dit", "preset": "dit-small"},
+        "data": {"dataset": "openmoji", "resolution": 64, "num_workers": 6, "caption_dropout": 0.1},
+        "encoding": {"space": "pixel", "patch_size": 4},
+        "objective": {
+            "kind": "ddpm", "beta_schedule": "cosine", "prediction": "v", "loss": "mse", "min_snr_gamma": 5.0
+        },
+        "optim": {"lr": 3e-4, "warmup_steps": 500, "batch_size": 256, "steps": 8000, "ema_decay": 0.999},
+        "train": {
+            "output_dir": "runs/dit-openmoji-gpu",
+            "max_minutes": 14,
+            "log_every": 50,
+            "sample_every": 1000,
+            "checkpoint_every": 1000,
+        },
+        "sample": {"sampler": "ddim", "steps": 50, "eta": 0.0, "spacing": "trailing", "guidance": 4.0, "prompts": []},
+    },
+    # Seconds on a CPU: DiT + DDPM at toy size, for tests.
+    "dit-debug": {
+        "model": {"arch": "dit", "preset": "dit-debug"},
+        "data": {"dataset": "openmoji", "resolution": 16, "limit": 64},
+        "encoding": {"space": "pixel", "patch_size": 2},
+        "objective": {"kind": "ddpm"},
+        "optim": {"lr": 1e-3, "batch_size": 8, "steps": 4},
+        "train": {"output_dir": "runs/dit-debug", "log_every": 1, "sample_every": 4, "checkpoint_every": 2},
+        "sample": {"sampler": "ddim", "steps": 4, "prompts": []},
     },
 }

@@ -14,16 +14,20 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
+from fluxlab import distributed
 from fluxlab.build import resolve_device
-from fluxlab.checkpoint import latest_checkpoint, save_checkpoint
+from fluxlab.checkpoint import checkpoint_path, latest_checkpoint, save_checkpoint
 from fluxlab.config import Config
 from fluxlab.tasks import build_task
 
 T_BINS = 10
-MAX_NONFINITE_IN_A_ROW = 10
+
+
+class NonFiniteLossError(RuntimeError):
+    """train.max_nonfinite_steps steps in a row had a NaN/inf loss or gradient: the run cannot go on."""
 
 
 class InfiniteBatchSampler(Sampler[list[int]]):
@@ -71,18 +75,21 @@ class Trainer:
     def __init__(self, cfg: Config, resume: bool = False, quiet: bool = False):
         cfg.validate()
         self.cfg = cfg
-        self.quiet = quiet
-        self.run_dir = Path(cfg.train.output_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Under torchrun rank 0 speaks, samples and checkpoints; a restarted worker resumes by itself.
+        self.dist = distributed.from_env()
+        self.quiet = quiet or not self.dist.is_main
+        resume = resume or distributed.restarted()
+        self.run_dir = Path(cfg.train.output_dir)  # created only once the data and model are known to load
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.device = resolve_device(cfg.train.device)
+        self.device = distributed.init(self.dist, resolve_device(cfg.train.device))
         self._seed_everything(cfg.train.seed)
 
         self.dataset = self._build_dataset()
         self._log(f"dataset: {len(self.dataset)} training examples from {cfg.data.dataset}")
 
-        self.task = build_task(cfg, self.dataset, self.device)
+        self.val_dataset, val_captions = self._build_val_dataset() if cfg.train.eval_every else (None, [])
+        self.task = build_task(cfg, self.dataset, self.device, extra_captions=val_captions)
         self.model = self.task.model
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -98,7 +105,8 @@ class Trainer:
             fused=self.device.type == "cuda",
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed + 1)
+        # Each rank draws its own t, noise and caption dropout (rank 0's stream is the single-process one).
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed + 1 + 7919 * self.dist.rank)
 
         self.step = 0
         self.batches_seen = 0
@@ -106,7 +114,9 @@ class Trainer:
         self.nonfinite_steps = 0
         if resume:
             self._resume()
-        cfg.save(self.run_dir / "config.json")
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.json")
 
     # ------------------------------------------------------------------------------------------
     def _log(self, msg: str) -> None:
@@ -122,6 +132,8 @@ class Trainer:
     def _build_dataset(self):
         from fluxlab.data import build_dataset
 
+        if self.cfg.data.task == "edit":  # (condition, instruction, target) pairs
+            from fluxlab.data.edit_pairs import build_edit_dataset as build_dataset
         d = self.cfg.data
         ds = build_dataset(
             d.dataset,
@@ -133,16 +145,51 @@ class Trainer:
             hflip=d.hflip,
             color_jitter=d.color_jitter,
             limit=d.limit,
+            openmoji_subset=d.openmoji_subset,
+            shuffle_buffer=d.shuffle_buffer,
         )
         if len(ds) == 0:
             raise ValueError(f"data.dataset={d.dataset!r} has no training examples")
         return ds
 
+    def _build_val_dataset(self) -> tuple[Any, list[str]]:
+        """The held-out split (capped at data.val_limit) and all its captions."""
+        from fluxlab.data import build_dataset
+        from fluxlab.evaluation import limit_dataset
+
+        if self.cfg.data.task == "edit":
+            from fluxlab.data.edit_pairs import build_edit_dataset as build_dataset
+        d = self.cfg.data
+        try:
+            ds = build_dataset(d.dataset, resolution=d.resolution, split="val", val_fraction=d.val_fraction,
+                               seed=self.cfg.train.seed, crop=d.crop, limit=d.limit,
+                               openmoji_subset=d.openmoji_subset)
+        except ValueError as err:  # e.g. an empty split
+            raise ValueError(f"train.eval_every={self.cfg.train.eval_every} needs a validation split: {err}") from err
+        if len(ds) == 0:
+            raise ValueError("train.eval_every is set but the validation split is empty; raise data.val_fraction")
+        self._log(f"validation: {min(len(ds), d.val_limit or len(ds))} held-out examples × 8 timesteps")
+        if isinstance(ds, IterableDataset):  # shards have no indices for a Subset: read fewer instead
+            return ds.take(d.val_limit), list(ds.captions)
+        return limit_dataset(ds, d.val_limit), list(getattr(ds, "captions", []))
+
     def _loader(self) -> Iterator[dict[str, Any]]:
         from fluxlab.data import collate_skip_bad
 
+        # A DataLoader draws its workers' base seed when iterated, from the global RNG unless given a
+        # generator; that draw would shift every later random augmentation of a resumed run by one.
+        seeds = torch.Generator().manual_seed(self.cfg.train.seed * 100_003 + self.batches_seen)
+        if isinstance(self.dataset, IterableDataset):  # WebDataset shards: the order lives in the dataset
+            workers, bs = self.cfg.data.num_workers, self.cfg.optim.batch_size
+            self.dataset.resume_at(self.batches_seen * bs, batch_size=bs)
+            return iter(DataLoader(
+                self.dataset, batch_size=bs, num_workers=workers, collate_fn=collate_skip_bad,
+                pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                prefetch_factor=4 if workers > 0 else None, generator=seeds,
+            ))
         sampler = InfiniteBatchSampler(
-            len(self.dataset), self.cfg.optim.batch_size, self.cfg.train.seed, start_batch=self.batches_seen
+            len(self.dataset), self.cfg.optim.batch_size, self.cfg.train.seed, start_batch=self.batches_seen,
+            rank=self.dist.rank, world=self.dist.world,
         )
         loader = DataLoader(
             self.dataset,
@@ -152,6 +199,7 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             persistent_workers=self.cfg.data.num_workers > 0,
             prefetch_factor=4 if self.cfg.data.num_workers > 0 else None,
+            generator=seeds,
         )
         return iter(loader)
 
@@ -159,31 +207,53 @@ class Trainer:
     def _description(self) -> dict[str, Any]:
         return {"config": self.cfg.to_dict(), "format": "fluxlab-v1", **self.task.description()}
 
-    def _train_state(self) -> dict[str, Any]:
+    def _rng_state(self) -> dict[str, Any]:
         return {
-            "step": self.step,
-            "batches_seen": self.batches_seen,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "numpy_rng": np.random.get_state(),
             "python_rng": random.getstate(),
+        }
+
+    def _set_rng_state(self, rng: dict[str, Any]) -> None:
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch_rng"])
+        if rng["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda_rng"])
+        np.random.set_state(rng["numpy_rng"])
+        random.setstate(rng["python_rng"])
+
+    def _train_state(self) -> dict[str, Any]:
+        rng = self._rng_state()
+        per_rank = distributed.gather(rng, self.dist) if self.dist.enabled else None  # a collective
+        return {
+            "step": self.step,
+            "batches_seen": self.batches_seen,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            **rng,
+            "rank_rng": per_rank,
             "skipped_images": self.skipped_images,
             "nonfinite_steps": self.nonfinite_steps,
         }
 
     def save(self) -> Path:
-        return save_checkpoint(
-            self.run_dir,
-            self.step,
-            self.model.state_dict(),
-            self.ema.state_dict(),
-            self._description(),
-            self._train_state(),
-            keep_last=self.cfg.train.keep_last,
-        )
+        """Every rank calls it (RNG states are gathered); rank 0 writes; all leave once the checkpoint exists."""
+        state = self._train_state()
+        path = checkpoint_path(self.run_dir, self.step)
+        if self.dist.is_main:
+            path = save_checkpoint(
+                self.run_dir,
+                self.step,
+                self.model.state_dict(),
+                self.ema.state_dict(),
+                self._description(),
+                state,
+                keep_last=self.cfg.train.keep_last,
+            )
+        distributed.barrier(self.dist)
+        return path
 
     def _resume(self) -> None:
         from safetensors.torch import load_file
@@ -197,17 +267,41 @@ class Trainer:
         state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        np.random.set_state(state["numpy_rng"])
-        random.setstate(state["python_rng"])
+        per_rank = state.get("rank_rng") or [state]
+        if len(per_rank) == self.dist.world:
+            self._set_rng_state(per_rank[self.dist.rank])
+        else:
+            warnings.warn(
+                f"{path} was written by {len(per_rank)} process(es), this run has {self.dist.world}: the data order "
+                "and random streams continue from their seeds, so the run is no longer an exact replay",
+                stacklevel=2,
+            )
         self.step = state["step"]
         self.batches_seen = state["batches_seen"]
         self.skipped_images = state["skipped_images"]
         self.nonfinite_steps = state["nonfinite_steps"]
+        if self.dist.is_main:
+            self._forget_log_after(self.step)
         self._log(f"resumed from {path} at step {self.step}")
+
+    def _forget_log_after(self, step: int) -> None:
+        """Drops log.jsonl lines past ``step``: they belong to a run that died before its next checkpoint."""
+        log = self.run_dir / "log.jsonl"
+        if not log.is_file():
+            return
+
+        def keep(line: str) -> bool:
+            try:
+                return json.loads(line).get("step", 0) <= step
+            except json.JSONDecodeError:  # a line torn by the kill
+                return False
+
+        lines = log.read_text().splitlines(keepends=True)
+        kept = [line if line.endswith("\n") else line + "\n" for line in lines if keep(line)]
+        if kept != lines:
+            tmp = log.with_suffix(".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(log)
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -220,6 +314,8 @@ class Trainer:
 
     def _write_log(self, record: dict[str, Any]) -> None:
         """One JSON line per log step: the loss curve survives without TensorBoard."""
+        if not self.dist.is_main:
+            return
         with open(self.run_dir / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -229,17 +325,42 @@ class Trainer:
         images, captions = self.task.sample_images(self.ema)
         out = self.run_dir / "samples" / f"{name}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        grid = make_grid(images, nrow=min(8, len(images)), captions=captions)
+        grid = make_grid(images, nrow=getattr(self.task, "grid_nrow", min(8, len(images))), captions=captions)
         grid.save(out)
         if self.writer is not None:
             self.writer.add_image("samples", np.asarray(grid), self.step, dataformats="HWC")
         return out
 
+    def validate(self) -> Any:
+        """Validation loss of the trained (not EMA) weights at 8 fixed timesteps, comparable to the train loss."""
+        from fluxlab.evaluation import validation_loss
+
+        result = validation_loss(self.task, self.model, self.val_dataset, seed=self.cfg.train.seed,
+                                 batch_size=self.cfg.optim.batch_size)
+        self.model.train()
+        if self.writer is not None:
+            self.writer.add_scalar("loss/val", result.loss, self.step)
+            for t, value in zip(result.timesteps, result.per_t):
+                self.writer.add_scalar(f"loss_val_t/{t:.3f}", value, self.step)
+        return result
+
+    def _tensorboard_extras(self, batch: dict[str, Any] | None) -> None:
+        """Histograms of weights and predictions, and the graph once; on sample steps only (one forward)."""
+        from fluxlab.monitoring import add_histograms, add_model_graph, capture_forward
+
+        if self.writer is None or batch is None:
+            return
+        captured = capture_forward(self.task, self.model, batch, seed=self.step)
+        add_histograms(self.writer, self.model, captured.output, self.step)
+        if not getattr(self, "_graph_written", False):
+            self._graph_written = True
+            add_model_graph(self.writer, self.model, captured)
+
     def train(self) -> Path:
         cfg = self.cfg
         o = cfg.optim
         self.writer = None
-        if cfg.train.tensorboard:
+        if cfg.train.tensorboard and self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
@@ -247,7 +368,8 @@ class Trainer:
         bin_sum = torch.zeros(T_BINS, device=self.device)
         bin_count = torch.zeros(T_BINS, device=self.device)
         loss_sum, loss_n, epoch_sum, epoch_n = 0.0, 0, 0.0, 0
-        per_epoch = len(self.dataset) // o.batch_size
+        per_epoch = len(self.dataset) // (o.batch_size * self.dist.world)
+        net = distributed.wrap(self.model, self.dist, self.device)  # DDP under torchrun, else the model itself
         nonfinite_in_a_row = 0
         start_time = time.monotonic()
         last_path: Path | None = None
@@ -255,32 +377,39 @@ class Trainer:
         bar = tqdm(total=o.steps, initial=self.step, desc="train", dynamic_ncols=True, disable=self.quiet)
         while self.step < o.steps:
             step_loss = torch.zeros((), device=self.device)
+            step_bins: list[tuple[Tensor, Tensor]] = []  # joins the t-bin curve only if the step is kept
             for _ in range(o.grad_accum):
                 batch = next(batches)
                 self.batches_seen += 1
                 if batch is None:  # every image of the batch was unreadable
                     continue
                 self.skipped_images += int(batch.get("skipped", 0))
-                per_sample, t = self.task.loss(self.model, batch, self.generator)
+                per_sample, t = self.task.loss(net, batch, self.generator)
                 loss = per_sample.mean()
                 (loss / o.grad_accum).backward()
                 step_loss += loss.detach() / o.grad_accum
-                bins = (t.detach() * T_BINS).long().clamp(0, T_BINS - 1)
-                bin_sum.scatter_add_(0, bins, per_sample.detach().float())
-                bin_count.scatter_add_(0, bins, torch.ones_like(bin_sum[bins]))
+                step_bins.append(((t.detach() * T_BINS).long().clamp(0, T_BINS - 1), per_sample.detach().float()))
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
-            if not (torch.isfinite(grad_norm) and torch.isfinite(step_loss)):
+            nonfinite = ~(torch.isfinite(grad_norm) & torch.isfinite(step_loss))
+            if distributed.any_rank(nonfinite, self.dist):  # all ranks skip together (a no-op alone)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.nonfinite_steps += 1
                 nonfinite_in_a_row += 1
-                warnings.warn(f"step {self.step}: non-finite loss or gradient, step skipped")
-                if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                    raise RuntimeError(
-                        f"{nonfinite_in_a_row} non-finite steps in a row at step {self.step}: stopping. "
-                        f"The last good checkpoint is {last_path or 'not written yet'}; lower optim.lr?"
+                warnings.warn(f"step {self.step}: non-finite loss or gradient, step skipped", stacklevel=2)
+                if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                    bar.close()  # so the error starts on a line of its own
+                    good = last_path or latest_checkpoint(self.run_dir)
+                    raise NonFiniteLossError(
+                        f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
+                        f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); stopped before step "
+                        f"{self.step + 1} without saving. The last good checkpoint is {good or 'not written yet'}: "
+                        "resume from it with a lower optim.lr or a stricter optim.grad_clip, or check the data"
                     )
                 continue
             nonfinite_in_a_row = 0
+            for bins, values in step_bins:
+                bin_sum.scatter_add_(0, bins, values)
+                bin_count.scatter_add_(0, bins, torch.ones_like(values))
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -291,7 +420,10 @@ class Trainer:
             loss_value = step_loss.item()
             loss_sum, loss_n = loss_sum + loss_value, loss_n + 1
             epoch_sum, epoch_n = epoch_sum + loss_value, epoch_n + 1
-            if self.step % cfg.train.log_every == 0 or self.step == o.steps:
+            val = None
+            if cfg.train.eval_every and self.dist.is_main and (self.step % cfg.train.eval_every == 0 or self.step == o.steps):
+                val = self.validate()
+            if self.step % cfg.train.log_every == 0 or self.step == o.steps or val is not None:
                 mean = loss_sum / loss_n
                 lr = self.scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
@@ -306,6 +438,7 @@ class Trainer:
                         "grad_norm": grad_norm.item(),
                         "loss_per_t_bin": t_curve,
                         "seconds": round(time.monotonic() - start_time, 2),
+                        **({"val_loss": val.loss, "val_loss_per_t": val.per_t} if val is not None else {}),
                     }
                 )
                 if self.writer is not None:
@@ -326,11 +459,14 @@ class Trainer:
             out_of_time = (
                 cfg.train.max_minutes is not None and time.monotonic() - start_time > 60 * cfg.train.max_minutes
             )
+            if cfg.train.max_minutes is not None and self.dist.enabled:  # ranks' clocks differ: stop together
+                out_of_time = bool(distributed.any_rank(torch.tensor(out_of_time, device=self.device), self.dist))
             if out_of_time:
                 self._log(f"train.max_minutes={cfg.train.max_minutes} reached at step {self.step}")
             finished = self.step >= o.steps or out_of_time
-            if self.step % cfg.train.sample_every == 0 or finished:
+            if self.dist.is_main and (self.step % cfg.train.sample_every == 0 or finished):
                 self.sample_grid(f"step_{self.step:07d}")
+                self._tensorboard_extras(batch)
                 self.model.train()
             if self.step % cfg.train.checkpoint_every == 0 or finished:
                 last_path = self.save()
@@ -345,4 +481,5 @@ class Trainer:
             self._log(f"skipped {self.nonfinite_steps} steps with a non-finite loss or gradient")
         if self.writer is not None:
             self.writer.close()
+        distributed.shutdown(self.dist)
         return last_path

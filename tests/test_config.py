@@ -48,7 +48,7 @@ def test_missing_file_is_clear() -> None:
 
 
 def test_parse_overrides_nesting() -> None:
-    assert parse_overrides(["--a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+    assert parse_overrides(["--a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": "1"}, "d": "x"}}  # typed later, by the field
     with pytest.raises(ValueError):
         parse_overrides(["--novalue"])
 

@@ -201,6 +201,28 @@ def test_samplers_recover_a_known_x0() -> None:
     torch.testing.assert_close(out, x0, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_respaced_ddpm_recovers_x0_and_full_chain_is_the_default(spacing: str) -> None:
+    sched = DDPMSchedule("cosine")
+    x0 = torch.rand(2, 3, 4, 4, dtype=torch.float64) - 0.5
+
+    def oracle(x_t: torch.Tensor, t_model: torch.Tensor) -> torch.Tensor:
+        a = sched.alpha_bar((t_model * 1000).round().long())[:, None, None, None]
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+    x_T = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    seen: list[int] = []
+    out = ddpm_sample(oracle, x_T, steps=20, spacing=spacing, schedule=sched, callback=lambda i, x: seen.append(i),
+                      generator=torch.Generator().manual_seed(2))
+    assert seen == list(range(20))
+    torch.testing.assert_close(out, x0, atol=1e-6, rtol=0)
+    # a noisy (non-oracle) model: steps=1000 is exactly the default full chain, and respacing changes it
+    noisy = lambda x, t: 0.5 * x  # noqa: E731
+    runs = [ddpm_sample(noisy, x_T, steps=s, schedule=sched, generator=torch.Generator().manual_seed(3))
+            for s in (None, 1000, 50)]
+    assert torch.equal(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])
+
+
 def test_cfg_combines_predictions() -> None:
     guided = cfg(lambda x, t: x + 1, lambda x, t: x, scale=4.0)
     x = torch.zeros(2, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 ACCEPTS_OVERRIDES = True
 
@@ -20,11 +21,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from fluxlab.config import load_config
-    from fluxlab.trainer import Trainer
+    from fluxlab.trainer import NonFiniteLossError, Trainer
 
     cfg = load_config(args.config, overrides)
     trainer = Trainer(cfg, resume=args.resume)
-    path = trainer.train()
+    try:
+        path = trainer.train()
+    except NonFiniteLossError as e:  # a diagnosis, not a crash: no traceback
+        print(f"fluxlab train: error: {e}", file=sys.stderr)
+        return 1
+    if not trainer.dist.is_main:
+        return 0
     print(f"checkpoint: {path}")
     print(f"samples:    {trainer.run_dir / 'samples'}")
     print(f"tensorboard --logdir {trainer.run_dir / 'tb'}")

@@ -12,12 +12,13 @@ from .common import cache_dir, collate_skip_bad
 from .folder import IMAGE_EXTENSIONS, ImageCaptionFolder
 from .images import DEFAULT_MAX_PIXELS, BadImageError, load_image
 from .openmoji import GROUPS as OPENMOJI_GROUPS
-from .openmoji import OpenMoji
+from .openmoji import OpenMoji, base_codes
+from .shards import ShardDataset, is_shard_spec
 from .transforms import ImageTransform, make_grid, to_pil
 
 __all__ = [
     "BadImageError", "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "ImageCaptionFolder", "ImageTransform",
-    "OPENMOJI_GROUPS", "OpenMoji", "build_dataset", "cache_dir", "collate_skip_bad", "load_image",
+    "OPENMOJI_GROUPS", "OpenMoji", "ShardDataset", "build_dataset", "cache_dir", "collate_skip_bad", "load_image",
     "make_grid", "to_pil",
 ]
 
@@ -33,8 +34,11 @@ def build_dataset(
     color_jitter: float = 0.0,
     caption_ext: str = ".txt",
     limit: int | None = None,
+    openmoji_subset: str = "all",
+    shuffle_buffer: int = 1000,
 ) -> Dataset:
-    """"openmoji" -> the embedded OpenMoji set; anything else is an image folder path.
+    """"openmoji" -> the embedded OpenMoji set; WebDataset shards ("data/{000000..000127}.tar",
+    "pipe:..." URLs) -> a streaming ShardDataset; anything else is an image folder path.
 
     Augmentation (random crop, flip, jitter) applies only to the train split; val and all are
     deterministic so validation losses are comparable between runs. OpenMoji renders are already
@@ -47,9 +51,20 @@ def build_dataset(
         hflip=hflip and augment,
         color_jitter=color_jitter if augment else 0.0,
     )
+    if is_shard_spec(name_or_path):
+        # Training streams forever in shuffled order; val/all are one unshuffled pass seen whole by
+        # every rank, so evaluation over them is deterministic.
+        train = split == "train"
+        return ShardDataset(
+            name_or_path, transform, split, val_fraction, seed, shuffle_buffer=shuffle_buffer if train else 0,
+            limit=limit, epochs=None if train else 1, rank=None if train else 0, world=None if train else 1,
+        )
     if str(name_or_path).lower() == "openmoji":
         needs_transform = augment and (hflip or color_jitter > 0)
-        return OpenMoji(resolution, transform if needs_transform else None, split, val_fraction, seed, limit=limit)
+        include = base_codes() if openmoji_subset == "base" else None
+        return OpenMoji(
+            resolution, transform if needs_transform else None, split, val_fraction, seed, limit=limit, include=include
+        )
     path = Path(name_or_path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"dataset {str(name_or_path)!r} is neither 'openmoji' nor an existing folder")

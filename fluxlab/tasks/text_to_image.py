@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from fluxlab.build import build_pipeline, cache_dir, encode_prompts, model_params
 from fluxlab.config import Config
+from fluxlab.ddpm import DDPMObjective
 from fluxlab.models.flux import FluxParams
 from fluxlab.objectives import RectifiedFlow
 from fluxlab.pipeline import FluxTextToImage, TextEmbedding
@@ -35,9 +36,10 @@ class CaptionTable:
         return TextEmbedding(self.txt[idx], self.vec[idx])
 
 
-def objective_from_config(cfg: Config) -> RectifiedFlow:
-    c = cfg.objective
-    return RectifiedFlow(t_sampler=c.t_sampler, logit_mean=c.logit_mean, logit_std=c.logit_std, shift=c.shift)
+def objective_from_config(cfg: Config) -> RectifiedFlow | DDPMObjective:
+    from fluxlab.tasks.class_to_image import make_objective
+
+    return make_objective(cfg)
 
 
 class TextToImageTask:
@@ -60,11 +62,14 @@ class TextToImageTask:
         self.objective = objective_from_config(cfg)
 
     @classmethod
-    def for_training(cls, cfg: Config, dataset: Any, device: torch.device) -> "TextToImageTask":
+    def for_training(
+        cls, cfg: Config, dataset: Any, device: torch.device, extra_captions: Sequence[str] = ()
+    ) -> "TextToImageTask":
+        """``extra_captions`` (the validation split's) join the table so validation needs no text encoder."""
         from fluxlab.text_encoders import build_text_encoder
 
         encoder = build_text_encoder(cfg.encoding.text_encoder, cfg.encoding.text_max_length, device)
-        captions = CaptionTable(encoder, list(dataset.captions), device)
+        captions = CaptionTable(encoder, list(dataset.captions) + list(extra_captions), device)
         sample_text = encode_prompts(encoder, cfg.sample.prompts)
         negative_text = encode_prompts(encoder, [cfg.sample.negative_prompt])
         token_dim = 3 * cfg.encoding.patch_size**2
@@ -74,13 +79,31 @@ class TextToImageTask:
         pipe.model.initialize_weights()
         return cls(cfg, pipe, params, captions, sample_text, negative_text)
 
-    def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def loss(
+        self,
+        model: nn.Module,
+        batch: dict[str, Any],
+        generator: torch.Generator | None,
+        t: Tensor | None = None,
+        noise: Tensor | Callable[[torch.Size], Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Training loss; with ``t`` given it is a measurement instead: no caption dropout.
+
+        ``noise`` is a tensor shaped like the image tokens, or a function of that shape (so callers need not
+        know the token layout).
+        """
         device = self.captions.txt.device
         images = batch["image"].to(device, non_blocking=True)
-        drop = torch.rand(images.shape[0], generator=generator, device=device) < self.cfg.data.caption_dropout
+        drop = None
+        if t is None:
+            drop = torch.rand(images.shape[0], generator=generator, device=device) < self.cfg.data.caption_dropout
         text = self.captions.lookup(batch["caption"], drop)
         x0 = self.pipe.to_tokens(images)
-        return self.objective.loss(lambda x_t, t: self.pipe.velocity(model, x_t, t, text), x0, generator=generator)
+        if callable(noise):
+            noise = noise(x0.shape)
+        return self.objective.loss(
+            lambda x_t, t_: self.pipe.velocity(model, x_t, t_, text), x0, generator=generator, t=t, noise=noise
+        )
 
     def sample_images(self, model: nn.Module) -> tuple[Tensor, list[str]]:
         s = self.cfg.sample
@@ -94,6 +117,9 @@ class TextToImageTask:
             sampler=s.sampler,
             seed=s.seed,
             model=model,
+            ddpm=self.objective if isinstance(self.objective, DDPMObjective) else None,
+            eta=s.eta,
+            spacing=s.spacing,
         )
         return images, list(s.prompts)
 

@@ -1,0 +1,186 @@
+"""Class-conditional generation: a DiT (adaLN-Zero) on class labels, trained by DDPM or rectified flow.
+
+The class label is dropped to the DiT's null class with probability ``data.caption_dropout`` (the one
+condition-dropout knob shared with text-to-image), drawn from the trainer's seeded generator so a
+resumed run replays the same drops; the DiT's own ``class_dropout_prob`` is therefore built as 0.
+Sampling is classifier-free guided with that null class, by DDIM/DDPM (``objective.kind=ddpm``) or
+Euler/Heun over the FLUX schedule (``objective.kind=flow``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fluxlab.config import Config
+from fluxlab.ddpm import DDPMObjective, DDPMSchedule, ddpm_generate
+from fluxlab.models.dit import DIT_PRESETS, DiT, DiTParams
+from fluxlab.objectives import RectifiedFlow
+from fluxlab.pipeline import autocast_for
+from fluxlab.sampling import euler, get_schedule, heun
+
+_FLUX_ONLY = ("depth_single_blocks", "axes_dim", "guidance_embed")
+
+
+def dit_params(cfg: Config, num_classes: int) -> DiTParams:
+    """The DiT for a config: ``model.preset`` from DIT_PRESETS, sized to the data, with model overrides."""
+    m = cfg.model
+    if m.preset not in DIT_PRESETS:
+        raise ValueError(f"model.preset={m.preset!r} is not a DiT preset; choose one of {sorted(DIT_PRESETS)}")
+    if cfg.encoding.space != "pixel":
+        raise ValueError("model.arch='dit' trains on pixels here; set encoding.space=pixel")
+    base = DIT_PRESETS[m.preset]
+    if cfg.encoding.patch_size != base.patch_size:
+        raise ValueError(
+            f"model.preset={m.preset!r} uses {base.patch_size}×{base.patch_size} patches but "
+            f"encoding.patch_size={cfg.encoding.patch_size}; set --encoding.patch_size={base.patch_size} "
+            "or pick the DiT preset with the patch you want (e.g. DiT-S/4)"
+        )
+    flux_only = [k for k in _FLUX_ONLY if getattr(m, k) is not None]
+    if flux_only:
+        raise ValueError(f"model.{flux_only[0]} is a Flux setting; a DiT has no such field")
+    sizes = {"hidden_size": m.hidden_size, "num_heads": m.num_heads, "depth": m.depth, "mlp_ratio": m.mlp_ratio}
+    return dataclasses.replace(
+        base,
+        input_size=cfg.data.resolution,
+        in_channels=3,
+        num_classes=num_classes,
+        class_dropout_prob=0.0,  # the task drops labels itself, with the trainer's generator
+        learn_sigma=False,
+        **{k: v for k, v in sizes.items() if v is not None},
+    )
+
+
+def make_objective(cfg: Config) -> RectifiedFlow | DDPMObjective:
+    o = cfg.objective
+    if o.kind == "flow":
+        return RectifiedFlow(t_sampler=o.t_sampler, logit_mean=o.logit_mean, logit_std=o.logit_std, shift=o.shift)
+    return DDPMObjective(DDPMSchedule(o.beta_schedule), o.prediction, o.loss, o.min_snr_gamma)
+
+
+def class_indices(names: list[str], classes: list[str]) -> list[int]:
+    """Class names → label indices; an unknown name raises listing the valid ones."""
+    unknown = [n for n in names if n not in classes]
+    if unknown:
+        raise ValueError(
+            f"unknown class {unknown[0]!r}: this model was trained on the classes "
+            + ", ".join(repr(c) for c in classes)
+        )
+    return [classes.index(n) for n in names]
+
+
+class ClassToImageTask:
+    def __init__(self, cfg: Config, model: DiT, classes: list[str]):
+        self.cfg = cfg
+        self.model = model
+        self.params = model.params
+        self.classes = list(classes)
+        self.objective = make_objective(cfg)
+        self.null_class = self.params.num_classes
+        prompts = list(cfg.sample.prompts)
+        # sample.prompts name the grid's classes; prompts naming none (the text-to-image defaults, or
+        # an empty list) mean one image per class.
+        known = [p for p in prompts if p in self.classes]
+        self.sample_classes = class_indices(prompts, self.classes) if known else list(range(len(self.classes)))
+
+    @classmethod
+    def for_training(cls, cfg: Config, dataset: Any, device: torch.device) -> "ClassToImageTask":
+        classes = getattr(dataset, "classes", None)
+        if not classes:
+            raise ValueError(f"data.dataset={cfg.data.dataset!r} has no classes; class_to_image needs labelled data")
+        model = DiT(dit_params(cfg, len(classes))).to(device)
+        return cls(cfg, model, list(classes))
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: str | Path, device: torch.device, ema: bool = True
+    ) -> tuple["ClassToImageTask", Path]:
+        """Rebuilds the trained task from a run or checkpoint folder (EMA weights by default)."""
+        from fluxlab.checkpoint import load_weights, read_description, resolve_checkpoint
+        from fluxlab.config import config_from_dict
+
+        path = resolve_checkpoint(checkpoint)
+        desc = read_description(path)
+        cfg = config_from_dict(desc["config"])
+        cfg.train.mixed_precision = "auto"
+        model = DiT(DiTParams(**desc["model_params"])).to(device)
+        model.load_state_dict(load_weights(path, ema=ema), strict=True)
+        return cls(cfg, model.eval(), desc["classes"]), path
+
+    def _predict(self, model: nn.Module, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+        with autocast_for(x.device, self.cfg.train.mixed_precision):
+            return model(x, t, labels).float()
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        device = next(model.parameters()).device
+        x0 = batch["image"].to(device, non_blocking=True)
+        labels = batch["label"].to(device)
+        drop = torch.rand(labels.shape[0], generator=generator, device=device) < self.cfg.data.caption_dropout
+        labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        return self.objective.loss(lambda x_t, t: self._predict(model, x_t, t, labels), x0, generator=generator)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        labels: list[int],
+        *,
+        steps: int,
+        guidance: float,
+        sampler: str,
+        eta: float = 0.0,
+        spacing: str = "trailing",
+        shift: bool = True,
+        seed: int = 0,
+        model: nn.Module | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Images [B, 3, H, W] in [-1, 1], one per label; one seed → the same noise and sampler noise."""
+        model = model if model is not None else self.model
+        device = next(model.parameters()).device
+        p = self.params
+        b = len(labels)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        noise = torch.randn(b, p.in_channels, p.input_size, p.input_size, generator=gen).to(device)
+        y = torch.tensor(labels, device=device)
+        y_both = torch.cat([y, torch.full_like(y, self.null_class)])
+
+        def predict(x: Tensor, t: Tensor) -> Tensor:
+            if guidance == 1.0:
+                return self._predict(model, x, t, y)
+            # One forward over [cond; uncond] rather than two.
+            cond, uncond = self._predict(model, torch.cat([x, x]), torch.cat([t, t]), y_both).chunk(2)
+            return uncond + guidance * (cond - uncond)
+
+        if isinstance(self.objective, DDPMObjective):
+            x = ddpm_generate(
+                predict, noise, self.objective, sampler, steps,
+                eta=eta, spacing=spacing, generator=gen, progress=progress,  # type: ignore[arg-type]
+            )
+        else:
+            integrate = {"euler": euler, "heun": heun}.get(sampler)
+            if integrate is None:
+                raise ValueError(f"sampler {sampler!r} does not sample a flow model; choose euler or heun")
+            x = integrate(predict, noise, get_schedule(steps, p.grid_size**2, shift=shift), progress=progress)
+        return x.clamp(-1, 1).float().cpu()
+
+    def sample_images(self, model: nn.Module) -> tuple[Tensor, list[str]]:
+        s = self.cfg.sample
+        images = self.generate(
+            self.sample_classes,
+            steps=s.steps,
+            guidance=s.guidance,
+            sampler=s.sampler,
+            eta=s.eta,
+            spacing=s.spacing,
+            shift=s.shift,
+            seed=s.seed,
+            model=model,
+        )
+        return images, [self.classes[i] for i in self.sample_classes]
+
+    def description(self) -> dict[str, Any]:
+        return {"task": "class_to_image", "model_params": dataclasses.asdict(self.params), "classes": self.classes}
