@@ -20,6 +20,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[test]'
+	# FID/KID reference implementations for the parity tests; --no-deps because both pull in torchvision.
+	$(BIN)/python -m pip install -q --no-deps pytorch-fid==0.3.0 torch-fidelity==0.4.0
 	touch $@
 
 install: $(VENV)/.installed
