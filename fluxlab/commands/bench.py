@@ -1,0 +1,103 @@
+"""``fluxlab bench``: our Flux vs diffusers' FluxTransformer2DModel, training and inference, in one process."""
+
+from __future__ import annotations
+
+import argparse
+
+ACCEPTS_OVERRIDES = False
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="time a training step (2.56B Flux, 512²) and a sampling step (flux-dev, 1024²) against diffusers",
+    )
+    p.add_argument("--what", default="train,infer", help="comma-separated: train, infer (default both)")
+    p.add_argument("--impls", default="fluxlab,diffusers", help="comma-separated: fluxlab, diffusers")
+    p.add_argument("--train-modes", default="autocast", help="comma-separated: autocast, bf16-params")
+    p.add_argument("--train-compile", default="eager,block",
+                   help="comma-separated: eager, block (per-block torch.compile), full; '+max' adds GEMM autotuning")
+    p.add_argument("--infer-compile", default="eager,block",
+                   help="comma-separated: eager, block, full (torch.compile of the whole model); '+max' adds GEMM autotuning")
+    p.add_argument("--infer-backends", default="default",
+                   help="SDPA backends for inference, e.g. 'default' or 'cudnn' or 'flash' (';'-separated sets)")
+    p.add_argument("--batch", type=int, default=8, help="training batch (default 8)")
+    p.add_argument("--profile", action="store_true", help="also print the top GPU kernels of each case")
+    p.add_argument("--json", default=None, help="write every measurement here")
+
+
+def _table(rows: list[dict], ceiling: float, baseline: dict[str, float]) -> str:
+    lines = [
+        "| case | step (s) | TFLOP/s | MFU | vs diffusers eager | peak GiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ref = baseline.get(r["kind"])
+        ratio = f"{ref / r['step_s']:.2f}×" if ref else "–"
+        lines.append(
+            f"| {r['label']} | {r['step_s']:.4f} | {r['tflops']:.0f} | {100 * r['tflops'] / ceiling:.0f}% "
+            f"| {ratio} | {r['peak_mem_gb']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    import json
+    import platform
+
+    import torch
+
+    from fluxlab import benchmark as B
+
+    if not torch.cuda.is_available():
+        raise ValueError("fluxlab bench measures GPU speed and needs CUDA; none is available here")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    what = args.what.split(",")
+    impls = args.impls.split(",")
+    for impl in impls:
+        if impl not in B.IMPLS:
+            raise ValueError(f"--impls: unknown implementation {impl!r}; choose from {sorted(B.IMPLS)}")
+    info: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import diffusers
+
+        info["diffusers"] = diffusers.__version__
+    except ImportError:
+        if "diffusers" in impls:
+            raise ValueError("--impls includes diffusers, which is not installed (pip install diffusers)") from None
+    info["matmul_ceiling_tflops"] = B.matmul_ceiling(torch.device("cuda"))
+    print(json.dumps(info), flush=True)
+    rows: list[dict] = []
+
+    def record(kind: str, label: str, result: dict) -> None:
+        result.update(kind=kind, label=label)
+        rows.append(result)
+        print(json.dumps(result), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"info": info, "results": rows}, f, indent=1)
+
+    if "train" in what:
+        for impl in impls:
+            for mode in args.train_modes.split(","):
+                for comp in args.train_compile.split(","):
+                    r = B.bench_train(impl, mode, comp, batch=args.batch, profile=args.profile)
+                    record("train", f"train {impl} {mode} {comp}", r)
+    if "infer" in what:
+        for impl in impls:
+            for comp in args.infer_compile.split(","):
+                for backends in args.infer_backends.split(";"):
+                    chosen = None if backends == "default" else tuple(backends.split(","))
+                    r = B.bench_infer(impl, comp, backends=chosen, profile=args.profile)
+                    record("infer", f"infer {impl} {comp} sdpa={backends}", r)
+
+    baseline = {
+        kind: next((r["step_s"] for r in rows if r["kind"] == kind and r["impl"] == "diffusers"
+                    and r.get("compiled") == "eager"
+                    and r.get("mode", "autocast") == "autocast"), 0.0)
+        for kind in ("train", "infer")
+    }
+    print(f"\n{info['gpu']}, torch {info['torch']}, diffusers {info.get('diffusers', '-')}, "
+          f"bf16 matmul ceiling {info['matmul_ceiling_tflops']:.0f} TFLOP/s")
+    print(_table(rows, info["matmul_ceiling_tflops"], baseline))
+    return 0
