@@ -52,6 +52,11 @@ class DataConfig:
     # "edit": Kontext-style (condition image, instruction, target) pairs; "openmoji" then means its variant
     # pairs (skin tone, gender, hair, color) and a folder needs a metadata.jsonl of such rows.
     task: Literal["text_to_image", "edit"] = "text_to_image"
+    # Precomputed latents + text embeddings (`fluxlab cache`); when set, training reads them and builds no
+    # encoder. None = encode on the fly.
+    cache_dir: str | None = None
+    # Aspect-ratio buckets as [H, W] pixel sizes; each image goes to the nearest aspect. None = [[res, res]].
+    buckets: list[list[int]] | None = None
 
 
 @dataclass(kw_only=True)
@@ -60,6 +65,16 @@ class EncodingConfig:
     patch_size: int = 4  # pixel space: p×p RGB patches per token; latent space: 2
     text_encoder: str = "minilm"  # "minilm" or a local FLUX folder (tokenizer/, text_encoder/, ...)
     text_max_length: int = 16
+
+
+@dataclass(kw_only=True)
+class CacheConfig:
+    """How `fluxlab cache` writes data.cache_dir (see docs/latent.md)."""
+
+    latents: Literal["mean", "sample"] = "mean"  # sample: store mean + logvar, training draws a fresh z each time
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # storage of latents and text tokens
+    shard_size: int = 256  # examples per safetensors shard (the unit of resume)
+    batch_size: int = 32  # images per encoder batch
 
 
 @dataclass(kw_only=True)
@@ -143,6 +158,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -185,6 +201,17 @@ class Config:
                     "data.task='edit' needs data.hflip=false, data.color_jitter=0 and data.crop=center: "
                     "augmenting the target apart from its condition would teach the wrong edit"
                 )
+        if self.data.buckets is not None:
+            from fluxlab.data.buckets import check_buckets
+
+            check_buckets(self.data.buckets, "data.buckets")
+        if self.cache.shard_size < 1 or self.cache.batch_size < 1:
+            raise ValueError("cache.shard_size and cache.batch_size must be at least 1")
+        if self.data.cache_dir is not None and (self.data.hflip or self.data.color_jitter > 0 or self.data.crop != "center"):
+            raise ValueError(
+                "data.cache_dir holds latents of un-augmented, center-cropped images: set data.hflip=false, "
+                "data.color_jitter=0 and data.crop=center, or train without data.cache_dir"
+            )
         if self.model.arch == "flux":
             from fluxlab.models.registry import flux_params
 
