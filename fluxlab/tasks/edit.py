@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fluxlab.build import build_pipeline, encode_prompts, model_params
+from fluxlab.build import build_codec, build_pipeline, encode_prompts, model_params, token_dim
 from fluxlab.config import Config
 from fluxlab.kontext import encode_condition
 from fluxlab.models.flux import FluxParams
@@ -95,10 +95,10 @@ class EditTask(TextToImageTask):
         captions = CaptionTable(encoder, list(dataset.captions) + list(extra_captions) + instructions, device)
         sample_text = encode_prompts(encoder, instructions)
         negative_text = encode_prompts(encoder, [cfg.sample.negative_prompt])
-        token_dim = 3 * cfg.encoding.patch_size**2
-        params = model_params(cfg, token_dim, encoder.context_dim, encoder.pooled_dim)
+        codec = build_codec(cfg, device)  # a latent run's autoencoder sets the token width
+        params = model_params(cfg, token_dim(codec, cfg), encoder.context_dim, encoder.pooled_dim)
         del encoder
-        pipe = build_pipeline(cfg, params, device)
+        pipe = build_pipeline(cfg, params, device, codec=codec)
         pipe.model.initialize_weights()
         conditions = torch.stack([e["condition"] for e in examples])
         targets = torch.stack([e["image"] for e in examples])
