@@ -16,6 +16,9 @@ from typing import Any, Literal
 
 import yaml
 
+# The stand-in for a local FLUX.1-dev folder in the flux-dev-finetune preset; must be overridden.
+FLUX_DEV_PLACEHOLDER = "FLUX_DEV_PLACEHOLDER"
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -171,6 +174,16 @@ class Config:
 
     def validate(self) -> None:
         """Checks that need several fields; raised before any work starts."""
+        placeholders = [name for name, value in (("model.init_from", self.model.init_from),
+                                                  ("encoding.autoencoder", self.encoding.autoencoder),
+                                                  ("encoding.text_encoder", self.encoding.text_encoder))
+                        if value == FLUX_DEV_PLACEHOLDER]
+        if placeholders:
+            raise ValueError(
+                f"{', '.join(placeholders)} still say {FLUX_DEV_PLACEHOLDER}: point them at your local FLUX.1-dev "
+                "folder (transformer/, vae/, text_encoder*/, tokenizer*/), e.g. --model.init_from=/data/FLUX.1-dev "
+                "--encoding.autoencoder=/data/FLUX.1-dev --encoding.text_encoder=/data/FLUX.1-dev"
+            )
         res, p = self.data.resolution, self.encoding.patch_size
         if res <= 0 or p <= 0:
             raise ValueError("data.resolution and encoding.patch_size must be positive")

@@ -99,8 +99,10 @@ def validation_loss(
     count = 0
     # Its own generator: a DataLoader otherwise draws its base seed from the global RNG, which would make
     # a run with validation differ from one without.
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_bad,
-                        generator=torch.Generator())
+    # A bucketed dataset (the latent cache) cuts its sequential batches at bucket boundaries.
+    batches = dataset.eval_batches(batch_size) if hasattr(dataset, "eval_batches") else None
+    loader = DataLoader(dataset, batch_size=1 if batches else batch_size, batch_sampler=batches, shuffle=False,
+                        collate_fn=collate_skip_bad, generator=torch.Generator())
     position = 0
     for batch in tqdm(loader, desc="val", disable=not progress, leave=False, dynamic_ncols=True):
         if batch is None:

@@ -76,6 +76,55 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"output_dir": "runs/debug", "log_every": 1, "sample_every": 4, "checkpoint_every": 2},
         "sample": {"steps": 2, "prompts": ["red heart", "grinning face"]},
     },
+    # Latent space on one GPU (docs/latent.md): the ae-openmoji autoencoder (`fluxlab train-ae --config
+    # ae-openmoji`, 4× down, 16 channels) + `fluxlab cache`, so a step runs the transformer only.
+    "openmoji-latent-gpu": {
+        "model": {"preset": "flux-small"},
+        "data": {"dataset": "openmoji", "resolution": 64, "cache_dir": "runs/openmoji-latent-gpu-cache"},
+        "encoding": {"space": "latent", "autoencoder": "runs/ae-openmoji", "patch_size": 2,
+                     "text_encoder": "minilm", "text_max_length": 16},
+        "objective": {"kind": "flow", "t_sampler": "logit_normal"},
+        "optim": {"lr": 3e-4, "warmup_steps": 500, "batch_size": 256, "steps": 8000, "ema_decay": 0.999},
+        "train": {
+            "output_dir": "runs/openmoji-latent-gpu",
+            "mixed_precision": "bf16",
+            "max_minutes": 4,
+            "log_every": 50,
+            "sample_every": 1000,
+            "checkpoint_every": 1000,
+            "eval_every": 1000,
+        },
+        "sample": {"steps": 30, "guidance": 4.0},
+        "cache": {"latents": "mean", "dtype": "bfloat16", "batch_size": 256, "shard_size": 1024},
+    },
+    # Fine-tune FLUX.1-dev from a local download (transformer/, vae/, text_encoder*/, tokenizer*/): replace
+    # FLUX_DEV_PLACEHOLDER in all three fields, e.g. --model.init_from=/data/FLUX.1-dev (same for the others).
+    "flux-dev-finetune": {
+        "model": {"preset": "flux-dev", "init_from": "FLUX_DEV_PLACEHOLDER"},
+        "data": {"dataset": "openmoji", "resolution": 512, "cache_dir": "runs/flux-dev-finetune-cache"},
+        "encoding": {"space": "latent", "autoencoder": "FLUX_DEV_PLACEHOLDER", "patch_size": 2,
+                     "text_encoder": "FLUX_DEV_PLACEHOLDER", "text_max_length": 512},
+        "objective": {"kind": "flow", "t_sampler": "logit_normal", "shift": True},
+        "optim": {"lr": 1e-5, "warmup_steps": 100, "batch_size": 4, "steps": 2000, "ema_decay": 0.999,
+                  "weight_decay": 0.0},
+        "train": {"output_dir": "runs/flux-dev-finetune", "mixed_precision": "bf16", "log_every": 10,
+                  "sample_every": 500, "checkpoint_every": 500},
+        "sample": {"steps": 28, "guidance": 1.0, "distilled_guidance": 3.5},
+        "cache": {"latents": "sample", "dtype": "bfloat16", "batch_size": 8, "shard_size": 256},
+    },
+    # Seconds on a CPU: latent space end to end (random preset:ae-tiny, 2× down, 4 channels) for the cache tests.
+    "latent-debug": {
+        "model": {"preset": "flux-debug"},
+        "data": {"dataset": "openmoji", "resolution": 16, "limit": 48, "val_fraction": 0.1,
+                 "cache_dir": "runs/latent-debug-cache"},
+        "encoding": {"space": "latent", "autoencoder": "preset:ae-tiny", "patch_size": 2,
+                     "text_encoder": "minilm", "text_max_length": 8},
+        "optim": {"lr": 1e-3, "batch_size": 8, "steps": 3},
+        "train": {"output_dir": "runs/latent-debug", "log_every": 1, "sample_every": 3, "checkpoint_every": 3,
+                  "tensorboard": False},
+        "sample": {"steps": 2, "prompts": ["red heart", "grinning face"]},
+        "cache": {"dtype": "float32", "batch_size": 16, "shard_size": 16},
+    },
     # The DDPM baseline: class-conditional DiT (10 OpenMoji groups), DDIM grid (one image per class), sized
     # for a 2-core CPU in about 5 minutes. At this budget the classic ε/linear recipe only gives patch mosaics;
     # v-prediction + cosine betas + min-SNR-5 gives centred emoji-coloured shapes (docs/ddpm-vs-flow.md).

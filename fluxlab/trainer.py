@@ -132,6 +132,10 @@ class Trainer:
     def _build_dataset(self):
         from fluxlab.data import build_dataset
 
+        if self.cfg.data.cache_dir is not None:  # latents + text embeddings written by `fluxlab cache`
+            from fluxlab.data.cache import open_cache
+
+            return open_cache(self.cfg, "train")
         if self.cfg.data.task == "edit":  # (condition, instruction, target) pairs
             from fluxlab.data.edit_pairs import build_edit_dataset as build_dataset
         d = self.cfg.data
@@ -160,6 +164,11 @@ class Trainer:
         if self.cfg.data.task == "edit":
             from fluxlab.data.edit_pairs import build_edit_dataset as build_dataset
         d = self.cfg.data
+        if d.cache_dir is not None:
+            from fluxlab.data.cache import open_cache
+
+            cached = open_cache(self.cfg, "val").take(d.val_limit)
+            return cached, list(cached.captions)
         try:
             ds = build_dataset(d.dataset, resolution=d.resolution, split="val", val_fraction=d.val_fraction,
                                seed=self.cfg.train.seed, crop=d.crop, limit=d.limit,
@@ -179,6 +188,9 @@ class Trainer:
         # A DataLoader draws its workers' base seed when iterated, from the global RNG unless given a
         # generator; that draw would shift every later random augmentation of a resumed run by one.
         seeds = torch.Generator().manual_seed(self.cfg.train.seed * 100_003 + self.batches_seen)
+        if hasattr(self.dataset, "batches"):  # the latent cache: single-bucket batches gathered in memory
+            return self.dataset.batches(self.cfg.optim.batch_size, self.cfg.train.seed, self.batches_seen,
+                                        self.dist.rank, self.dist.world)
         if isinstance(self.dataset, IterableDataset):  # WebDataset shards: the order lives in the dataset
             workers, bs = self.cfg.data.num_workers, self.cfg.optim.batch_size
             self.dataset.resume_at(self.batches_seen * bs, batch_size=bs)

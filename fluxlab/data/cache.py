@@ -53,17 +53,22 @@ def _file_stat(path: Path, content_hash: bool) -> dict[str, Any]:
 
 
 def _weight_files(path: Path) -> list[Path]:
+    from fluxlab.autoencoders import AE_JSON, AE_WEIGHTS, _fluxlab_folder
+
+    folder = _fluxlab_folder(path)
+    if folder is not None:  # a train-ae run, its ae/ folder or its ae.safetensors
+        return [folder / AE_WEIGHTS, folder / AE_JSON]
     if path.is_file():
         return [path]
     root = path / "vae" if (path / "vae").is_dir() else path  # a diffusers folder: only its VAE matters
     return sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".json", ".bin", ".pt"))
 
 
-def autoencoder_identity(spec: str | None, seed: int) -> dict[str, Any] | None:
+def autoencoder_identity(spec: str | None) -> dict[str, Any] | None:
     if spec is None:
         return None
-    if spec.startswith("preset:"):  # random init: the weights are a function of the seed (seeded build)
-        return {"spec": spec, "random_init_seed": seed}
+    if spec.startswith("preset:"):  # random init from a fixed private seed (fluxlab.autoencoders)
+        return {"spec": spec}
     path = Path(spec).expanduser()
     if not path.exists():
         raise ValueError(f"encoding.autoencoder={spec!r} does not exist; train one with `fluxlab train-ae` or fix the path")
@@ -95,7 +100,7 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
         "resolution": d.resolution,
         "buckets": [list(b) for b in resolve_buckets(d.buckets, d.resolution)],
         "space": e.space,
-        "autoencoder": autoencoder_identity(getattr(e, "autoencoder", None), cfg.train.seed),
+        "autoencoder": autoencoder_identity(e.autoencoder) if e.space == "latent" else None,
         "latents": cfg.cache.latents,
         "text_encoder": text_encoder_identity(e.text_encoder, e.text_max_length),
         "dtype": cfg.cache.dtype,

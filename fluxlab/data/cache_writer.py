@@ -109,14 +109,10 @@ class CacheReport:
 
 
 def build_cache_codec(cfg: Config, device: torch.device) -> nn.Module:
-    """The codec of the config, frozen; a random-init autoencoder (``preset:...``) is seeded by train.seed so
-    the cache, the trainer's sample grids and ``fluxlab sample`` all see the same weights."""
+    """The config's codec (pixels, or the frozen autoencoder: bf16 on CUDA, fp32 elsewhere)."""
     from fluxlab.build import build_codec
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.train.seed)
-        codec = build_codec(cfg)
-    return codec.to(device).eval().requires_grad_(False)
+    return build_codec(cfg, device).eval().requires_grad_(False)
 
 
 def _encode_latents(codec: nn.Module, images: Tensor, mode: str) -> dict[str, Tensor]:

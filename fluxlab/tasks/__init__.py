@@ -28,6 +28,12 @@ class Task(Protocol):
 
 def build_task(cfg: Config, dataset: Any, device: torch.device, extra_captions: Sequence[str] = ()) -> Task:
     """The task for a config, built for training on ``dataset`` (and validating on ``extra_captions`` too)."""
+    if cfg.data.cache_dir is not None:  # latents + text embeddings from `fluxlab cache`: no encoders
+        from fluxlab.tasks.cached import CachedTextToImageTask
+
+        if cfg.model.arch != "flux" or cfg.data.task != "text_to_image":
+            raise ValueError("data.cache_dir trains text-to-image Flux models; unset it for DiT or edit runs")
+        return CachedTextToImageTask.for_training(cfg, dataset, device, extra_captions)
     if cfg.data.task == "edit":
         from fluxlab.tasks.edit import EditTask
 
