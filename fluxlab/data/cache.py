@@ -31,6 +31,7 @@ from .buckets import BucketBatchSampler, bucket_name, resolve_buckets
 FORMAT = "fluxlab-latent-cache-v1"
 INDEX = "index.json"
 TEXT = "text.safetensors"
+META_KEY = "fluxlab"  # safetensors metadata: one JSON object (captions, bad images, names)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -144,10 +145,15 @@ def check_cache(cfg: Config, need_complete: bool = True) -> dict[str, Any]:
     return index
 
 
+def shard_meta(f: Any) -> dict[str, Any]:
+    """The JSON metadata of an open shard (``safe_open`` handle)."""
+    return json.loads((f.metadata() or {}).get(META_KEY, "{}"))
+
+
 def load_text_table(cache_dir: str | Path) -> dict[str, tuple[Tensor, Tensor]]:
     """caption → (txt [L, D], vec [P]) float32 for the prompts stored beside the data."""
     with safe_open(str(Path(cache_dir) / TEXT), framework="pt") as f:
-        captions = json.loads((f.metadata() or {})["captions"])
+        captions = shard_meta(f)["captions"]
         txt, vec = f.get_tensor("txt").float(), f.get_tensor("vec").float()
     return {c: (txt[i], vec[i]) for i, c in enumerate(captions)}
 
@@ -179,7 +185,7 @@ class CachedLatents(Dataset):
                     txt.append(f.get_tensor("txt"))
                     vec.append(f.get_tensor("vec"))
                     self.source_index.extend(f.get_tensor("index").tolist())
-                    self.captions.extend(json.loads((f.metadata() or {})["captions"]))
+                    self.captions.extend(shard_meta(f)["captions"])
             self.tensors.append({k: torch.cat(v) for k, v in parts.items()})
             n = len(self.tensors[-1][self.keys[0]])
             bucket_of += [b] * n

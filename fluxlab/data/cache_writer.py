@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from fluxlab.config import Config
 
 from .buckets import bucket_tensor, nearest_bucket, resolve_buckets
-from .cache import (DTYPES, FORMAT, INDEX, TEXT, bucket_dir, cache_splits, fingerprint, fingerprint_mismatch,
+from .cache import (DTYPES, FORMAT, INDEX, META_KEY, TEXT, shard_meta, bucket_dir, cache_splits, fingerprint, fingerprint_mismatch,
                     read_index, write_json_atomic)
 from .images import BadImageError, load_image
 
@@ -167,12 +167,16 @@ def _encode_shard(source: Source, items: list[int], size: tuple[int, int], codec
         parts.setdefault("vec", []).append(vec.float().cpu())
         kept += [i for i, _ in good]
     if not kept:  # every image of the shard was bad: an empty shard still marks it as done
-        return {}, {"captions": "[]", "bad": json.dumps(bad)}, 0
+        return {}, _meta(captions=[], bad=bad, names=[]), 0
     tensors = {k: torch.cat(v) for k, v in parts.items()}
     tensors["index"] = torch.tensor(kept, dtype=torch.long)
-    meta = {"captions": json.dumps([source.captions[i] for i in kept]), "bad": json.dumps(bad),
-            "names": json.dumps([source.names[i] for i in kept])}
+    meta = _meta(captions=[source.captions[i] for i in kept], bad=bad, names=[source.names[i] for i in kept])
     return tensors, meta, len(kept)
+
+
+def _meta(**fields: Any) -> dict[str, str]:
+    # One key: safetensors writes a metadata map in hash order, which would make reruns differ byte-wise.
+    return {META_KEY: json.dumps(fields, sort_keys=True)}
 
 
 def _plan(source: Source, buckets: list[tuple[int, int]], shard_size: int) -> tuple[list[list[list[int]]], list[str]]:
@@ -264,10 +268,10 @@ def _split_entry(root: Path, split: str, buckets: list[tuple[int, int]], plan: l
         for k in range(len(shards)):
             rel = f"{bucket_dir(split, size)}/{k:06d}.safetensors"
             with safe_open(str(root / rel), framework="pt") as f:
-                meta = f.metadata() or {}
-                n = len(json.loads(meta.get("captions", "[]")))
+                meta = shard_meta(f)
+                n = len(meta["captions"])
                 # read back rather than kept in memory: shards of an interrupted earlier run count too
-                report.bad += [b for b in json.loads(meta.get("bad", "[]")) if b not in report.bad]
+                report.bad += [b for b in meta["bad"] if b not in report.bad]
             if n:
                 files.append(rel)
                 count += n
@@ -284,4 +288,4 @@ def _write_text_table(root: Path, cfg: Config, encoder: Any) -> None:
     captions = sorted(set(cfg.sample.prompts) | {cfg.sample.negative_prompt, ""})
     txt, vec = encoder.encode(captions)
     _write_shard(root / TEXT, {"txt": txt.to("cpu", DTYPES[cfg.cache.dtype]), "vec": vec.float().cpu()},
-                 {"captions": json.dumps(captions)})
+                 _meta(captions=captions))
