@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from fluxlab.latent_config import AEConfig
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -146,6 +148,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    ae: AEConfig = field(default_factory=AEConfig)  # `fluxlab train-ae` only (fluxlab/latent_config.py)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
