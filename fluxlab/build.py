@@ -76,11 +76,41 @@ def model_params(cfg: Config, token_dim: int, context_dim: int, pooled_dim: int)
     )
 
 
+def build_model(cfg: Config, params: FluxParams, device: torch.device) -> Flux:
+    """A Flux to train: adaLN-Zero initialised, or the weights of model.init_from (fp32 master weights)."""
+    if not cfg.model.init_from:
+        model = Flux(params).to(device)
+        model.initialize_weights()
+        return model
+    from fluxlab.pretrained import load_init_weights
+
+    loaded, weights = load_init_weights(cfg.model.init_from, device, torch.float32)
+    def fields(p: FluxParams) -> dict:
+        return {**p.to_dict(), "out_channels": p.out_channels or p.in_channels}
+
+    if loaded is not None and fields(loaded) != fields(params):
+        diff = {k: (v, fields(params)[k]) for k, v in fields(loaded).items() if fields(params)[k] != v}
+        raise ValueError(
+            f"model.init_from={cfg.model.init_from!r} has a different architecture (checkpoint, config): {diff}; "
+            "match model.preset/overrides, encoding (space, patch_size, autoencoder) and text_encoder to it"
+        )
+    if isinstance(weights, Flux):
+        return weights.train()
+    with torch.device("meta"):
+        model = Flux(params)
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model
+
+
 def build_pipeline(
-    cfg: Config, params: FluxParams, device: torch.device, codec: nn.Module | None = None
+    cfg: Config,
+    params: FluxParams,
+    device: torch.device,
+    codec: nn.Module | None = None,
+    model: Flux | None = None,
 ) -> FluxTextToImage:
-    """The model on ``device`` with its codec; pass ``codec`` when it is already built (an AE loads once)."""
-    model = Flux(params).to(device)
+    """The model on ``device`` with its codec; pass ``codec``/``model`` when already built (each loads once)."""
+    model = model if model is not None else Flux(params).to(device)
     codec = codec if codec is not None else build_codec(cfg, device)
     return FluxTextToImage(
         model, codec, cfg.data.resolution, cfg.encoding.patch_size, mixed_precision=cfg.train.mixed_precision

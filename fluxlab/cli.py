@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Order is the order of `fluxlab --help`.
-COMMANDS = ["train", "sample", "edit", "eval", "plot", "shard", "cache", "bench-data", "bench-cache", "bench"]
+COMMANDS = ["train", "train-ae", "sample", "edit", "eval", "plot", "shard", "cache", "bench-data", "bench-cache", "bench"]
 
 
 def _modules() -> dict:

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from fluxlab.latent_config import AEConfig
+
 # The stand-in for a local FLUX.1-dev folder in the flux-dev-finetune preset; must be overridden.
 FLUX_DEV_PLACEHOLDER = "FLUX_DEV_PLACEHOLDER"
 
@@ -164,6 +166,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    ae: AEConfig = field(default_factory=AEConfig)  # `fluxlab train-ae` only (fluxlab/latent_config.py)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
     def to_dict(self) -> dict[str, Any]:

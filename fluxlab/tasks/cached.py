@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from fluxlab.build import build_codec, model_params
+from fluxlab.build import build_codec, build_model, model_params
 from fluxlab.config import Config
 from fluxlab.data.cache import CachedLatents, check_cache, load_text_table
 from fluxlab.ddpm import DDPMObjective
@@ -39,13 +39,9 @@ class CachedTextToImageTask:
         cls, cfg: Config, dataset: CachedLatents, device: torch.device, extra_captions: Sequence[str] = ()
     ) -> "CachedTextToImageTask":
         index = check_cache(cfg)
-        if cfg.model.init_from:
-            raise ValueError("model.init_from is not wired into training yet; drop it or load the weights yourself")
         token_dim = index["latent"]["channels"] * cfg.encoding.patch_size**2
         params = model_params(cfg, token_dim, index["text"]["context_dim"], index["text"]["pooled_dim"])
-        model = Flux(params).to(device)
-        model.initialize_weights()
-        return cls(cfg, model, params, device)
+        return cls(cfg, build_model(cfg, params, device), params, device)  # from scratch or model.init_from
 
     # ------------------------------------------------------------------------------------------
     def velocity(self, model: nn.Module, x_t: Tensor, t: Tensor, text: TextEmbedding, grid: tuple[int, int]) -> Tensor:

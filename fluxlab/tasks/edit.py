@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fluxlab.build import build_codec, build_pipeline, encode_prompts, model_params, token_dim
+from fluxlab.build import build_codec, build_model, build_pipeline, encode_prompts, model_params, token_dim
 from fluxlab.config import Config
 from fluxlab.kontext import encode_condition
 from fluxlab.models.flux import FluxParams
@@ -98,8 +98,7 @@ class EditTask(TextToImageTask):
         codec = build_codec(cfg, device)  # a latent run's autoencoder sets the token width
         params = model_params(cfg, token_dim(codec, cfg), encoder.context_dim, encoder.pooled_dim)
         del encoder
-        pipe = build_pipeline(cfg, params, device, codec=codec)
-        pipe.model.initialize_weights()
+        pipe = build_pipeline(cfg, params, device, codec=codec, model=build_model(cfg, params, device))
         conditions = torch.stack([e["condition"] for e in examples])
         targets = torch.stack([e["image"] for e in examples])
         return cls(cfg, pipe, params, captions, sample_text, negative_text, conditions, targets, instructions)

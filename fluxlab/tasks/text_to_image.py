@@ -8,7 +8,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from fluxlab.build import build_codec, build_pipeline, cache_dir, encode_prompts, model_params, token_dim
+from fluxlab.build import (
+    build_codec, build_model, build_pipeline, cache_dir, encode_prompts, model_params, token_dim,
+)
 from fluxlab.config import Config
 from fluxlab.ddpm import DDPMObjective
 from fluxlab.models.flux import FluxParams
@@ -75,8 +77,7 @@ class TextToImageTask:
         codec = build_codec(cfg, device)  # a latent run's autoencoder sets the token width
         params = model_params(cfg, token_dim(codec, cfg), encoder.context_dim, encoder.pooled_dim)
         del encoder  # frozen and no longer needed: every caption is in the table
-        pipe = build_pipeline(cfg, params, device, codec=codec)
-        pipe.model.initialize_weights()
+        pipe = build_pipeline(cfg, params, device, codec=codec, model=build_model(cfg, params, device))
         return cls(cfg, pipe, params, captions, sample_text, negative_text)
 
     def loss(
