@@ -4,10 +4,26 @@ from fluxlab.config import load_config, parse_overrides
 from fluxlab.presets import PRESETS
 
 
+# Presets over files the user makes or downloads first: they must fail with a message naming the field.
+NEEDS_FILES = {"openmoji-latent-gpu": "encoding.autoencoder='runs/ae-openmoji'",
+               "flux-dev-finetune": "model.init_from, encoding.autoencoder, encoding.text_encoder"}
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_load(name: str) -> None:
+    if name in NEEDS_FILES:
+        with pytest.raises(ValueError, match=NEEDS_FILES[name]):
+            load_config(name)
+        return
     cfg = load_config(name)
     cfg.validate()
+
+
+def test_flux_dev_finetune_names_a_missing_folder(tmp_path) -> None:
+    missing = tmp_path / "FLUX.1-dev"
+    with pytest.raises(ValueError, match="no such file or folder"):
+        load_config("flux-dev-finetune", [f"--{k}={missing}" for k in
+                                          ("model.init_from", "encoding.autoencoder", "encoding.text_encoder")])
 
 
 def test_overrides_are_typed() -> None:
