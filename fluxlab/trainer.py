@@ -135,7 +135,7 @@ class Trainer:
         if self.cfg.data.cache_dir is not None:  # latents + text embeddings written by `fluxlab cache`
             from fluxlab.data.cache import open_cache
 
-            return open_cache(self.cfg, "train")
+            return open_cache(self.cfg, "train", self.device)
         if self.cfg.data.task == "edit":  # (condition, instruction, target) pairs
             from fluxlab.data.edit_pairs import build_edit_dataset as build_dataset
         d = self.cfg.data
@@ -167,7 +167,7 @@ class Trainer:
         if d.cache_dir is not None:
             from fluxlab.data.cache import open_cache
 
-            cached = open_cache(self.cfg, "val").take(d.val_limit)
+            cached = open_cache(self.cfg, "val", self.device).take(d.val_limit)
             return cached, list(cached.captions)
         try:
             ds = build_dataset(d.dataset, resolution=d.resolution, split="val", val_fraction=d.val_fraction,

@@ -32,6 +32,7 @@ FORMAT = "fluxlab-latent-cache-v1"
 INDEX = "index.json"
 TEXT = "text.safetensors"
 META_KEY = "fluxlab"  # safetensors metadata: one JSON object (captions, bad images, names)
+GPU_RESIDENT_BYTES = 8 << 30  # OpenMoji 64² with MiniLM is ~0.1 GB; T5-512 captions reach this at ~2,000
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -198,6 +199,18 @@ class CachedLatents(Dataset):
     def __len__(self) -> int:
         return len(self.bucket_of)
 
+    def _all(self) -> list[Tensor]:
+        return [t for per_bucket in self.tensors for t in per_bucket.values()] + [self.txt, self.vec]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._all())
+
+    def to(self, device: torch.device) -> "CachedLatents":
+        """Moves every tensor (and the row table) onto ``device``, in place."""
+        self.tensors = [{k: v.to(device) for k, v in per_bucket.items()} for per_bucket in self.tensors]
+        self.txt, self.vec, self.rows = self.txt.to(device), self.vec.to(device), self.rows.to(device)
+        return self
+
     def take(self, n: int | None) -> "CachedLatents":
         """The first ``n`` examples only (data.val_limit), in place."""
         if n is not None and n < len(self):
@@ -212,7 +225,7 @@ class CachedLatents(Dataset):
 
     def batch(self, indices: list[int]) -> dict[str, Any]:
         """A single-bucket batch gathered in one indexing op per tensor (no per-item collate)."""
-        idx = torch.tensor(indices)
+        idx = torch.tensor(indices, device=self.txt.device)
         b = self.bucket_of[indices[0]]
         rows = self.rows[idx]
         out: dict[str, Any] = {k: self.tensors[b][k][rows] for k in self.keys}
@@ -235,10 +248,14 @@ class CachedLatents(Dataset):
         return out
 
 
-def open_cache(cfg: Config, split: str) -> CachedLatents:
-    """The cached split for this config, after checking the fingerprint."""
+def open_cache(cfg: Config, split: str, device: torch.device | None = None) -> CachedLatents:
+    """The cached split for this config, after checking the fingerprint; moved onto a GPU ``device`` when it
+    takes under GPU_RESIDENT_BYTES there (batches are then gathered on the GPU: no loader, no copies)."""
     index = check_cache(cfg)
-    return CachedLatents(cfg.data.cache_dir or "", index, split)
+    ds = CachedLatents(cfg.data.cache_dir or "", index, split)
+    if device is not None and device.type == "cuda" and ds.nbytes() < GPU_RESIDENT_BYTES:
+        ds.to(device)
+    return ds
 
 
 def bucket_dir(split: str, size: tuple[int, int]) -> str:
