@@ -224,7 +224,13 @@ def write_cache(cfg: Config, device: torch.device, codec: nn.Module | None = Non
                              f"encoding.patch_size {cfg.encoding.patch_size}); change data.buckets")
     sources, plans, report = {}, {}, CacheReport(root)
     for split in cache_splits(cfg):
-        sources[split] = Source(cfg, split)
+        try:
+            sources[split] = Source(cfg, split)
+        except ValueError as err:  # an empty held-out split: only validation needs it, and it says so then
+            if split != "val":
+                raise
+            logger.warning("no val split cached: %s", err)
+            continue
         plans[split], bad = _plan(sources[split], buckets, cfg.cache.shard_size)
         report.bad += bad
     total = sum(len(s) for p in plans.values() for b in p for s in b)
