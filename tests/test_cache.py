@@ -133,18 +133,18 @@ def test_training_from_the_cache_matches_on_the_fly(cached, tmp_path, monkeypatc
         fast = Trainer(_cfg(root, f"--train.output_dir={tmp_path / 'cached'}", *common), quiet=True)
     slow = Trainer(load_config("latent-debug", ["--data.cache_dir=null", "--train.device=cpu",
                                                 f"--train.output_dir={tmp_path / 'fly'}", *common]), quiet=True)
-    # Same starting weights: the two builds consume the global RNG differently (the on-the-fly one loads an
-    # autoencoder first), which is not what this test is about.
-    slow.model.load_state_dict(fast.model.state_dict())
-    slow.ema.load_state_dict(fast.ema.state_dict())
+    # Same initial weights without copying: autoencoder and text encoder builds leave the global RNG alone.
+    for a, b in zip(fast.model.state_dict().values(), slow.model.state_dict().values()):
+        assert torch.equal(a, b)
     fast.train()
     slow.train()
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
               for run in ("cached", "fly")]
-    # Same batches, dropout, t and noise; the on-the-fly caption table stores text tokens in float16
-    # (fluxlab.text_cache) while latent-debug caches float32, hence close rather than bitwise equal.
+    # Same batches, caption dropout, t and noise. Not asserted bitwise: the on-the-fly caption table stores text
+    # tokens in float16 (fluxlab.text_cache) while latent-debug caches float32. (Within a few steps of the
+    # adaLN-Zero init the text barely reaches the output, and the losses come out identical here.)
     assert all(torch.isfinite(torch.tensor(x)).all() for x in losses)
-    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=2e-3, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-4, atol=1e-6)
     assert (tmp_path / "cached" / "samples" / "step_0000002.png").is_file()  # the decoder loaded lazily
 
 
