@@ -79,19 +79,41 @@ class Source:
         return Image.fromarray(self.images[i]) if self.paths is None else load_image(self.paths[i])
 
 
-class _ShardImages(Dataset):
-    def __init__(self, source: Source, items: list[int], size: tuple[int, int]) -> None:
-        self.source, self.items, self.size = source, items, size
+@dataclass
+class _Shard:
+    path: Path
+    source: Source
+    items: list[int]
+    size: tuple[int, int]
+
+
+class _PendingImages(Dataset):
+    """Every image of the unfinished shards, shard after shard: one DataLoader (its workers start once) feeds
+    the whole run, with batches cut at shard boundaries."""
+
+    def __init__(self, shards: list[_Shard]) -> None:
+        self.where = [(s, i) for s, shard in enumerate(shards) for i in shard.items]
+        self.shards = shards
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.where)
 
-    def __getitem__(self, j: int) -> tuple[int, Tensor | None, str | None]:
-        i = self.items[j]
+    def __getitem__(self, j: int) -> tuple[int, int, Tensor | None, str | None]:
+        s, i = self.where[j]
+        shard = self.shards[s]
         try:
-            return i, bucket_tensor(self.source.load(i), self.size), None
+            return s, i, bucket_tensor(shard.source.load(i), shard.size), None
         except BadImageError as err:
-            return i, None, str(err)
+            return s, i, None, str(err)
+
+    def batches(self, batch_size: int) -> list[list[int]]:
+        out: list[list[int]] = []
+        start = 0
+        for shard in self.shards:
+            end = start + len(shard.items)
+            out += [list(range(b, min(b + batch_size, end))) for b in range(start, end, batch_size)]
+            start = end
+        return out
 
 
 @dataclass
@@ -141,37 +163,44 @@ def _write_shard(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str
         raise
 
 
+class _Accumulator:
+    """One shard's encoded examples until the shard is complete."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[Tensor]] = {}
+        self.kept: list[int] = []
+        self.bad: list[str] = []
+        self.seen = 0
+
+    def finish(self, source: Source) -> tuple[dict[str, Tensor], dict[str, str]]:
+        if not self.kept:  # every image of the shard was bad: an empty shard still marks it as done
+            return {"index": torch.zeros(0, dtype=torch.long)}, _meta(captions=[], bad=self.bad, names=[])
+        tensors = {k: torch.cat(v) for k, v in self.parts.items()}
+        tensors["index"] = torch.tensor(self.kept, dtype=torch.long)
+        meta = _meta(captions=[source.captions[i] for i in self.kept], bad=self.bad,
+                     names=[source.names[i] for i in self.kept])
+        return tensors, meta
+
+
 @torch.no_grad()
-def _encode_shard(source: Source, items: list[int], size: tuple[int, int], codec: nn.Module, encoder: Any,
-                  cfg: Config, device: torch.device, bar: tqdm) -> tuple[dict[str, Tensor], dict[str, str], int]:
+def _encode_batch(batch: list, source: Source, acc: _Accumulator, codec: nn.Module, encoder: Any, cfg: Config,
+                  device: torch.device) -> None:
     dtype = DTYPES[cfg.cache.dtype]
-    loader = DataLoader(_ShardImages(source, items, size), batch_size=cfg.cache.batch_size, collate_fn=list,
-                        num_workers=cfg.data.num_workers, generator=torch.Generator())
-    parts: dict[str, list[Tensor]] = {}
-    kept: list[int] = []
-    bad: list[str] = []
-    for batch in loader:
-        good = [(i, t) for i, t, _ in batch if t is not None]
-        for _, _, err in batch:
-            if err is not None:
-                logger.warning("skipping %s", err)
-                bad.append(err)
-        bar.update(len(batch))
-        if not good:
-            continue
-        images = torch.stack([t for _, t in good]).to(device)
-        latents = _encode_latents(codec, images, cfg.cache.latents)
-        txt, vec = encoder.encode([source.captions[i] for i, _ in good])
-        for k, v in {**latents, "txt": txt}.items():
-            parts.setdefault(k, []).append(v.to("cpu", dtype))
-        parts.setdefault("vec", []).append(vec.float().cpu())
-        kept += [i for i, _ in good]
-    if not kept:  # every image of the shard was bad: an empty shard still marks it as done
-        return {}, _meta(captions=[], bad=bad, names=[]), 0
-    tensors = {k: torch.cat(v) for k, v in parts.items()}
-    tensors["index"] = torch.tensor(kept, dtype=torch.long)
-    meta = _meta(captions=[source.captions[i] for i in kept], bad=bad, names=[source.names[i] for i in kept])
-    return tensors, meta, len(kept)
+    for _, _, _, err in batch:
+        if err is not None:
+            logger.warning("skipping %s", err)
+            acc.bad.append(err)
+    acc.seen += len(batch)
+    good = [(i, t) for _, i, t, _ in batch if t is not None]
+    if not good:
+        return
+    images = torch.stack([t for _, t in good]).to(device)
+    latents = _encode_latents(codec, images, cfg.cache.latents)
+    txt, vec = encoder.encode([source.captions[i] for i, _ in good])
+    for k, v in {**latents, "txt": txt}.items():
+        acc.parts.setdefault(k, []).append(v.to("cpu", dtype))
+    acc.parts.setdefault("vec", []).append(vec.float().cpu())
+    acc.kept += [i for i, _ in good]
 
 
 def _meta(**fields: Any) -> dict[str, str]:
@@ -233,27 +262,35 @@ def write_cache(cfg: Config, device: torch.device, codec: nn.Module | None = Non
             continue
         plans[split], bad = _plan(sources[split], buckets, cfg.cache.shard_size)
         report.bad += bad
+    pending: list[_Shard] = []
+    for split, plan in plans.items():
+        for size, shards in zip(buckets, plan):
+            for k, items in enumerate(shards):
+                path = root / bucket_dir(split, size) / f"{k:06d}.safetensors"
+                if path.is_file():
+                    report.reused_shards += 1
+                else:
+                    pending.append(_Shard(path, sources[split], items, size))
     total = sum(len(s) for p in plans.values() for b in p for s in b)
+    work = _PendingImages(pending)
+    loader = DataLoader(work, batch_sampler=work.batches(cfg.cache.batch_size), collate_fn=list,
+                        num_workers=cfg.data.num_workers, generator=torch.Generator())
     start = time.perf_counter()
-    with tqdm(total=total, desc=f"cache {root.name}", unit="img", dynamic_ncols=True, disable=not progress) as bar:
-        for split, plan in plans.items():
-            for size, shards in zip(buckets, plan):
-                for k, items in enumerate(shards):
-                    path = root / bucket_dir(split, size) / f"{k:06d}.safetensors"
-                    if path.is_file():
-                        report.reused_shards += 1
-                        bar.update(len(items))
-                        continue
-                    t0 = time.perf_counter()
-                    tensors, meta, n = _encode_shard(sources[split], items, size, codec, encoder, cfg, device, bar)
-                    if not tensors:
-                        tensors = {"index": torch.zeros(0, dtype=torch.long)}
-                    _write_shard(path, tensors, meta)
-                    report.encoded += n
-                    report.seconds += time.perf_counter() - t0
-                    report.written_shards += 1
-                    bar.set_postfix(img_s=f"{report.images_per_s:.1f}")
-    report.seconds = report.seconds or time.perf_counter() - start
+    acc = _Accumulator()
+    with tqdm(total=total, initial=total - len(work), desc=f"cache {root.name}", unit="img", dynamic_ncols=True,
+              disable=not progress) as bar:
+        for batch in loader:
+            shard = pending[batch[0][0]]
+            _encode_batch(batch, shard.source, acc, codec, encoder, cfg, device)
+            bar.update(len(batch))
+            if acc.seen == len(shard.items):
+                _write_shard(shard.path, *acc.finish(shard.source))
+                report.encoded += len(acc.kept)
+                report.written_shards += 1
+                report.seconds = time.perf_counter() - start
+                bar.set_postfix(img_s=f"{report.images_per_s:.1f}")
+                acc = _Accumulator()
+    report.seconds = time.perf_counter() - start
     _write_text_table(root, cfg, encoder)
     index["splits"] = {split: _split_entry(root, split, buckets, plan, codec.downsample, report)
                        for split, plan in plans.items()}
