@@ -102,6 +102,10 @@ def parallelize(
     """
     mode = resolve_mode(cfg, world.world)
     cfg.validate(world.world)
+    if mode in SHARDED_MODES and world.world == 1 and not dist.is_initialized():
+        # FSDP on one device is still useful (bf16 compute copies of fp32 master weights): a 1-process group.
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if mode in ("ddp",) + SHARDED_MODES and not dist.is_initialized():
         raise ValueError(f"parallel.mode={mode} needs a process group: launch with torchrun (docs/distributed.md)")
     wrap_blocks(model, cfg)
@@ -178,6 +182,8 @@ def _options(**kwargs: Any) -> Any:
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Full state dict on CPU, on rank 0 (empty elsewhere); a collective when ``model`` is sharded."""
     if not is_sharded(model):
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return {}  # replicated: rank 0's copy is the state
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -203,6 +209,8 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         return get_optimizer_state_dict(model, optimizer, options=_options(full_state_dict=True, cpu_offload=True))
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return {}
     names = [n for n, _ in model.named_parameters()]
     sd = optimizer.state_dict()
     return {

@@ -248,8 +248,8 @@ class Trainer:
             self._set_rng_state(per_rank[self.dist.rank])
         else:
             warnings.warn(
-                f"{path} was written by {len(per_rank)} process(es), this run has {self.dist.world}: the data order "
-                "and random streams continue from their seeds, so the run is no longer an exact replay",
+                f"{path} was written by {len(per_rank)} process(es), this run has {self.dist.world}: data order, "
+                "dropout, t and noise still replay exactly, random augmentations (per-process RNG) do not",
                 stacklevel=2,
             )
         self.step = state["step"]
