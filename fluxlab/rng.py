@@ -12,8 +12,10 @@ The draw helpers accept either a plain ``torch.Generator`` (sampling, validation
 
 from __future__ import annotations
 
-from typing import Sequence
+import random
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -91,3 +93,21 @@ def randint(high: int, n: int, generator: torch.Generator | SampleGenerators | N
     if isinstance(generator, SampleGenerators):
         return generator.randint(high, n).to(device)
     return torch.randint(0, high, (n,), generator=generator, device=_gen_device(generator, device)).to(device)
+
+
+def process_rng_state() -> dict[str, Any]:
+    """This process's global RNGs (data augmentation draws from them), for a checkpoint."""
+    return {
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy_rng": np.random.get_state(),
+        "python_rng": random.getstate(),
+    }
+
+
+def set_process_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    np.random.set_state(state["numpy_rng"])
+    random.setstate(state["python_rng"])

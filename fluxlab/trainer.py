@@ -23,7 +23,7 @@ from fluxlab.build import resolve_device
 from fluxlab.checkpoint import checkpoint_path, forget_log_after, latest_checkpoint, save_checkpoint
 from fluxlab.config import Config
 from fluxlab.data.samplers import InfiniteBatchSampler
-from fluxlab.rng import SampleGenerators
+from fluxlab.rng import SampleGenerators, process_rng_state, set_process_rng_state
 from fluxlab.tasks import build_task
 
 __all__ = ["InfiniteBatchSampler", "NonFiniteLossError", "Trainer", "lr_factor"]
@@ -190,23 +190,8 @@ class Trainer:
     def _description(self) -> dict[str, Any]:
         return {"config": self.cfg.to_dict(), "format": "fluxlab-v1", **self.task.description()}
 
-    def _rng_state(self) -> dict[str, Any]:
-        return {
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy_rng": np.random.get_state(),
-            "python_rng": random.getstate(),
-        }
-
-    def _set_rng_state(self, rng: dict[str, Any]) -> None:
-        torch.set_rng_state(rng["torch_rng"])
-        if rng["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda_rng"])
-        np.random.set_state(rng["numpy_rng"])
-        random.setstate(rng["python_rng"])
-
     def _train_state(self) -> dict[str, Any]:
-        rng = self._rng_state()
+        rng = process_rng_state()
         per_rank = distributed.gather(rng, self.dist) if self.dist.enabled else None  # a collective
         return {
             "step": self.step,
@@ -245,7 +230,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         per_rank = state.get("rank_rng") or [state]
         if len(per_rank) == self.dist.world:
-            self._set_rng_state(per_rank[self.dist.rank])
+            set_process_rng_state(per_rank[self.dist.rank])
         else:
             warnings.warn(
                 f"{path} was written by {len(per_rank)} process(es), this run has {self.dist.world}: data order, "
