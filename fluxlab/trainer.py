@@ -296,7 +296,8 @@ class Trainer:
             return
         captured = capture_forward(self.task, model, batch, seed=self.step)
         add_histograms(self.writer, model, captured.output, self.step)
-        if not getattr(self, "_graph_written", False):
+        # A compiled forward cannot be traced (FSDP's gathered copy is plain and can).
+        if not getattr(self, "_graph_written", False) and not (self.cfg.parallel.compile and self.rank0_copy is None):
             self._graph_written = True
             add_model_graph(self.writer, model, captured)
 
