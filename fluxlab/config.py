@@ -129,7 +129,9 @@ class ParallelConfig:
                 "world = replicate × shard size; pick a divisor or use parallel.mode=fsdp"
             )
         if self.mode != "hsdp" and self.replicate != 1:
-            raise ValueError(f"parallel.replicate={self.replicate} applies to parallel.mode=hsdp only; remove it or set the mode")
+            raise ValueError(
+                f"parallel.replicate={self.replicate} applies to parallel.mode=hsdp only; remove it or set the mode"
+            )
         if not self.compile_backend:
             raise ValueError("parallel.compile_backend must name a torch.compile backend (inductor, aot_eager, eager)")
 

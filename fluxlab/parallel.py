@@ -74,7 +74,8 @@ def _mesh(mode: str, cfg: ParallelConfig, device: torch.device, world: int) -> A
 
     if mode == "hsdp":
         cfg.validate(world)
-        return init_device_mesh(device.type, (cfg.replicate, world // cfg.replicate), mesh_dim_names=("replicate", "shard"))
+        shape = (cfg.replicate, world // cfg.replicate)
+        return init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
     return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
 
 

@@ -61,7 +61,8 @@ class SampleGenerators:
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype | None = None) -> Tensor:
         self._check(shape[0])
-        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=self.device, dtype=dtype) for g in self.gens])
+        rest = tuple(shape[1:])
+        return torch.stack([torch.randn(rest, generator=g, device=self.device, dtype=dtype) for g in self.gens])
 
     def randint(self, high: int, n: int) -> Tensor:
         self._check(n)
