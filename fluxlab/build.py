@@ -12,7 +12,7 @@ from fluxlab.checkpoint import load_weights, read_description, resolve_checkpoin
 from fluxlab.config import Config, config_from_dict
 from fluxlab.models.flux import Flux, FluxParams
 from fluxlab.models.registry import flux_params
-from fluxlab.pipeline import FluxTextToImage, PixelCodec, TextEmbedding
+from fluxlab.pipeline import FluxTextToImage, LatentCodec, PixelCodec, TextEmbedding
 
 
 def cache_dir() -> Path:
@@ -33,10 +33,29 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def build_codec(cfg: Config) -> nn.Module:
+def build_codec(cfg: Config, device: torch.device | str = "cpu") -> nn.Module:
+    """Pixel patches, or the frozen autoencoder named by encoding.autoencoder (bf16 on CUDA, fp32 elsewhere)."""
     if cfg.encoding.space == "pixel":
-        return PixelCodec()
-    raise ValueError("encoding.space='latent' needs an autoencoder; it is not wired into this build yet")
+        return PixelCodec().to(device)
+    from fluxlab.autoencoders import load_autoencoder
+
+    if not cfg.encoding.autoencoder:
+        raise ValueError("encoding.space='latent' needs encoding.autoencoder (a train-ae run, ae.safetensors, ...)")
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ae = load_autoencoder(cfg.encoding.autoencoder, device=device, dtype=dtype).requires_grad_(False).eval()
+    f, p, res = ae.downsample_factor, cfg.encoding.patch_size, cfg.data.resolution
+    if res % (f * p):
+        raise ValueError(
+            f"data.resolution={res} is not divisible by {f * p} (the autoencoder's {f}× downsampling × "
+            f"encoding.patch_size={p}); pick a resolution that is a multiple of {f * p}"
+        )
+    return LatentCodec(ae)
+
+
+def token_dim(codec: nn.Module, cfg: Config) -> int:
+    """Features per image token: the codec's channels × patch area (48 for 4×4 RGB, 64 for FLUX latents)."""
+    return int(codec.channels) * cfg.encoding.patch_size**2
 
 
 def model_params(cfg: Config, token_dim: int, context_dim: int, pooled_dim: int) -> FluxParams:
@@ -57,9 +76,42 @@ def model_params(cfg: Config, token_dim: int, context_dim: int, pooled_dim: int)
     )
 
 
-def build_pipeline(cfg: Config, params: FluxParams, device: torch.device) -> FluxTextToImage:
-    model = Flux(params).to(device)
-    codec = build_codec(cfg).to(device)
+def build_model(cfg: Config, params: FluxParams, device: torch.device) -> Flux:
+    """A Flux to train: adaLN-Zero initialised, or the weights of model.init_from (fp32 master weights)."""
+    if not cfg.model.init_from:
+        model = Flux(params).to(device)
+        model.initialize_weights()
+        return model
+    from fluxlab.pretrained import load_init_weights
+
+    loaded, weights = load_init_weights(cfg.model.init_from, device, torch.float32)
+    def fields(p: FluxParams) -> dict:
+        return {**p.to_dict(), "out_channels": p.out_channels or p.in_channels}
+
+    if loaded is not None and fields(loaded) != fields(params):
+        diff = {k: (v, fields(params)[k]) for k, v in fields(loaded).items() if fields(params)[k] != v}
+        raise ValueError(
+            f"model.init_from={cfg.model.init_from!r} has a different architecture (checkpoint, config): {diff}; "
+            "match model.preset/overrides, encoding (space, patch_size, autoencoder) and text_encoder to it"
+        )
+    if isinstance(weights, Flux):
+        return weights.train()
+    with torch.device("meta"):
+        model = Flux(params)
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model
+
+
+def build_pipeline(
+    cfg: Config,
+    params: FluxParams,
+    device: torch.device,
+    codec: nn.Module | None = None,
+    model: Flux | None = None,
+) -> FluxTextToImage:
+    """The model on ``device`` with its codec; pass ``codec``/``model`` when already built (each loads once)."""
+    model = model if model is not None else Flux(params).to(device)
+    codec = codec if codec is not None else build_codec(cfg, device)
     return FluxTextToImage(
         model, codec, cfg.data.resolution, cfg.encoding.patch_size, mixed_precision=cfg.train.mixed_precision
     )

@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Order is the order of `fluxlab --help`.
-COMMANDS = ["train", "sample", "edit", "eval", "plot", "shard", "bench-data", "bench"]
+COMMANDS = ["train", "train-ae", "sample", "edit", "eval", "plot", "shard", "bench-data", "bench"]
 
 
 def _modules() -> dict:

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from fluxlab.latent_config import AEConfig
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -58,6 +60,9 @@ class DataConfig:
 class EncodingConfig:
     space: Literal["pixel", "latent"] = "pixel"
     patch_size: int = 4  # pixel space: p×p RGB patches per token; latent space: 2
+    # Latent space only: a `fluxlab train-ae` run or its ae/ folder, a BFL ae.safetensors, a diffusers
+    # FLUX/AutoencoderKL folder, or preset:NAME (random weights, tests). See fluxlab/autoencoders.py.
+    autoencoder: str | None = None
     text_encoder: str = "minilm"  # "minilm" or a local FLUX folder (tokenizer/, text_encoder/, ...)
     text_max_length: int = 16
 
@@ -171,6 +176,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    ae: AEConfig = field(default_factory=AEConfig)  # `fluxlab train-ae` only (fluxlab/latent_config.py)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -183,12 +189,10 @@ class Config:
         res, p = self.data.resolution, self.encoding.patch_size
         if res <= 0 or p <= 0:
             raise ValueError("data.resolution and encoding.patch_size must be positive")
-        step = p if self.encoding.space == "pixel" else 8 * p
-        if res % step:
-            raise ValueError(
-                f"data.resolution={res} is not divisible by {step} "
-                f"({'encoding.patch_size' if self.encoding.space == 'pixel' else '8× autoencoder × encoding.patch_size'})"
-            )
+        if self.encoding.space == "latent":
+            self._validate_latent()
+        elif res % p:
+            raise ValueError(f"data.resolution={res} is not divisible by encoding.patch_size={p}")
         if not 0 <= self.data.caption_dropout < 1:
             raise ValueError(f"data.caption_dropout={self.data.caption_dropout} must be in [0, 1)")
         if not 0 <= self.data.val_fraction < 1:
@@ -242,6 +246,25 @@ class Config:
         if self.sample.eta < 0:
             raise ValueError(f"sample.eta={self.sample.eta} must be at least 0")
         self.parallel.validate(world=self.parallel.replicate)  # the world-free checks; the trainer re-checks
+
+    def _validate_latent(self) -> None:
+        """encoding.space='latent': an autoencoder is named and its downsampling fits the resolution."""
+        from fluxlab.autoencoders import describe
+
+        spec = self.encoding.autoencoder
+        if not spec:
+            raise ValueError(
+                "encoding.space='latent' needs encoding.autoencoder: a `fluxlab train-ae` run folder, a BFL "
+                "ae.safetensors, a diffusers FLUX folder, or preset:ae-tiny for a smoke test"
+            )
+        if self.model.arch != "flux":
+            raise ValueError("encoding.space='latent' is wired for model.arch=flux only; set encoding.space=pixel")
+        f, p, res = describe(spec).downsample_factor, self.encoding.patch_size, self.data.resolution
+        if res % (f * p):
+            raise ValueError(
+                f"data.resolution={res} is not divisible by {f * p} (the autoencoder's {f}× downsampling × "
+                f"encoding.patch_size={p}); pick a resolution that is a multiple of {f * p}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------

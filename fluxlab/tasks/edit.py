@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fluxlab.build import build_pipeline, encode_prompts, model_params
+from fluxlab.build import build_codec, build_model, build_pipeline, encode_prompts, model_params, token_dim
 from fluxlab import rng
 from fluxlab.config import Config
 from fluxlab.kontext import encode_condition
@@ -96,11 +96,10 @@ class EditTask(TextToImageTask):
         captions = CaptionTable(encoder, list(dataset.captions) + list(extra_captions) + instructions, device)
         sample_text = encode_prompts(encoder, instructions)
         negative_text = encode_prompts(encoder, [cfg.sample.negative_prompt])
-        token_dim = 3 * cfg.encoding.patch_size**2
-        params = model_params(cfg, token_dim, encoder.context_dim, encoder.pooled_dim)
+        codec = build_codec(cfg, device)  # a latent run's autoencoder sets the token width
+        params = model_params(cfg, token_dim(codec, cfg), encoder.context_dim, encoder.pooled_dim)
         del encoder
-        pipe = build_pipeline(cfg, params, device)
-        pipe.model.initialize_weights()
+        pipe = build_pipeline(cfg, params, device, codec=codec, model=build_model(cfg, params, device))
         conditions = torch.stack([e["condition"] for e in examples])
         targets = torch.stack([e["image"] for e in examples])
         return cls(cfg, pipe, params, captions, sample_text, negative_text, conditions, targets, instructions)

@@ -8,7 +8,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from fluxlab.build import build_pipeline, cache_dir, encode_prompts, model_params
+from fluxlab.build import (
+    build_codec, build_model, build_pipeline, cache_dir, encode_prompts, model_params, token_dim,
+)
 from fluxlab import rng
 from fluxlab.config import Config
 from fluxlab.ddpm import DDPMObjective
@@ -73,11 +75,10 @@ class TextToImageTask:
         captions = CaptionTable(encoder, list(dataset.captions) + list(extra_captions), device)
         sample_text = encode_prompts(encoder, cfg.sample.prompts)
         negative_text = encode_prompts(encoder, [cfg.sample.negative_prompt])
-        token_dim = 3 * cfg.encoding.patch_size**2
-        params = model_params(cfg, token_dim, encoder.context_dim, encoder.pooled_dim)
+        codec = build_codec(cfg, device)  # a latent run's autoencoder sets the token width
+        params = model_params(cfg, token_dim(codec, cfg), encoder.context_dim, encoder.pooled_dim)
         del encoder  # frozen and no longer needed: every caption is in the table
-        pipe = build_pipeline(cfg, params, device)
-        pipe.model.initialize_weights()
+        pipe = build_pipeline(cfg, params, device, codec=codec, model=build_model(cfg, params, device))
         return cls(cfg, pipe, params, captions, sample_text, negative_text)
 
     def loss(

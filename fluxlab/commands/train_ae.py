@@ -1,0 +1,32 @@
+"""``fluxlab train-ae``: train a FLUX-style autoencoder for latent-space runs (``encoding.autoencoder``)."""
+
+from __future__ import annotations
+
+import argparse
+
+ACCEPTS_OVERRIDES = True
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train-ae",
+        help="train an autoencoder for latent-space runs",
+        description="Train a KL autoencoder from scratch (an `ae` section + `data`/`train`), then measure its "
+        "latent scale/shift and write RUN/ae/{ae.safetensors,ae.json}; override any field with --section.key=value "
+        "(e.g. --ae.kl_weight=1e-5 --train.output_dir=runs/ae).",
+    )
+    p.add_argument("--config", required=True, help="AE preset (ae-tiny, ae-openmoji) or a YAML file (base: PRESET)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from fluxlab.ae_training import AETrainer
+    from fluxlab.latent_config import load_ae_config
+
+    cfg = load_ae_config(args.config, overrides)
+    trainer = AETrainer(cfg, resume=args.resume)
+    folder = trainer.train()
+    print(f"autoencoder: {folder}   (use it with --encoding.space=latent --encoding.autoencoder={trainer.run_dir})")
+    print(f"metrics:     {trainer.run_dir / 'metrics.json'}")
+    print(f"grids:       {trainer.run_dir / 'samples'}")
+    return 0
