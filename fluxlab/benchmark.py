@@ -138,13 +138,19 @@ class Impl:
     fullgraph = True
 
     def compile(self, model: nn.Module, spec: str) -> nn.Module:
-        """``spec``: ``block`` or ``full``, optionally ``+max`` (inductor's GEMM autotuning, no CUDA graphs)."""
-        scope, _, extra = spec.partition("+")
-        mode = "max-autotune-no-cudagraphs" if extra == "max" else None
+        """``spec``: ``block`` or ``full``, then optional ``+`` extras: ``max`` (inductor's GEMM autotuning with
+        epilogue fusion, no CUDA graphs), ``graphs`` (CUDA graphs, mode reduce-overhead), ``cd`` (coordinate-descent
+        tuning of the generated pointwise/reduction kernels)."""
+        scope, *extras = spec.split("+")
+        unknown = set(extras) - {"max", "graphs", "cd"}
+        if scope not in ("block", "full") or unknown:
+            raise ValueError(f"compile spec {spec!r}: expected block or full, optionally +max, +graphs, +cd")
+        mode = "max-autotune-no-cudagraphs" if "max" in extras else "reduce-overhead" if "graphs" in extras else None
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = "cd" in extras
         if scope == "full":
             return torch.compile(model, mode=mode)
-        if scope != "block":
-            raise ValueError(f"compile spec {spec!r}: expected block, full, block+max or full+max")
         for block in self.blocks(model):
             # Compile the bound forward, not the module: hooks (FSDP2's all-gather) stay outside the
             # graph and the state-dict keys stay unchanged.
@@ -163,7 +169,7 @@ class DiffusersImpl(Impl):
 
         from fluxlab.convert import bfl_to_diffusers
 
-        ours = Impl().build(params, torch.device("cpu"), dtype, seed)
+        ours = Impl().build(params, device, dtype, seed)  # on the GPU: a CPU init of flux-dev takes minutes
         sd = bfl_to_diffusers(ours.state_dict(), params)
         del ours
         with torch.device("meta"):

@@ -195,3 +195,23 @@ def load_weights(path: Path, ema: bool = True) -> dict[str, torch.Tensor]:
     """The EMA weights when present (what we sample with), else the raw model's."""
     f = path / "ema.safetensors"
     return load_file(f if ema and f.is_file() else path / "model.safetensors")
+
+
+def forget_log_after(run_dir: str | Path, step: int) -> None:
+    """Drops ``log.jsonl`` lines past ``step``: they belong to a run that died before its next checkpoint."""
+    log = Path(run_dir) / "log.jsonl"
+    if not log.is_file():
+        return
+
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except json.JSONDecodeError:  # a line torn by the kill
+            return False
+
+    lines = log.read_text().splitlines(keepends=True)
+    kept = [line if line.endswith("\n") else line + "\n" for line in lines if keep(line)]
+    if kept != lines:
+        tmp = log.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(log)

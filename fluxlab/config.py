@@ -133,6 +133,33 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class ParallelConfig:
+    # auto: DDP when torchrun starts several processes, else none. fsdp: FSDP2 (per-block fully_shard);
+    # hsdp: FSDP2 over a 2-D mesh, replicated across `replicate` groups and sharded within each (docs/distributed.md).
+    mode: Literal["auto", "none", "ddp", "fsdp", "hsdp"] = "auto"
+    replicate: int = 1  # hsdp only: number of replica groups; world size / replicate ranks shard each replica
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~30% slower
+    compile: bool = False  # torch.compile each transformer block
+    compile_backend: str = "inductor"  # "aot_eager" needs no C compiler (tests, debugging)
+
+    def validate(self, world: int) -> None:
+        """Checks against the launch's world size (known only inside the process, so not in Config.validate)."""
+        if self.replicate < 1:
+            raise ValueError(f"parallel.replicate={self.replicate} must be at least 1")
+        if self.mode == "hsdp" and world % self.replicate:
+            raise ValueError(
+                f"parallel.replicate={self.replicate} does not divide the world size {world}: HSDP needs "
+                "world = replicate × shard size; pick a divisor or use parallel.mode=fsdp"
+            )
+        if self.mode != "hsdp" and self.replicate != 1:
+            raise ValueError(
+                f"parallel.replicate={self.replicate} applies to parallel.mode=hsdp only; remove it or set the mode"
+            )
+        if not self.compile_backend:
+            raise ValueError("parallel.compile_backend must name a torch.compile backend (inductor, aot_eager, eager)")
+
+
+@dataclass(kw_only=True)
 class SampleConfig:
     steps: int = 30
     sampler: Literal["euler", "heun", "ddim", "ddpm"] = "euler"  # euler/heun for flow; ddim/ddpm for ddpm
@@ -165,6 +192,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     ae: AEConfig = field(default_factory=AEConfig)  # `fluxlab train-ae` only (fluxlab/latent_config.py)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -257,6 +285,7 @@ class Config:
             raise ValueError(f"objective.min_snr_gamma={self.objective.min_snr_gamma} must be positive (5 is usual)")
         if self.sample.eta < 0:
             raise ValueError(f"sample.eta={self.sample.eta} must be at least 0")
+        self.parallel.validate(world=self.parallel.replicate)  # the world-free checks; the trainer re-checks
 
     def _validate_latent(self) -> None:
         """encoding.space='latent': an autoencoder is named and its downsampling fits the resolution."""

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from fluxlab import rng
+
 BetaSchedule = Literal["linear", "cosine"]
 Prediction = Literal["epsilon", "v", "x0"]
 Spacing = Literal["leading", "linspace", "trailing"]
@@ -196,10 +198,9 @@ def min_snr_weight(snr: Tensor, gamma: float, prediction: Prediction) -> Tensor:
     return clipped
 
 
-def _randn(shape: torch.Size, like: Tensor, generator: torch.Generator | None) -> Tensor:
+def _randn(shape: torch.Size, like: Tensor, generator: torch.Generator | rng.SampleGenerators | None) -> Tensor:
     """Gaussian noise drawn on the generator's device (so a CPU generator reproduces across devices)."""
-    device = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+    return rng.randn(shape, generator, like.device, like.dtype)
 
 
 class DDPMObjective:
@@ -222,10 +223,10 @@ class DDPMObjective:
         self.loss_type = loss
         self.min_snr_gamma = min_snr_gamma
 
-    def sample_t(self, batch: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
-        gen_device = generator.device if generator is not None else device
-        t = torch.randint(0, self.schedule.num_timesteps, (batch,), generator=generator, device=gen_device)
-        return t.to(device)
+    def sample_t(
+        self, batch: int, device: torch.device, generator: torch.Generator | rng.SampleGenerators | None = None
+    ) -> Tensor:
+        return rng.randint(self.schedule.num_timesteps, batch, generator, device)
 
     def weight(self, t: Tensor) -> Tensor:
         """Per-sample loss weights [B] (all ones without min-SNR)."""

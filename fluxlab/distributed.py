@@ -2,8 +2,9 @@
 
 One process per device; rank 0 logs, samples and checkpoints while the others wait at a barrier. When
 torchrun restarts the workers after a failure (``--max-restarts``), ``restarted()`` is true and the trainer
-resumes from the newest valid checkpoint. Richer parallelism (FSDP2, compile) belongs to ``parallel.py``;
-this module only starts the process group, wraps the model in DDP and answers a few collective questions.
+resumes from the newest valid checkpoint. How the model is spread over the processes (DDP, FSDP2, HSDP,
+compile) belongs to ``parallel.py``; this module only starts the process group and answers a few
+collective questions.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 
 @dataclass(frozen=True)
@@ -95,15 +95,6 @@ def shutdown(info: DistInfo) -> None:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
-
-
-def wrap(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
-    """DDP around ``model`` when several processes train it (it broadcasts rank 0's weights), else the model."""
-    if not info.enabled:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def any_rank(flags: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -13,6 +13,8 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
+from fluxlab import rng
+
 Predict = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -44,11 +46,11 @@ class RectifiedFlow:
         if self.logit_std <= 0:
             raise ValueError(f"objective.logit_std={self.logit_std} must be positive")
 
-    def sample_t(self, batch: int, seq_len: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
+    def sample_t(self, batch: int, seq_len: int, device: torch.device, generator: torch.Generator | rng.SampleGenerators | None) -> Tensor:
         if self.t_sampler == "uniform":
-            t = torch.rand(batch, generator=generator, device=device)
+            t = rng.rand(batch, generator, device)
         else:
-            t = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(batch, generator=generator, device=device))
+            t = torch.sigmoid(self.logit_mean + self.logit_std * rng.randn((batch,), generator, device))
         if self.shift:
             t = time_shift(resolution_mu(seq_len), 1.0, t)
         return t
@@ -62,7 +64,7 @@ class RectifiedFlow:
         self,
         predict: Predict,
         x0: Tensor,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | rng.SampleGenerators | None = None,
         t: Tensor | None = None,
         noise: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
@@ -75,7 +77,7 @@ class RectifiedFlow:
             seq_len = x0.shape[1] if x0.ndim == 3 else x0[0].numel()
             t = self.sample_t(x0.shape[0], seq_len, x0.device, generator)
         if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            noise = rng.randn(x0.shape, generator, x0.device, x0.dtype)
         if t.shape != (x0.shape[0],) or noise.shape != x0.shape:
             raise ValueError(f"t must be [{x0.shape[0]}] and noise {tuple(x0.shape)}; got {tuple(t.shape)} and "
                              f"{tuple(noise.shape)}")

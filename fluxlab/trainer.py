@@ -13,52 +13,26 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
-from fluxlab import distributed
+from fluxlab import distributed, parallel
 from fluxlab.build import resolve_device
-from fluxlab.checkpoint import checkpoint_path, latest_checkpoint, save_checkpoint
+from fluxlab.checkpoint import checkpoint_path, forget_log_after, latest_checkpoint, save_checkpoint
 from fluxlab.config import Config
+from fluxlab.data.samplers import InfiniteBatchSampler
+from fluxlab.rng import SampleGenerators, process_rng_state, set_process_rng_state
 from fluxlab.tasks import build_task
+
+__all__ = ["InfiniteBatchSampler", "NonFiniteLossError", "Trainer", "lr_factor"]
 
 T_BINS = 10
 
 
 class NonFiniteLossError(RuntimeError):
     """train.max_nonfinite_steps steps in a row had a NaN/inf loss or gradient: the run cannot go on."""
-
-
-class InfiniteBatchSampler(Sampler[list[int]]):
-    """Shuffled batches forever, a fresh permutation per epoch, from a position that can be restored.
-
-    Batch ``k`` of the run is a pure function of (seed, k), so resuming at ``start_batch`` replays
-    exactly the order an uninterrupted run would have seen, without loading the skipped data.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world: int = 1):
-        if n < batch_size * world:
-            raise ValueError(
-                f"the dataset has {n} examples, fewer than one batch ({batch_size} × {world} processes); "
-                "lower optim.batch_size"
-            )
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.start_batch, self.rank, self.world = start_batch, rank, world
-        self.batches_per_epoch = n // (batch_size * world)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        k = self.start_batch
-        while True:
-            epoch, i = divmod(k, self.batches_per_epoch)
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-            global_bs = self.batch_size * self.world
-            chunk = perm[i * global_bs : (i + 1) * global_bs]
-            yield chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
-            k += 1
-
-    def __len__(self) -> int:  # infinite; DataLoader only needs this for len(loader)
-        return 2**62
 
 
 def lr_factor(step: int, cfg: Config) -> float:
@@ -77,6 +51,8 @@ class Trainer:
         self.cfg = cfg
         # Under torchrun rank 0 speaks, samples and checkpoints; a restarted worker resumes by itself.
         self.dist = distributed.from_env()
+        cfg.parallel.validate(self.dist.world)
+        self._owns_group = self.dist.enabled and not dist.is_initialized()  # a caller's process group outlives us
         self.quiet = quiet or not self.dist.is_main
         resume = resume or distributed.restarted()
         self.run_dir = Path(cfg.train.output_dir)  # created only once the data and model are known to load
@@ -93,7 +69,15 @@ class Trainer:
         self.model = self.task.model
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         n_params = sum(p.numel() for p in self.model.parameters())
-        self._log(f"model: {cfg.model.preset} with {n_params / 1e6:.2f}M parameters on {self.device}")
+        self.mode = parallel.resolve_mode(cfg.parallel, self.dist.world)
+        self._log(f"model: {cfg.model.preset} with {n_params / 1e6:.2f}M parameters on {self.device}, "
+                  f"parallel.mode={self.mode} over {self.dist.world} process(es)")
+        # Sharded weights exist whole nowhere: rank 0 gathers a plain copy for samples and validation.
+        self.rank0_copy = parallel.Rank0Copy(self.model, self.dist) if self.mode in parallel.SHARDED_MODES else None
+        mp = cfg.train.mixed_precision
+        bf16 = mp == "bf16" or (mp == "auto" and self.device.type == "cuda")
+        self.net = parallel.parallelize(self.model, cfg.parallel, self.device, self.dist, mixed_precision=bf16)
+        self.ema = parallel.shard_like(self.ema, cfg.parallel, self.device, self.dist)
 
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
@@ -105,8 +89,7 @@ class Trainer:
             fused=self.device.type == "cuda",
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
-        # Each rank draws its own t, noise and caption dropout (rank 0's stream is the single-process one).
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed + 1 + 7919 * self.dist.rank)
+        # Caption dropout, t and noise come from per-sample generators (fluxlab.rng), not a per-process stream.
 
         self.step = 0
         self.batches_seen = 0
@@ -219,30 +202,13 @@ class Trainer:
     def _description(self) -> dict[str, Any]:
         return {"config": self.cfg.to_dict(), "format": "fluxlab-v1", **self.task.description()}
 
-    def _rng_state(self) -> dict[str, Any]:
-        return {
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy_rng": np.random.get_state(),
-            "python_rng": random.getstate(),
-        }
-
-    def _set_rng_state(self, rng: dict[str, Any]) -> None:
-        self.generator.set_state(rng["generator"])
-        torch.set_rng_state(rng["torch_rng"])
-        if rng["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda_rng"])
-        np.random.set_state(rng["numpy_rng"])
-        random.setstate(rng["python_rng"])
-
     def _train_state(self) -> dict[str, Any]:
-        rng = self._rng_state()
+        rng = process_rng_state()
         per_rank = distributed.gather(rng, self.dist) if self.dist.enabled else None  # a collective
         return {
             "step": self.step,
             "batches_seen": self.batches_seen,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": parallel.optimizer_state(self.model, self.optimizer),  # keyed by parameter name
             "scheduler": self.scheduler.state_dict(),
             **rng,
             "rank_rng": per_rank,
@@ -253,17 +219,11 @@ class Trainer:
     def save(self) -> Path:
         """Every rank calls it (RNG states are gathered); rank 0 writes; all leave once the checkpoint exists."""
         state = self._train_state()
+        weights, ema = parallel.model_state(self.model), parallel.model_state(self.ema)  # gathered under FSDP
         path = checkpoint_path(self.run_dir, self.step)
         if self.dist.is_main:
-            path = save_checkpoint(
-                self.run_dir,
-                self.step,
-                self.model.state_dict(),
-                self.ema.state_dict(),
-                self._description(),
-                state,
-                keep_last=self.cfg.train.keep_last,
-            )
+            path = save_checkpoint(self.run_dir, self.step, weights, ema, self._description(), state,
+                                   keep_last=self.cfg.train.keep_last)
         distributed.barrier(self.dist)
         return path
 
@@ -274,18 +234,19 @@ class Trainer:
         if path is None:
             self._log(f"--resume: no checkpoint in {self.run_dir}, starting from scratch")
             return
-        self.model.load_state_dict(load_file(path / "model.safetensors", device=str(self.device)), strict=True)
-        self.ema.load_state_dict(load_file(path / "ema.safetensors", device=str(self.device)), strict=True)
+        # Full weights and name-keyed optimizer state: each rank keeps its shard, at whatever world size.
+        parallel.load_model_state(self.model, load_file(path / "model.safetensors", device=str(self.device)))
+        parallel.load_model_state(self.ema, load_file(path / "ema.safetensors", device=str(self.device)))
         state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        parallel.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         per_rank = state.get("rank_rng") or [state]
         if len(per_rank) == self.dist.world:
-            self._set_rng_state(per_rank[self.dist.rank])
+            set_process_rng_state(per_rank[self.dist.rank])
         else:
             warnings.warn(
-                f"{path} was written by {len(per_rank)} process(es), this run has {self.dist.world}: the data order "
-                "and random streams continue from their seeds, so the run is no longer an exact replay",
+                f"{path} was written by {len(per_rank)} process(es), this run has {self.dist.world}: data order, "
+                "dropout, t and noise still replay exactly, random augmentations (per-process RNG) do not",
                 stacklevel=2,
             )
         self.step = state["step"]
@@ -293,36 +254,15 @@ class Trainer:
         self.skipped_images = state["skipped_images"]
         self.nonfinite_steps = state["nonfinite_steps"]
         if self.dist.is_main:
-            self._forget_log_after(self.step)
+            forget_log_after(self.run_dir, self.step)
         self._log(f"resumed from {path} at step {self.step}")
-
-    def _forget_log_after(self, step: int) -> None:
-        """Drops log.jsonl lines past ``step``: they belong to a run that died before its next checkpoint."""
-        log = self.run_dir / "log.jsonl"
-        if not log.is_file():
-            return
-
-        def keep(line: str) -> bool:
-            try:
-                return json.loads(line).get("step", 0) <= step
-            except json.JSONDecodeError:  # a line torn by the kill
-                return False
-
-        lines = log.read_text().splitlines(keepends=True)
-        kept = [line if line.endswith("\n") else line + "\n" for line in lines if keep(line)]
-        if kept != lines:
-            tmp = log.with_suffix(".tmp")
-            tmp.write_text("".join(kept))
-            tmp.replace(log)
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _update_ema(self) -> None:
         # Warm-up of the decay (as in k-diffusion/timm): early weights are forgotten quickly.
         decay = min(self.cfg.optim.ema_decay, (1 + self.step) / (10 + self.step))
-        ema_params = list(self.ema.parameters())
-        params = [p.detach() for p in self.model.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        parallel.ema_update(self.ema, self.model, 1.0 - decay)  # shard-local under FSDP: no communication
 
     def _write_log(self, record: dict[str, Any]) -> None:
         """One JSON line per log step: the loss curve survives without TensorBoard."""
@@ -331,10 +271,14 @@ class Trainer:
         with open(self.run_dir / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def sample_grid(self, name: str) -> Path:
+    def _on_rank0(self, module: nn.Module) -> nn.Module | None:
+        """``module`` itself, or under FSDP its gathered plain copy on rank 0 (a collective: all ranks call it)."""
+        return module if self.rank0_copy is None else self.rank0_copy.of(module, self.device)
+
+    def sample_grid(self, name: str, ema: nn.Module | None = None) -> Path:
         from fluxlab.data import make_grid
 
-        images, captions = self.task.sample_images(self.ema)
+        images, captions = self.task.sample_images(ema if ema is not None else self.ema)
         out = self.run_dir / "samples" / f"{name}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         grid = make_grid(images, nrow=getattr(self.task, "grid_nrow", min(8, len(images))), captions=captions)
@@ -343,11 +287,11 @@ class Trainer:
             self.writer.add_image("samples", np.asarray(grid), self.step, dataformats="HWC")
         return out
 
-    def validate(self) -> Any:
+    def validate(self, model: nn.Module | None = None) -> Any:
         """Validation loss of the trained (not EMA) weights at 8 fixed timesteps, comparable to the train loss."""
         from fluxlab.evaluation import validation_loss
 
-        result = validation_loss(self.task, self.model, self.val_dataset, seed=self.cfg.train.seed,
+        result = validation_loss(self.task, model or self.model, self.val_dataset, seed=self.cfg.train.seed,
                                  batch_size=self.cfg.optim.batch_size)
         self.model.train()
         if self.writer is not None:
@@ -356,17 +300,18 @@ class Trainer:
                 self.writer.add_scalar(f"loss_val_t/{t:.3f}", value, self.step)
         return result
 
-    def _tensorboard_extras(self, batch: dict[str, Any] | None) -> None:
+    def _tensorboard_extras(self, batch: dict[str, Any] | None, model: nn.Module | None) -> None:
         """Histograms of weights and predictions, and the graph once; on sample steps only (one forward)."""
         from fluxlab.monitoring import add_histograms, add_model_graph, capture_forward
 
-        if self.writer is None or batch is None:
+        if self.writer is None or batch is None or model is None:
             return
-        captured = capture_forward(self.task, self.model, batch, seed=self.step)
-        add_histograms(self.writer, self.model, captured.output, self.step)
-        if not getattr(self, "_graph_written", False):
+        captured = capture_forward(self.task, model, batch, seed=self.step)
+        add_histograms(self.writer, model, captured.output, self.step)
+        # A compiled forward cannot be traced (FSDP's gathered copy is plain and can).
+        if not getattr(self, "_graph_written", False) and not (self.cfg.parallel.compile and self.rank0_copy is None):
             self._graph_written = True
-            add_model_graph(self.writer, self.model, captured)
+            add_model_graph(self.writer, model, captured)
 
     def train(self) -> Path:
         cfg = self.cfg
@@ -381,7 +326,7 @@ class Trainer:
         bin_count = torch.zeros(T_BINS, device=self.device)
         loss_sum, loss_n, epoch_sum, epoch_n = 0.0, 0, 0.0, 0
         per_epoch = len(self.dataset) // (o.batch_size * self.dist.world)
-        net = distributed.wrap(self.model, self.dist, self.device)  # DDP under torchrun, else the model itself
+        net = self.net  # DDP, the FSDP-sharded model, or the model itself
         nonfinite_in_a_row = 0
         start_time = time.monotonic()
         last_path: Path | None = None
@@ -390,18 +335,26 @@ class Trainer:
         while self.step < o.steps:
             step_loss = torch.zeros((), device=self.device)
             step_bins: list[tuple[Tensor, Tensor]] = []  # joins the t-bin curve only if the step is kept
-            for _ in range(o.grad_accum):
-                batch = next(batches)
+            for micro in range(o.grad_accum):
+                batch, k = next(batches), self.batches_seen
                 self.batches_seen += 1
                 if batch is None:  # every image of the batch was unreadable
                     continue
                 self.skipped_images += int(batch.get("skipped", 0))
-                per_sample, t = self.task.loss(net, batch, self.generator)
-                loss = per_sample.mean()
-                (loss / o.grad_accum).backward()
+                # Sample j of global micro-batch k draws the same dropout/t/noise at any world size.
+                gens = SampleGenerators.for_batch(cfg.train.seed, k, len(batch["image"]), self.dist.rank,
+                                                  self.dist.world, self.device)
+                with parallel.grad_sync(net, micro == o.grad_accum - 1):  # communicate once per optimizer step
+                    per_sample, t = self.task.loss(net, batch, gens)
+                    loss = per_sample.mean()
+                    (loss / o.grad_accum).backward()
                 step_loss += loss.detach() / o.grad_accum
                 step_bins.append(((t.detach() * T_BINS).long().clamp(0, T_BINS - 1), per_sample.detach().float()))
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+            if self.dist.enabled:  # the logged loss is the global batch's, as in a single process
+                dist.all_reduce(step_loss)
+                step_loss /= self.dist.world
+            # Under FSDP the gradients are DTensor shards; clip_grad_norm_ still computes the global norm.
+            grad_norm = parallel.full_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip))
             nonfinite = ~(torch.isfinite(grad_norm) & torch.isfinite(step_loss))
             if distributed.any_rank(nonfinite, self.dist):  # all ranks skip together (a no-op alone)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -433,9 +386,14 @@ class Trainer:
             loss_sum, loss_n = loss_sum + loss_value, loss_n + 1
             epoch_sum, epoch_n = epoch_sum + loss_value, epoch_n + 1
             val = None
-            if cfg.train.eval_every and self.dist.is_main and (self.step % cfg.train.eval_every == 0 or self.step == o.steps):
-                val = self.validate()
-            if self.step % cfg.train.log_every == 0 or self.step == o.steps or val is not None:
+            eval_now = bool(cfg.train.eval_every) and (self.step % cfg.train.eval_every == 0 or self.step == o.steps)
+            if eval_now:
+                model = self._on_rank0(self.model)
+                val = self.validate(model) if self.dist.is_main else None
+            if self.step % cfg.train.log_every == 0 or self.step == o.steps or eval_now:
+                if self.dist.enabled:  # every rank's t-bins join the curve
+                    dist.all_reduce(bin_sum)
+                    dist.all_reduce(bin_count)
                 mean = loss_sum / loss_n
                 lr = self.scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
@@ -476,9 +434,12 @@ class Trainer:
             if out_of_time:
                 self._log(f"train.max_minutes={cfg.train.max_minutes} reached at step {self.step}")
             finished = self.step >= o.steps or out_of_time
-            if self.dist.is_main and (self.step % cfg.train.sample_every == 0 or finished):
-                self.sample_grid(f"step_{self.step:07d}")
-                self._tensorboard_extras(batch)
+            if self.step % cfg.train.sample_every == 0 or finished:  # gathers under FSDP: every rank comes here
+                ema = self._on_rank0(self.ema)
+                if self.dist.is_main:
+                    self.sample_grid(f"step_{self.step:07d}", ema)
+                if cfg.train.tensorboard:
+                    self._tensorboard_extras(batch, self._on_rank0(self.model))
                 self.model.train()
             if self.step % cfg.train.checkpoint_every == 0 or finished:
                 last_path = self.save()
@@ -493,5 +454,6 @@ class Trainer:
             self._log(f"skipped {self.nonfinite_steps} steps with a non-finite loss or gradient")
         if self.writer is not None:
             self.writer.close()
-        distributed.shutdown(self.dist)
+        if self._owns_group:
+            distributed.shutdown(self.dist)
         return last_path

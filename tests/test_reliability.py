@@ -42,7 +42,10 @@ def _ckpt(run: Path, step: int) -> Path:
 
 
 def _assert_same_checkpoint(a: Path, b: Path) -> None:
-    """Weights, EMA, optimizer moments, LR schedule, generator and data position all bitwise equal."""
+    """Weights, EMA, optimizer moments, LR schedule, RNG and data position all bitwise equal.
+
+    (Dropout, t and noise come from per-sample generators seeded by the data position: no state to compare.)
+    """
     for name in ("model.safetensors", "ema.safetensors"):
         wa, wb = load_file(a / name), load_file(b / name)
         assert wa.keys() == wb.keys()
@@ -52,7 +55,7 @@ def _assert_same_checkpoint(a: Path, b: Path) -> None:
     sb = torch.load(b / "train_state.pt", weights_only=False)
     assert (sa["step"], sa["batches_seen"]) == (sb["step"], sb["batches_seen"])
     assert sa["scheduler"] == sb["scheduler"]
-    assert torch.equal(sa["generator"], sb["generator"]) and torch.equal(sa["torch_rng"], sb["torch_rng"])
+    assert torch.equal(sa["torch_rng"], sb["torch_rng"])
     for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(pa[key], pb[key]), key
@@ -404,7 +407,6 @@ def test_torchrun_restarts_a_killed_rank_and_resumes(tmp_path: Path) -> None:
     assert verify_checkpoint(_ckpt(run, 4)) is None
     state = torch.load(_ckpt(run, 4) / "train_state.pt", weights_only=False)
     assert state["step"] == 4 and len(state["rank_rng"]) == 2
-    # the two ranks drew different noise: each has its own generator stream
-    assert not torch.equal(state["rank_rng"][0]["generator"], state["rank_rng"][1]["generator"])
+    assert all(isinstance(name, str) for name in state["optimizer"]["state"])  # keyed by parameter name
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # step 3, redone after the restart, is logged once

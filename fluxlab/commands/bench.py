@@ -20,7 +20,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--infer-compile", default="eager,block",
                    help="comma-separated: eager, block, full (torch.compile of the whole model); '+max' adds GEMM autotuning")
     p.add_argument("--infer-backends", default="default",
-                   help="SDPA backends for inference, e.g. 'default' or 'cudnn' or 'flash' (';'-separated sets)")
+                   help="SDPA backends for inference, e.g. 'default' or 'cudnn' or 'flash+efficient' (';'-separated sets)")
+    p.add_argument("--train-cases", default=None,
+                   help="explicit training cases IMPL:MODE:COMPILE, comma-separated (replaces the product of the above)")
+    p.add_argument("--infer-cases", default=None,
+                   help="explicit inference cases IMPL:COMPILE[:BACKENDS], comma-separated (replaces the product)")
     p.add_argument("--batch", type=int, default=8, help="training batch (default 8)")
     p.add_argument("--profile", action="store_true", help="also print the top GPU kernels of each case")
     p.add_argument("--json", default=None, help="write every measurement here")
@@ -77,19 +81,26 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             with open(args.json, "w") as f:
                 json.dump({"info": info, "results": rows}, f, indent=1)
 
+    train_cases = (
+        [tuple(c.split(":")) for c in args.train_cases.split(",")] if args.train_cases
+        else [(i, m, c) for i in impls for m in args.train_modes.split(",") for c in args.train_compile.split(",")]
+    )
+    infer_cases = (
+        [tuple((c + ":default").split(":")[:3]) for c in args.infer_cases.split(",")] if args.infer_cases
+        else [(i, c, b) for i in impls for c in args.infer_compile.split(",") for b in args.infer_backends.split(";")]
+    )
+    for impl, *_ in [*train_cases, *infer_cases]:
+        if impl not in B.IMPLS:
+            raise ValueError(f"unknown implementation {impl!r} in a case; choose from {sorted(B.IMPLS)}")
     if "train" in what:
-        for impl in impls:
-            for mode in args.train_modes.split(","):
-                for comp in args.train_compile.split(","):
-                    r = B.bench_train(impl, mode, comp, batch=args.batch, profile=args.profile)
-                    record("train", f"train {impl} {mode} {comp}", r)
+        for impl, mode, comp in train_cases:
+            r = B.bench_train(impl, mode, comp, batch=args.batch, profile=args.profile)
+            record("train", f"train {impl} {mode} {comp}", r)
     if "infer" in what:
-        for impl in impls:
-            for comp in args.infer_compile.split(","):
-                for backends in args.infer_backends.split(";"):
-                    chosen = None if backends == "default" else tuple(backends.split(","))
-                    r = B.bench_infer(impl, comp, backends=chosen, profile=args.profile)
-                    record("infer", f"infer {impl} {comp} sdpa={backends}", r)
+        for impl, comp, backends in infer_cases:
+            chosen = None if backends == "default" else tuple(backends.split("+"))
+            r = B.bench_infer(impl, comp, backends=chosen, profile=args.profile)
+            record("infer", f"infer {impl} {comp} sdpa={backends}", r)
 
     baseline = {
         kind: next((r["step_s"] for r in rows if r["kind"] == kind and r["impl"] == "diffusers"

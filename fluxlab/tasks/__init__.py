@@ -19,7 +19,8 @@ from fluxlab.config import Config
 class Task(Protocol):
     model: nn.Module
 
-    def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> tuple[Tensor, Tensor]: ...
+    # ``generator`` is a torch.Generator or per-sample fluxlab.rng.SampleGenerators: draw through fluxlab.rng.
+    def loss(self, model: nn.Module, batch: dict[str, Any], generator: Any) -> tuple[Tensor, Tensor]: ...
 
     def sample_images(self, model: nn.Module) -> tuple[Tensor, list[str]]: ...
 

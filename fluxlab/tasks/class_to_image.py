@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fluxlab import rng
 from fluxlab.config import Config
 from fluxlab.ddpm import DDPMObjective, DDPMSchedule, ddpm_generate
 from fluxlab.models.dit import DIT_PRESETS, DiT, DiTParams
@@ -119,7 +120,7 @@ class ClassToImageTask:
         device = next(model.parameters()).device
         x0 = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device)
-        drop = torch.rand(labels.shape[0], generator=generator, device=device) < self.cfg.data.caption_dropout
+        drop = rng.rand(labels.shape[0], generator, device) < self.cfg.data.caption_dropout
         labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
         return self.objective.loss(lambda x_t, t: self._predict(model, x_t, t, labels), x0, generator=generator)
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fluxlab.build import build_codec, build_model, build_pipeline, encode_prompts, model_params, token_dim
+from fluxlab import rng
 from fluxlab.config import Config
 from fluxlab.kontext import encode_condition
 from fluxlab.models.flux import FluxParams
@@ -118,7 +119,7 @@ class EditTask(TextToImageTask):
         condition = encode_condition(self.pipe.codec, cond_images, self.pipe.patch_size)
         drop = None
         if t is None:
-            drop = torch.rand(images.shape[0], generator=generator, device=device) < self.cfg.data.caption_dropout
+            drop = rng.rand(images.shape[0], generator, device) < self.cfg.data.caption_dropout
         text = self.captions.lookup(batch["caption"], drop)
         x0 = self.pipe.to_tokens(images)
         if callable(noise):

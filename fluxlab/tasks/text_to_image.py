@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from fluxlab.build import (
     build_codec, build_model, build_pipeline, cache_dir, encode_prompts, model_params, token_dim,
 )
+from fluxlab import rng
 from fluxlab.config import Config
 from fluxlab.ddpm import DDPMObjective
 from fluxlab.models.flux import FluxParams
@@ -97,7 +98,7 @@ class TextToImageTask:
         images = batch["image"].to(device, non_blocking=True)
         drop = None
         if t is None:
-            drop = torch.rand(images.shape[0], generator=generator, device=device) < self.cfg.data.caption_dropout
+            drop = rng.rand(images.shape[0], generator, device) < self.cfg.data.caption_dropout
         text = self.captions.lookup(batch["caption"], drop)
         x0 = self.pipe.to_tokens(images)
         if callable(noise):

@@ -1,0 +1,267 @@
+"""Parallelism applied from outside the model (torchtitan style): DDP, FSDP2, HSDP, activation checkpointing, compile.
+
+``parallelize`` wraps each transformer block in order AC → compile → ``fully_shard`` (torchtitan's order:
+the compiled region holds the recomputation, and FSDP's hooks stay outside it), then the root. AC and
+compile replace only the block's ``forward`` attribute, so parameter names, ``state_dict()`` keys and
+checkpoints are the same as for the bare model.
+
+The state helpers below gather full (unsharded) model and optimizer state on rank 0, keyed by parameter
+name, so a checkpoint does not record how it was sharded and resumes at any world size. Under FSDP they
+are collectives: every rank must call them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fluxlab.config import ParallelConfig
+from fluxlab.distributed import DistInfo
+
+SHARDED_MODES = ("fsdp", "hsdp")
+
+
+def resolve_mode(cfg: ParallelConfig, world: int) -> str:
+    """``auto`` → DDP under a multi-process launch, nothing for a lone process."""
+    if cfg.mode == "auto":
+        return "ddp" if world > 1 else "none"
+    if cfg.mode == "ddp" and world == 1:
+        return "none"  # DDP over one process would only add a copy of the gradients
+    return cfg.mode
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks: the unit of checkpointing, compiling and sharding."""
+    found: list[nn.Module] = []
+    for name in ("double_blocks", "single_blocks", "blocks"):  # Flux, then DiT
+        found.extend(getattr(model, name, None) or [])
+    if not found:
+        raise ValueError(
+            f"{type(model).__name__} has no double_blocks/single_blocks/blocks: parallel.* options need a "
+            "model made of transformer blocks (Flux or DiT)"
+        )
+    return found
+
+
+def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
+    from torch.utils.checkpoint import checkpoint
+
+    # Non-reentrant: works with kwargs, torch.compile and FSDP2, and keeps gradients of unused inputs.
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def wrap_blocks(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
+    """Activation checkpointing, then torch.compile, per block; parameter names are untouched."""
+    for block in blocks(model):
+        forward = block.forward
+        if cfg.activation_checkpointing:
+            forward = functools.partial(_checkpointed, forward)
+        if cfg.compile:
+            forward = torch.compile(forward, backend=cfg.compile_backend)
+        if forward is not block.forward:
+            block.forward = forward  # an instance attribute: nn.Module.__call__ (and FSDP's hooks) still run
+    return model
+
+
+def _mesh(mode: str, cfg: ParallelConfig, device: torch.device, world: int) -> Any:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if mode == "hsdp":
+        cfg.validate(world)
+        shape = (cfg.replicate, world // cfg.replicate)
+        return init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+
+
+def shard(model: nn.Module, mesh: Any, mixed_precision: bool) -> nn.Module:
+    """FSDP2 per block, then the root (embedders and final layer); parameters become DTensor shards."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # bf16 compute copies gathered from fp32 shards: the shards stay the fp32 master weights the optimizer updates;
+    # gradients are reduced in fp32 so averaging over many ranks does not lose bits.
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
+    kwargs: dict[str, Any] = {"mesh": mesh, **({"mp_policy": mp} if mp is not None else {})}
+    for block in blocks(model):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def parallelize(
+    model: nn.Module, cfg: ParallelConfig, device: torch.device, world: DistInfo, mixed_precision: bool = False
+) -> nn.Module:
+    """The module the training loop calls: ``model`` itself (in place for FSDP) or a DDP wrapper around it.
+
+    ``mixed_precision`` (bf16 on CUDA) turns on FSDP2's MixedPrecisionPolicy; DDP and single-process runs keep
+    using autocast. ``model``'s parameter names never change, so ``model.state_dict()`` stays the plain format.
+    """
+    mode = resolve_mode(cfg, world.world)
+    cfg.validate(world.world)
+    if mode in SHARDED_MODES and world.world == 1 and not dist.is_initialized():
+        # FSDP on one device is still useful (bf16 compute copies of fp32 master weights): a 1-process group.
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if mode in ("ddp",) + SHARDED_MODES and not dist.is_initialized():
+        raise ValueError(f"parallel.mode={mode} needs a process group: launch with torchrun (docs/distributed.md)")
+    wrap_blocks(model, cfg)
+    if mode in SHARDED_MODES:
+        return shard(model, _mesh(mode, cfg, device, world.world), mixed_precision and device.type == "cuda")
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def shard_like(ema: nn.Module, cfg: ParallelConfig, device: torch.device, world: DistInfo) -> nn.Module:
+    """Shards a copy of the model (the EMA) exactly like the model, so the EMA update is shard-local."""
+    mode = resolve_mode(cfg, world.world)
+    if mode not in SHARDED_MODES:
+        return ema
+    return shard(ema, _mesh(mode, cfg, device, world.world), mixed_precision=False)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: writing to it writes the DTensor), a plain tensor as is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, weight: float) -> None:
+    """ema ← ema + weight·(model − ema), shard by shard: sharded like the model, the EMA costs 1/world of it."""
+    ema_params = [local(p) for p in ema.parameters()]
+    params = [local(p.detach()) for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, weight)
+
+
+def full_norm(norm: torch.Tensor) -> torch.Tensor:
+    """clip_grad_norm_ over DTensor gradients returns a replicated DTensor: the plain value."""
+    from torch.distributed.tensor import DTensor
+
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+@contextlib.contextmanager
+def grad_sync(net: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce / reduce-scatter on accumulation micro-steps; the last one syncs all."""
+    if enabled:
+        yield
+    elif hasattr(net, "no_sync"):  # DDP
+        with net.no_sync():
+            yield
+    elif hasattr(net, "set_requires_gradient_sync"):  # FSDP2: local unsharded gradients accumulate
+        net.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            net.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+# --------------------------------------------------------------------------------------------- state
+def _options(**kwargs: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(**kwargs)
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full state dict on CPU, on rank 0 (empty elsewhere); a collective when ``model`` is sharded."""
+    if not is_sharded(model):
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return {}  # replicated: rank 0's copy is the state
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options(full_state_dict=True, cpu_offload=True))
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Loads a full state dict into a plain or sharded model (each rank keeps its shard)."""
+    if not is_sharded(model):
+        model.load_state_dict(state, strict=True)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, state, options=_options(full_state_dict=True, strict=True))
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Optimizer state keyed by parameter name (not position or shard), full, on rank 0; a collective under FSDP.
+
+    The optimizer must have been built over ``model.parameters()`` (names follow that order).
+    """
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=_options(full_state_dict=True, cpu_offload=True))
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return {}
+    names = [n for n, _ in model.named_parameters()]
+    sd = optimizer.state_dict()
+    return {
+        "state": {names[i]: v for i, v in sd["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]],
+    }
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Loads name-keyed (or, from older checkpoints, position-keyed) optimizer state into a plain or sharded model."""
+    keys = [k for g in state["param_groups"] for k in g["params"]]
+    by_position = all(isinstance(k, int) for k in keys)
+    if is_sharded(model):
+        if by_position:
+            raise ValueError("this checkpoint's optimizer state is keyed by position: resume it once without FSDP")
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, copy.deepcopy(state), options=_options(full_state_dict=True))
+        return
+    if not by_position:
+        index = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+        missing = sorted(set(keys) - set(index))
+        if missing:
+            raise ValueError(f"the checkpoint's optimizer state names parameters this model lacks: {missing[:3]}")
+        state = {
+            "state": {index[n]: v for n, v in state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]],
+        }
+    optimizer.load_state_dict(state)
+
+
+class Rank0Copy:
+    """A plain (unsharded) copy of a sharded model on rank 0, for work only rank 0 does (samples, validation).
+
+    The template lives on the meta device until first use, so ranks other than 0 never hold the full model.
+    """
+
+    def __init__(self, model: nn.Module, info: DistInfo):
+        self.info = info
+        self.template = copy.deepcopy(model).to("meta") if info.is_main else None
+        self.module: nn.Module | None = None
+
+    def of(self, sharded: nn.Module, device: torch.device) -> nn.Module | None:
+        """Every rank calls it (the gather is a collective); rank 0 gets the full model, the others None."""
+        state = model_state(sharded)
+        if not self.info.is_main:
+            return None
+        if self.module is None:
+            assert self.template is not None
+            self.module = self.template.to_empty(device=device)
+            self.template = None
+        self.module.load_state_dict(state, strict=True)
+        return self.module
