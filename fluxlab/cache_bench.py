@@ -33,12 +33,13 @@ def time_steps(trainer: Any, batches: Iterator[dict[str, Any]], steps: int, warm
     device, o = trainer.device, trainer.cfg.optim
     trainer.model.train()
     images, start = 0, 0.0
+    generator = torch.Generator(device=device).manual_seed(trainer.cfg.train.seed)
     for i in tqdm(range(warmup + steps), desc=desc, dynamic_ncols=True, leave=False):
         if i == warmup:
             _sync(device)
             start, images = time.perf_counter(), 0
         batch = next(batches)
-        per_sample, _ = trainer.task.loss(trainer.model, batch, trainer.generator)
+        per_sample, _ = trainer.task.loss(trainer.net, batch, generator)  # DDP/FSDP/compile as configured
         per_sample.mean().backward()
         torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), o.grad_clip)
         trainer.optimizer.step()

@@ -342,7 +342,8 @@ class Trainer:
                     continue
                 self.skipped_images += int(batch.get("skipped", 0))
                 # Sample j of global micro-batch k draws the same dropout/t/noise at any world size.
-                gens = SampleGenerators.for_batch(cfg.train.seed, k, len(batch["image"]), self.dist.rank,
+                n = len(batch["image"] if "image" in batch else batch["caption"])  # the latent cache has no images
+                gens = SampleGenerators.for_batch(cfg.train.seed, k, n, self.dist.rank,
                                                   self.dist.world, self.device)
                 with parallel.grad_sync(net, micro == o.grad_accum - 1):  # communicate once per optimizer step
                     per_sample, t = self.task.loss(net, batch, gens)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from fluxlab import rng
 from fluxlab.build import build_codec, build_model, model_params
 from fluxlab.config import Config
 from fluxlab.data.cache import CachedLatents, check_cache, load_text_table
@@ -21,6 +22,7 @@ from fluxlab.ddpm import DDPMObjective
 from fluxlab.latents import image_ids, pack, text_ids
 from fluxlab.models.flux import Flux, FluxParams
 from fluxlab.pipeline import FluxTextToImage, TextEmbedding, autocast_for
+from fluxlab.rng import SampleGenerators
 
 
 class CachedTextToImageTask:
@@ -52,7 +54,8 @@ class CachedTextToImageTask:
                         txt_ids=text_ids(b, text.txt.shape[1], device=device), timesteps=t, y=text.vec)
         return out.float()
 
-    def latents(self, batch: dict[str, Any], generator: torch.Generator | None, measure: bool) -> Tensor:
+    def latents(self, batch: dict[str, Any], generator: torch.Generator | SampleGenerators | None,
+                measure: bool) -> Tensor:
         """The batch's latents [B, C, h, w]; with stored posteriors a fresh sample (the mean when measuring)."""
         if "latent" in batch:
             return batch["latent"].to(self.device, torch.float32, non_blocking=True)
@@ -60,13 +63,13 @@ class CachedTextToImageTask:
         if measure:
             return mean
         std = batch["logvar"].to(self.device, torch.float32, non_blocking=True).mul(0.5).exp()
-        return mean + std * torch.randn(mean.shape, generator=generator, device=self.device)
+        return mean + std * rng.randn(mean.shape, generator, self.device)
 
     def loss(
         self,
         model: nn.Module,
         batch: dict[str, Any],
-        generator: torch.Generator | None,
+        generator: torch.Generator | SampleGenerators | None,
         t: Tensor | None = None,
         noise: Tensor | Callable[[torch.Size], Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
@@ -76,7 +79,7 @@ class CachedTextToImageTask:
         txt = batch["txt"].to(device, torch.float32, non_blocking=True)
         vec = batch["vec"].to(device, torch.float32, non_blocking=True)
         if t is None:
-            drop = torch.rand(txt.shape[0], generator=generator, device=device) < self.cfg.data.caption_dropout
+            drop = rng.rand(txt.shape[0], generator, device) < self.cfg.data.caption_dropout
             txt = torch.where(drop[:, None, None], self.empty.txt, txt)
             vec = torch.where(drop[:, None], self.empty.vec, vec)
         latents = self.latents(batch, generator, measure=t is not None)
