@@ -239,6 +239,21 @@ def test_train_edit_model_then_edit_through_cli(tmp_path: Path, kontext_dir: Pat
     assert Image.open(out2).size == (32, 32)
 
 
+def test_edit_model_trains_in_latent_space(tmp_path: Path) -> None:
+    """Kontext editing on autoencoder latents: condition and target both go through the codec."""
+    run = tmp_path / "run"
+    args = ["train", "--config", "edit-debug", f"--train.output_dir={run}", "--train.tensorboard=false",
+            "--data.limit=16", "--optim.batch_size=4", "--encoding.space=latent",
+            "--encoding.autoencoder=preset:ae-tiny", "--encoding.patch_size=2"]
+    assert main(args) == 0
+    source = tmp_path / "in.png"
+    Image.fromarray(load_rendered(16, ["1F44B"])["images"][0]).save(source)
+    out = tmp_path / "out.png"
+    assert main(["edit", "--checkpoint", str(run), "--image", str(source), "--prompt", "give it a dark skin tone",
+                 "--steps", "2", "--out", str(out)]) == 0
+    assert Image.open(out).size == (16, 16)
+
+
 def test_edit_config_refuses_augmentation(tmp_path: Path, capsys) -> None:
     assert main(["train", "--config", "edit-debug", "--data.hflip=true"]) == 2
     assert "data.hflip=false" in capsys.readouterr().err
