@@ -27,7 +27,9 @@ from fluxlab.models.registry import flux_params
 # The bf16 modes a training step can run in. "autocast": fp32 parameters (the master weights) under
 # torch.autocast, diffusers' usual recipe. "bf16-params": FSDP2's MixedPrecisionPolicy on one GPU, bf16
 # parameters for compute cast once per step from fp32 master weights that the optimizer updates.
-TRAIN_MODES = ("autocast", "bf16-params")
+# "autocast-overlap": autocast, with each block's AdamW update started during the backward pass on a side
+# stream (fluxlab.overlap.BlockwiseAdamW); the same arithmetic, overlapped with the backward GEMMs.
+TRAIN_MODES = ("autocast", "bf16-params", "autocast-overlap")
 
 
 def flops_forward(params: FluxParams, batch: int, img_tokens: int, txt_tokens: int) -> float:
@@ -262,22 +264,33 @@ def bench_train(
     impl = IMPLS[impl_name]()
     _free()
     model = impl.build(params, device, torch.float32, seed).train()
+    overlap = mode == "autocast-overlap"
+    optimizer: Any
+    if overlap:
+        from fluxlab.overlap import BlockwiseAdamW, block_groups
+
+        optimizer = BlockwiseAdamW(block_groups(impl.blocks(model), model), lr=1e-5, fused=True)
     if compiled != "eager":
         model = impl.compile(model, compiled)
     if mode == "bf16-params":
         _shard_bf16(impl, model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=mode == "autocast")
+    if not overlap:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=mode == "autocast")
     x = make_inputs(params, batch, resolution, resolution, txt_tokens, device, seed)
     losses: list[float] = []
 
     def step() -> Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "autocast"):
-            xin = x if mode == "autocast" else cast_inputs(x, torch.bfloat16)
+        autocast = mode.startswith("autocast")
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            xin = x if autocast else cast_inputs(x, torch.bfloat16)
             out = impl.forward(model, xin)
         loss = F.mse_loss(out.float(), x["target"])
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if overlap:
+            optimizer.finish()
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
     with sdpa_backends(list(backends)):

@@ -421,17 +421,18 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
-    """A preset name or a YAML/JSON file (which may say ``base: PRESET``), then overrides; validated."""
-    from fluxlab.presets import PRESETS
-
-    if name_or_path in PRESETS:
-        data: dict[str, Any] = PRESETS[name_or_path]
+def config_data(
+    name_or_path: str, presets: dict[str, dict[str, Any]], overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """The raw sections of a preset of ``presets`` or of a YAML/JSON file (which may say ``base: PRESET``),
+    with ``--a.b=v`` overrides merged in; shared by ``fluxlab train`` and ``fluxlab train-ae``."""
+    if name_or_path in presets:
+        data: dict[str, Any] = presets[name_or_path]
     else:
         path = Path(name_or_path)
         if not path.is_file():
             raise ValueError(
-                f"--config {name_or_path!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a file"
+                f"--config {name_or_path!r} is neither a preset ({', '.join(sorted(presets))}) nor a file"
             )
         try:
             data = yaml.safe_load(path.read_text()) or {}
@@ -441,11 +442,19 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config
             raise ValueError(f"{path}: the config must be a mapping of sections")
         base = data.pop("base", None)
         if base is not None:
-            if base not in PRESETS:
-                raise ValueError(f"{path}: base preset {base!r} unknown; choose one of {sorted(PRESETS)}")
-            data = _deep_merge(PRESETS[base], data)
+            if base not in presets:
+                raise ValueError(f"{path}: base preset {base!r} unknown; choose one of {sorted(presets)}")
+            data = _deep_merge(presets[base], data)
     if overrides:
         data = _deep_merge(data, parse_overrides(overrides))
+    return data
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
+    """A preset name or a YAML/JSON file (which may say ``base: PRESET``), then overrides; validated."""
+    from fluxlab.presets import PRESETS
+
+    data = config_data(name_or_path, PRESETS, overrides)
     cfg = config_from_dict(data)
     cfg.validate()
     return cfg

@@ -13,7 +13,6 @@ plain Flux (``load_flux_transformer``), its autoencoder the FLUX one and its tex
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from fluxlab.latents import image_ids, pack
-from fluxlab.models.flux import Flux, FluxParams
+from fluxlab.models.flux import Flux
 
 CONDITION_INDEX = 1  # first RoPE axis of condition tokens; the target keeps 0
 
@@ -90,65 +89,15 @@ def target_prediction(prediction: Tensor, num_target_tokens: int) -> Tensor:
 # Released checkpoints (FLUX.1 Kontext-dev): a plain Flux transformer + the FLUX autoencoder + T5/CLIP.
 
 
-def _params_from_bfl_state_dict(sd: dict[str, Tensor]) -> FluxParams:
-    """FluxParams from BFL-named weights; the head count comes from the QK-norm width (the head dim)."""
-    hidden, in_channels = sd["img_in.weight"].shape
-    head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
-    if head_dim != 128:
-        raise ValueError(
-            f"cannot infer the RoPE axes of a BFL checkpoint with head dimension {head_dim}; "
-            "use a diffusers folder (its transformer/config.json names them)"
-        )
-    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("double_blocks.")}
-    singles = {int(k.split(".")[1]) for k in sd if k.startswith("single_blocks.")}
-    return FluxParams(
-        in_channels=in_channels,
-        out_channels=sd["final_layer.linear.weight"].shape[0],
-        vec_in_dim=sd["vector_in.in_layer.weight"].shape[1],
-        context_in_dim=sd["txt_in.weight"].shape[1],
-        hidden_size=hidden,
-        num_heads=hidden // head_dim,
-        depth=len(blocks),
-        depth_single_blocks=len(singles),
-        mlp_ratio=sd["double_blocks.0.img_mlp.0.weight"].shape[0] / hidden,
-        guidance_embed="guidance_in.in_layer.weight" in sd,
-    )
-
-
 def load_flux_transformer(
     path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> Flux:
     """A pretrained Flux from a diffusers folder (``transformer/`` or the pipeline root) or a BFL
-    ``.safetensors`` file (e.g. ``flux1-kontext-dev.safetensors``); built on the meta device so the
-    12B weights are allocated once."""
-    from safetensors.torch import load_file
+    ``.safetensors`` file (e.g. ``flux1-kontext-dev.safetensors``): Kontext-dev is a plain Flux, so this is
+    ``fluxlab.pretrained.load_flux`` (meta-device build, weights streamed in once)."""
+    from fluxlab.pretrained import load_flux
 
-    from fluxlab.convert import diffusers_to_bfl, is_diffusers_flux, params_from_diffusers_config
-
-    path = Path(path).expanduser()
-    if path.is_dir() and (path / "transformer").is_dir():
-        path = path / "transformer"
-    if path.is_dir():
-        config = path / "config.json"
-        files = sorted(path.glob("*.safetensors"))
-        if not config.is_file() or not files:
-            raise ValueError(f"{path} has no config.json + *.safetensors: expected a diffusers transformer folder")
-        params = params_from_diffusers_config(json.loads(config.read_text()))
-        sd: dict[str, Tensor] = {}
-        for f in files:
-            sd.update(load_file(f))
-        sd = diffusers_to_bfl(sd)
-    elif path.is_file() and path.suffix == ".safetensors":
-        sd = load_file(path)
-        if is_diffusers_flux(sd):
-            raise ValueError(f"{path} holds diffusers names: load its folder (with config.json) instead")
-        params = _params_from_bfl_state_dict(sd)
-    else:
-        raise FileNotFoundError(f"no Flux transformer at {path} (a diffusers folder or a .safetensors file)")
-    with torch.device("meta"):
-        model = Flux(params)
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
-    return model.to(device).eval()
+    return load_flux(path, device, dtype)
 
 
 def load_pretrained_edit_pipeline(

@@ -95,29 +95,9 @@ AE_TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 
 def load_ae_config(name_or_path: str, overrides: list[str] | None = None) -> "Config":
     """An AE preset (``ae-tiny``, ``ae-openmoji``) or a YAML file (``base:`` may name one), then overrides."""
-    import yaml
+    from fluxlab.config import config_data, config_from_dict
 
-    from fluxlab.config import _deep_merge, config_from_dict, parse_overrides
-
-    if name_or_path in AE_TRAIN_PRESETS:
-        data: dict[str, Any] = AE_TRAIN_PRESETS[name_or_path]
-    else:
-        from pathlib import Path
-
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise ValueError(f"--config {name_or_path!r} is neither an AE preset ({', '.join(AE_TRAIN_PRESETS)}) "
-                             "nor a file")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: the config must be a mapping of sections")
-        base = data.pop("base", None)
-        if base is not None:
-            if base not in AE_TRAIN_PRESETS:
-                raise ValueError(f"{path}: base {base!r} unknown; choose one of {sorted(AE_TRAIN_PRESETS)}")
-            data = _deep_merge(AE_TRAIN_PRESETS[base], data)
-    if overrides:
-        data = _deep_merge(data, parse_overrides(overrides))
+    data = config_data(name_or_path, AE_TRAIN_PRESETS, overrides)
     cfg = config_from_dict(data)
     validate_ae(cfg)
     return cfg

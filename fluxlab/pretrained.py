@@ -117,10 +117,33 @@ def _assign(model: Flux, items: Iterator[tuple[str, Tensor]], dtype: torch.dtype
     return model
 
 
+def params_from_bfl_state_dict(sd: dict[str, Tensor]) -> FluxParams:
+    """FluxParams from BFL-named weights; the head count comes from the QK-norm width (the head dim)."""
+    hidden, in_channels = sd["img_in.weight"].shape
+    head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    if head_dim != 128:
+        raise ValueError(
+            f"cannot infer the RoPE axes of a BFL checkpoint with head dimension {head_dim}; "
+            "use a diffusers folder (its transformer/config.json names them)"
+        )
+    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("double_blocks.")}
+    singles = {int(k.split(".")[1]) for k in sd if k.startswith("single_blocks.")}
+    return FluxParams(
+        in_channels=in_channels,
+        out_channels=sd["final_layer.linear.weight"].shape[0],
+        vec_in_dim=sd["vector_in.in_layer.weight"].shape[1],
+        context_in_dim=sd["txt_in.weight"].shape[1],
+        hidden_size=hidden,
+        num_heads=hidden // head_dim,
+        depth=len(blocks),
+        depth_single_blocks=len(singles),
+        mlp_ratio=sd["double_blocks.0.img_mlp.0.weight"].shape[0] / hidden,
+        guidance_embed="guidance_in.in_layer.weight" in sd,
+    )
+
+
 def load_flux(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16) -> Flux:
     """A pretrained Flux (eval mode) from a diffusers folder or a BFL ``.safetensors``; see the module doc."""
-    from fluxlab.kontext import _params_from_bfl_state_dict
-
     path = Path(path).expanduser()
     device = str(torch.device(device))
     if path.is_dir() and (path / "transformer" / "config.json").is_file():
@@ -148,7 +171,7 @@ def load_flux(path: str | Path, device: torch.device | str = "cpu", dtype: torch
                 params = FluxParams(**json.loads(shards.meta["fluxlab_params"]))
             else:
                 shapes = {k: torch.empty(shards.shape(k), device="meta") for k in shards.where}
-                params = _params_from_bfl_state_dict(shapes)
+                params = params_from_bfl_state_dict(shapes)
             items = ((k, shards.get(k)) for k in shards.where)
             total = len(shards.where)
         else:

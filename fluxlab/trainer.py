@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from fluxlab import distributed, parallel
@@ -23,6 +22,7 @@ from fluxlab.build import resolve_device
 from fluxlab.checkpoint import checkpoint_path, forget_log_after, latest_checkpoint, save_checkpoint
 from fluxlab.config import Config
 from fluxlab.data.samplers import InfiniteBatchSampler
+from fluxlab.data.training import train_batches, train_dataset, val_dataset
 from fluxlab.rng import SampleGenerators, process_rng_state, set_process_rng_state
 from fluxlab.tasks import build_task
 
@@ -61,10 +61,10 @@ class Trainer:
         self.device = distributed.init(self.dist, resolve_device(cfg.train.device))
         self._seed_everything(cfg.train.seed)
 
-        self.dataset = self._build_dataset()
+        self.dataset = train_dataset(cfg, self.device)
         self._log(f"dataset: {len(self.dataset)} training examples from {cfg.data.dataset}")
 
-        self.val_dataset, val_captions = self._build_val_dataset() if cfg.train.eval_every else (None, [])
+        self.val_dataset, val_captions = val_dataset(cfg, self.device, self._log) if cfg.train.eval_every else (None, [])
         self.task = build_task(cfg, self.dataset, self.device, extra_captions=val_captions)
         self.model = self.task.model
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -112,91 +112,8 @@ class Trainer:
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
 
-    def _build_dataset(self):
-        from fluxlab.data import build_dataset
-
-        if self.cfg.data.cache_dir is not None:  # latents + text embeddings written by `fluxlab cache`
-            from fluxlab.data.cache import open_cache
-
-            return open_cache(self.cfg, "train", self.device)
-        if self.cfg.data.task == "edit":  # (condition, instruction, target) pairs
-            from fluxlab.data.edit_pairs import build_edit_dataset as build_dataset
-        d = self.cfg.data
-        ds = build_dataset(
-            d.dataset,
-            resolution=d.resolution,
-            split="train" if d.val_fraction > 0 else "all",
-            val_fraction=d.val_fraction,
-            seed=self.cfg.train.seed,
-            crop=d.crop,
-            hflip=d.hflip,
-            color_jitter=d.color_jitter,
-            limit=d.limit,
-            openmoji_subset=d.openmoji_subset,
-            shuffle_buffer=d.shuffle_buffer,
-        )
-        if len(ds) == 0:
-            raise ValueError(f"data.dataset={d.dataset!r} has no training examples")
-        return ds
-
-    def _build_val_dataset(self) -> tuple[Any, list[str]]:
-        """The held-out split (capped at data.val_limit) and all its captions."""
-        from fluxlab.data import build_dataset
-        from fluxlab.evaluation import limit_dataset
-
-        if self.cfg.data.task == "edit":
-            from fluxlab.data.edit_pairs import build_edit_dataset as build_dataset
-        d = self.cfg.data
-        if d.cache_dir is not None:
-            from fluxlab.data.cache import open_cache
-
-            cached = open_cache(self.cfg, "val", self.device).take(d.val_limit)
-            return cached, list(cached.captions)
-        try:
-            ds = build_dataset(d.dataset, resolution=d.resolution, split="val", val_fraction=d.val_fraction,
-                               seed=self.cfg.train.seed, crop=d.crop, limit=d.limit,
-                               openmoji_subset=d.openmoji_subset)
-        except ValueError as err:  # e.g. an empty split
-            raise ValueError(f"train.eval_every={self.cfg.train.eval_every} needs a validation split: {err}") from err
-        if len(ds) == 0:
-            raise ValueError("train.eval_every is set but the validation split is empty; raise data.val_fraction")
-        self._log(f"validation: {min(len(ds), d.val_limit or len(ds))} held-out examples × 8 timesteps")
-        if isinstance(ds, IterableDataset):  # shards have no indices for a Subset: read fewer instead
-            return ds.take(d.val_limit), list(ds.captions)
-        return limit_dataset(ds, d.val_limit), list(getattr(ds, "captions", []))
-
     def _loader(self) -> Iterator[dict[str, Any]]:
-        from fluxlab.data import collate_skip_bad
-
-        # A DataLoader draws its workers' base seed when iterated, from the global RNG unless given a
-        # generator; that draw would shift every later random augmentation of a resumed run by one.
-        seeds = torch.Generator().manual_seed(self.cfg.train.seed * 100_003 + self.batches_seen)
-        if hasattr(self.dataset, "batches"):  # the latent cache: single-bucket batches gathered in memory
-            return self.dataset.batches(self.cfg.optim.batch_size, self.cfg.train.seed, self.batches_seen,
-                                        self.dist.rank, self.dist.world)
-        if isinstance(self.dataset, IterableDataset):  # WebDataset shards: the order lives in the dataset
-            workers, bs = self.cfg.data.num_workers, self.cfg.optim.batch_size
-            self.dataset.resume_at(self.batches_seen * bs, batch_size=bs)
-            return iter(DataLoader(
-                self.dataset, batch_size=bs, num_workers=workers, collate_fn=collate_skip_bad,
-                pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-                prefetch_factor=4 if workers > 0 else None, generator=seeds,
-            ))
-        sampler = InfiniteBatchSampler(
-            len(self.dataset), self.cfg.optim.batch_size, self.cfg.train.seed, start_batch=self.batches_seen,
-            rank=self.dist.rank, world=self.dist.world,
-        )
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=sampler,
-            num_workers=self.cfg.data.num_workers,
-            collate_fn=collate_skip_bad,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=self.cfg.data.num_workers > 0,
-            prefetch_factor=4 if self.cfg.data.num_workers > 0 else None,
-            generator=seeds,
-        )
-        return iter(loader)
+        return train_batches(self.dataset, self.cfg, self.batches_seen, self.dist.rank, self.dist.world, self.device)
 
     # ------------------------------------------------------------------------------------------
     def _description(self) -> dict[str, Any]:
