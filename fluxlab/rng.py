@@ -2,9 +2,10 @@
 
 A loss draws caption dropout, t and noise for every sample of a micro-batch. With one generator per
 process those numbers depend on how the global batch was split over ranks, so a run on 2 GPUs could
-never reproduce a run on 1. Here every sample gets its own generator, seeded by (train.seed, global
-micro-batch index, position in the global batch); sample j of micro-batch k draws the same dropout, t
-and noise whether it lands on rank 0 of 1 or rank 1 of 2, and a resumed run needs no generator state.
+never reproduce a run on 1. Here each global micro-batch gets a generator seeded by (train.seed, global
+micro-batch index) that draws for the whole global batch, and each rank keeps its samples' positions;
+sample j of micro-batch k draws the same dropout, t and noise whether it lands on rank 0 of 1 or rank 1
+of 2, and a resumed run needs no generator state.
 
 The draw helpers accept either a plain ``torch.Generator`` (sampling, validation, tests) or
 ``SampleGenerators``, so tasks and objectives stay agnostic of which one the trainer passes.
@@ -30,43 +31,52 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def sample_seed(seed: int, micro_batch: int, position: int) -> int:
-    return _splitmix64(_splitmix64(_splitmix64(seed) ^ micro_batch) ^ position) & ((1 << 63) - 1)
+def batch_seed(seed: int, micro_batch: int) -> int:
+    return _splitmix64(_splitmix64(seed) ^ micro_batch) & ((1 << 63) - 1)
 
 
 class SampleGenerators:
-    """One generator per sample of a local micro-batch; draws are stacked along the batch dimension."""
+    """Draws for this rank's samples of a global micro-batch, equal at any world size.
 
-    def __init__(self, seeds: Sequence[int], device: torch.device):
+    One generator per global micro-batch draws every value for the *whole* global batch (local size × world)
+    and each rank keeps its own positions ``i·world + rank`` (see InfiniteBatchSampler). Drawing world×
+    more numbers than needed costs one kernel launch a draw; a generator per sample would cost one per sample
+    (hundreds per step on a GPU).
+    """
+
+    def __init__(self, seed: int, size: int, rank: int, world: int, device: torch.device):
         self.device = torch.device(device)
-        self.gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        self.size, self.rank, self.world = size, rank, world
+        self.gen = torch.Generator(device=self.device).manual_seed(seed)
 
     @classmethod
     def for_batch(
         cls, seed: int, micro_batch: int, size: int, rank: int, world: int, device: torch.device
     ) -> "SampleGenerators":
-        """Rank ``rank`` holds positions ``i·world + rank`` of the global batch (see InfiniteBatchSampler)."""
-        return cls([sample_seed(seed, micro_batch, i * world + rank) for i in range(size)], device)
+        return cls(batch_seed(seed, micro_batch), size, rank, world, device)
 
     def __len__(self) -> int:
-        return len(self.gens)
+        return self.size
+
+    def _mine(self, draw: Tensor) -> Tensor:
+        return draw[self.rank :: self.world]
 
     def _check(self, n: int) -> None:
-        if n != len(self.gens):
-            raise ValueError(f"per-sample generators for {len(self.gens)} samples were asked for {n} draws")
+        if n != self.size:
+            raise ValueError(f"generators for {self.size} samples were asked for {n} draws")
 
     def rand(self, n: int) -> Tensor:
         self._check(n)
-        return torch.cat([torch.rand(1, generator=g, device=self.device) for g in self.gens])
+        return self._mine(torch.rand(n * self.world, generator=self.gen, device=self.device))
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype | None = None) -> Tensor:
         self._check(shape[0])
-        rest = tuple(shape[1:])
-        return torch.stack([torch.randn(rest, generator=g, device=self.device, dtype=dtype) for g in self.gens])
+        full = (shape[0] * self.world, *shape[1:])
+        return self._mine(torch.randn(full, generator=self.gen, device=self.device, dtype=dtype))
 
     def randint(self, high: int, n: int) -> Tensor:
         self._check(n)
-        return torch.cat([torch.randint(0, high, (1,), generator=g, device=self.device) for g in self.gens])
+        return self._mine(torch.randint(0, high, (n * self.world,), generator=self.gen, device=self.device))
 
 
 def _gen_device(generator: torch.Generator | SampleGenerators | None, device: torch.device) -> torch.device:
