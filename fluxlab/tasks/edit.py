@@ -9,19 +9,17 @@ at sampling time strengthens the instruction while both branches see the source 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fluxlab.build import build_codec, build_model, build_pipeline, encode_prompts, model_params, token_dim
-from fluxlab import rng
 from fluxlab.config import Config
-from fluxlab.kontext import encode_condition
+from fluxlab.kontext import ConditionTokens, encode_condition
 from fluxlab.models.flux import FluxParams
 from fluxlab.pipeline import FluxTextToImage, TextEmbedding
-from fluxlab.tasks.text_to_image import CaptionTable, TextToImageTask
+from fluxlab.tasks.text_to_image import CaptionTable, TextToImageTask, build_flux_parts
 
 logger = logging.getLogger(__name__)
 
@@ -86,51 +84,19 @@ class EditTask(TextToImageTask):
         cls, cfg: Config, dataset: Any, device: torch.device, extra_captions: Sequence[str] = ()
     ) -> "EditTask":
         """``extra_captions`` (the validation split's instructions) join the caption table."""
-        from fluxlab.text_encoders import build_text_encoder
-
         examples = sample_examples(cfg, dataset)
         if not examples:
             raise ValueError(f"data.dataset={cfg.data.dataset!r} has no readable edit pair to draw samples from")
         instructions = [e["caption"] for e in examples]
-        encoder = build_text_encoder(cfg.encoding.text_encoder, cfg.encoding.text_max_length, device)
-        captions = CaptionTable(encoder, list(dataset.captions) + list(extra_captions) + instructions, device)
-        sample_text = encode_prompts(encoder, instructions)
-        negative_text = encode_prompts(encoder, [cfg.sample.negative_prompt])
-        codec = build_codec(cfg, device)  # a latent run's autoencoder sets the token width
-        params = model_params(cfg, token_dim(codec, cfg), encoder.context_dim, encoder.pooled_dim)
-        del encoder
-        pipe = build_pipeline(cfg, params, device, codec=codec, model=build_model(cfg, params, device))
+        parts = build_flux_parts(cfg, list(dataset.captions) + list(extra_captions), instructions, device)
         conditions = torch.stack([e["condition"] for e in examples])
         targets = torch.stack([e["image"] for e in examples])
-        return cls(cfg, pipe, params, captions, sample_text, negative_text, conditions, targets, instructions)
+        return cls(cfg, *parts, conditions, targets, instructions)
 
-    def loss(
-        self,
-        model: nn.Module,
-        batch: dict[str, Any],
-        generator: torch.Generator | None,
-        t: Tensor | None = None,
-        noise: Tensor | Callable[[torch.Size], Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Loss on the target's tokens; with ``t`` given it is a measurement (no instruction dropout)."""
-        device = self.captions.txt.device
-        images = batch["image"].to(device, non_blocking=True)
+    def condition(self, batch: dict[str, Any], device: torch.device) -> ConditionTokens:
+        """The source image's tokens; the loss then covers the target's tokens only."""
         cond_images = batch["condition"].to(device, non_blocking=True)
-        condition = encode_condition(self.pipe.codec, cond_images, self.pipe.patch_size)
-        drop = None
-        if t is None:
-            drop = rng.rand(images.shape[0], generator, device) < self.cfg.data.caption_dropout
-        text = self.captions.lookup(batch["caption"], drop)
-        x0 = self.pipe.to_tokens(images)
-        if callable(noise):
-            noise = noise(x0.shape)
-        return self.objective.loss(
-            lambda x_t, t_: self.pipe.velocity(model, x_t, t_, text, condition=condition),
-            x0,
-            generator=generator,
-            t=t,
-            noise=noise,
-        )
+        return encode_condition(self.pipe.codec, cond_images, self.pipe.patch_size)
 
     def sample_images(self, model: nn.Module) -> tuple[Tensor, list[str]]:
         s = self.cfg.sample

@@ -16,6 +16,7 @@ from fluxlab.config import Config
 from fluxlab.ddpm import DDPMObjective
 from fluxlab.models.flux import FluxParams
 from fluxlab.objectives import RectifiedFlow
+from fluxlab.kontext import ConditionTokens
 from fluxlab.pipeline import FluxTextToImage, TextEmbedding
 
 
@@ -45,6 +46,24 @@ def objective_from_config(cfg: Config) -> RectifiedFlow | DDPMObjective:
     return make_objective(cfg)
 
 
+def build_flux_parts(
+    cfg: Config, captions: list[str], sample_prompts: list[str], device: torch.device
+) -> tuple[FluxTextToImage, FluxParams, CaptionTable, TextEmbedding, TextEmbedding]:
+    """The pipeline (codec + Flux sized to it and to the text encoder) and every caption encoded once; the
+    text encoder is dropped afterwards, as every caption the run will see is in the table."""
+    from fluxlab.text_encoders import build_text_encoder
+
+    encoder = build_text_encoder(cfg.encoding.text_encoder, cfg.encoding.text_max_length, device)
+    table = CaptionTable(encoder, captions + list(sample_prompts), device)
+    sample_text = encode_prompts(encoder, sample_prompts)
+    negative_text = encode_prompts(encoder, [cfg.sample.negative_prompt])
+    codec = build_codec(cfg, device)  # a latent run's autoencoder sets the token width
+    params = model_params(cfg, token_dim(codec, cfg), encoder.context_dim, encoder.pooled_dim)
+    del encoder
+    pipe = build_pipeline(cfg, params, device, codec=codec, model=build_model(cfg, params, device))
+    return pipe, params, table, sample_text, negative_text
+
+
 class TextToImageTask:
     def __init__(
         self,
@@ -69,17 +88,12 @@ class TextToImageTask:
         cls, cfg: Config, dataset: Any, device: torch.device, extra_captions: Sequence[str] = ()
     ) -> "TextToImageTask":
         """``extra_captions`` (the validation split's) join the table so validation needs no text encoder."""
-        from fluxlab.text_encoders import build_text_encoder
+        return cls(cfg, *build_flux_parts(cfg, list(dataset.captions) + list(extra_captions), cfg.sample.prompts,
+                                          device))
 
-        encoder = build_text_encoder(cfg.encoding.text_encoder, cfg.encoding.text_max_length, device)
-        captions = CaptionTable(encoder, list(dataset.captions) + list(extra_captions), device)
-        sample_text = encode_prompts(encoder, cfg.sample.prompts)
-        negative_text = encode_prompts(encoder, [cfg.sample.negative_prompt])
-        codec = build_codec(cfg, device)  # a latent run's autoencoder sets the token width
-        params = model_params(cfg, token_dim(codec, cfg), encoder.context_dim, encoder.pooled_dim)
-        del encoder  # frozen and no longer needed: every caption is in the table
-        pipe = build_pipeline(cfg, params, device, codec=codec, model=build_model(cfg, params, device))
-        return cls(cfg, pipe, params, captions, sample_text, negative_text)
+    def condition(self, batch: dict[str, Any], device: torch.device) -> ConditionTokens | None:
+        """Extra tokens that ride along with the noisy ones (an edit task's source image); none here."""
+        return None
 
     def loss(
         self,
@@ -100,11 +114,13 @@ class TextToImageTask:
         if t is None:
             drop = rng.rand(images.shape[0], generator, device) < self.cfg.data.caption_dropout
         text = self.captions.lookup(batch["caption"], drop)
+        condition = self.condition(batch, device)
         x0 = self.pipe.to_tokens(images)
         if callable(noise):
             noise = noise(x0.shape)
         return self.objective.loss(
-            lambda x_t, t_: self.pipe.velocity(model, x_t, t_, text), x0, generator=generator, t=t, noise=noise
+            lambda x_t, t_: self.pipe.velocity(model, x_t, t_, text, condition=condition),
+            x0, generator=generator, t=t, noise=noise,
         )
 
     def sample_images(self, model: nn.Module) -> tuple[Tensor, list[str]]:
