@@ -59,16 +59,9 @@ def token_dim(codec: nn.Module, cfg: Config) -> int:
 
 
 def model_params(cfg: Config, token_dim: int, context_dim: int, pooled_dim: int) -> FluxParams:
-    m = cfg.model
     return flux_params(
-        m.preset,
-        hidden_size=m.hidden_size,
-        num_heads=m.num_heads,
-        depth=m.depth,
-        depth_single_blocks=m.depth_single_blocks,
-        axes_dim=m.axes_dim,
-        mlp_ratio=m.mlp_ratio,
-        guidance_embed=m.guidance_embed,
+        cfg.model.preset,
+        **cfg.model.flux_overrides(),
         in_channels=token_dim,
         out_channels=token_dim,
         context_in_dim=context_dim,

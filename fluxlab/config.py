@@ -36,6 +36,12 @@ class ModelConfig:
     guidance_embed: bool | None = None
     init_from: str | None = None  # a fluxlab checkpoint, BFL .safetensors or diffusers folder to start from
 
+    def flux_overrides(self) -> dict[str, Any]:
+        """The Flux fields this config sets over its preset (None keeps the preset's value)."""
+        return dict(hidden_size=self.hidden_size, num_heads=self.num_heads, depth=self.depth,
+                    depth_single_blocks=self.depth_single_blocks, axes_dim=self.axes_dim,
+                    mlp_ratio=self.mlp_ratio, guidance_embed=self.guidance_embed)
+
 
 @dataclass(kw_only=True)
 class DataConfig:
@@ -260,16 +266,8 @@ class Config:
         if self.model.arch == "flux":
             from fluxlab.models.registry import flux_params
 
-            m = self.model
-            flux_params(  # raises on an unknown preset, heads not dividing the width, RoPE axes off
-                m.preset,
-                hidden_size=m.hidden_size,
-                num_heads=m.num_heads,
-                depth=m.depth,
-                depth_single_blocks=m.depth_single_blocks,
-                axes_dim=m.axes_dim,
-                mlp_ratio=m.mlp_ratio,
-            )
+            # raises on an unknown preset, heads not dividing the width, RoPE axes off
+            flux_params(self.model.preset, **self.model.flux_overrides())
         if self.model.arch == "dit":
             from fluxlab.tasks.class_to_image import dit_params
 
