@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Order is the order of `fluxlab --help`.
-COMMANDS = ["train", "train-ae", "sample", "edit", "eval", "plot", "shard", "cache", "bench-data", "bench-cache", "bench"]
+COMMANDS = ["train", "train-ae", "sample", "edit", "eval", "plot", "shard", "cache", "bench-data", "bench-cache", "bench", "bench-scale"]
 
 
 def _modules() -> dict:

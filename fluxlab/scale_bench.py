@@ -1,0 +1,97 @@
+"""Training throughput across GPUs: the same Flux step under torchrun at 1, 2, 4, 8 processes.
+
+Every rank builds the model, wraps it with ``fluxlab.parallel.parallelize`` (the trainer's own DDP / FSDP2 /
+HSDP, activation checkpointing and per-block compile) and times AdamW steps on a per-GPU batch of random
+latents. Rank 0 reports the slowest rank's median step, the images/s of the whole job, and every rank's peak
+memory; scaling efficiency is images/s at N GPUs over N × images/s at one, at equal per-GPU batch.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from fluxlab import distributed
+from fluxlab.benchmark import flops_forward, make_inputs
+from fluxlab.config import ParallelConfig
+from fluxlab.models.flux import Flux
+from fluxlab.models.registry import flux_params
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def bench_scale(
+    preset: str,
+    parallel: ParallelConfig,
+    batch: int,
+    resolution: int,
+    txt_tokens: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    seed: int = 0,
+) -> dict[str, Any] | None:
+    """Times ``steps`` training steps after ``warmup``; the result on rank 0, None elsewhere."""
+    info = distributed.from_env()
+    device = distributed.init(info, device)
+    params = flux_params(preset)
+    torch.manual_seed(seed)  # every rank starts from the same weights, as DDP and FSDP expect
+    with torch.device(device):
+        model = Flux(params)
+    n_params = sum(p.numel() for p in model.parameters())  # before sharding
+    cuda = device.type == "cuda"
+    from fluxlab import parallel as par
+
+    mode = par.resolve_mode(parallel, info.world)
+    sharded_bf16 = cuda and mode in par.SHARDED_MODES  # FSDP2's MixedPrecisionPolicy; else autocast on CUDA
+    net = par.parallelize(model, parallel, device, info, mixed_precision=cuda)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
+    x = make_inputs(params, batch, resolution, resolution, txt_tokens, device, seed=seed + info.rank)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step() -> float:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and not sharded_bf16):
+            out = net(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["timesteps"], x["y"], x["guidance"])
+        loss = F.mse_loss(out.float(), x["target"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = _now(device)
+        step()
+        times.append(_now(device) - start)
+    mine = torch.tensor([statistics.median(times), torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0],
+                        dtype=torch.float64, device=device)
+    everyone = [torch.zeros_like(mine) for _ in range(info.world)] if info.enabled else [mine]
+    if info.enabled:
+        dist.all_gather(everyone, mine)
+    result = None
+    if info.is_main:
+        step_s = max(float(t[0]) for t in everyone)  # the job moves at its slowest rank
+        images = batch * info.world
+        flops = 3 * flops_forward(params, images, (resolution // 16) ** 2, txt_tokens)
+        result = {
+            "preset": preset, "params_b": n_params / 1e9,
+            "world": info.world, "mode": mode, "activation_checkpointing": parallel.activation_checkpointing,
+            "compile": parallel.compile, "per_gpu_batch": batch, "resolution": resolution, "step_s": step_s,
+            "images_per_s": images / step_s, "tflops_per_gpu": flops / step_s / info.world / 1e12,
+            "peak_mem_gb_per_rank": [round(float(t[1]), 2) for t in everyone],
+            "device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
+        }
+    distributed.shutdown(info)
+    return result
