@@ -47,6 +47,13 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"{PREFIX}{step:07d}"
 
 
+def staging_path(run_dir: str | Path, step: int, name: str, owner_pid: int) -> Path:
+    """A folder that ranks fill before ``save_checkpoint`` moves it in; named like a temporary of ``owner_pid``
+    (rank 0), so a save killed half-way leaves nothing the next save keeps."""
+    final = checkpoint_path(run_dir, step)
+    return final.parent / f".tmp-{final.name}-{name}-{owner_pid}"
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -55,8 +62,12 @@ def save_checkpoint(
     description: dict[str, Any],
     train_state: dict[str, Any] | None,
     keep_last: int = 3,
+    staged: dict[str, Path] | None = None,
 ) -> Path:
-    """Writes checkpoint ``step`` atomically, then prunes all but the newest ``keep_last``."""
+    """Writes checkpoint ``step`` atomically, then prunes all but the newest ``keep_last``.
+
+    ``staged`` folders (written beforehand, e.g. by every rank's DCP shards) move in under the given names and
+    join the manifest file by file, so a truncated shard is caught like a truncated weight file."""
     final = checkpoint_path(run_dir, step)
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
@@ -73,6 +84,9 @@ def save_checkpoint(
     if train_state is not None:
         torch.save(train_state, tmp / "train_state.pt")
         files.append("train_state.pt")
+    for name, folder in (staged or {}).items():
+        os.replace(folder, tmp / name)
+        files += sorted(str(f.relative_to(tmp)) for f in (tmp / name).rglob("*") if f.is_file())
     for name in files:
         _fsync_file(tmp / name)
     # Sizes let pruning spot a truncated file without reading gigabytes of weights.

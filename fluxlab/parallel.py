@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -241,6 +242,30 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]],
         }
     optimizer.load_state_dict(state)
+
+
+# Sharded optimizer state: under FSDP the AdamW moments are twice the parameters and are the largest part of a
+# checkpoint; torch.distributed.checkpoint (DCP) writes each rank's shards in parallel, with no gather on rank 0,
+# and reshards on load, so a run resumes at any world size (or unsharded).
+SHARDED_OPTIMIZER = "optimizer"  # the checkpoint's folder of DCP shards, and the train state's marker
+
+
+def save_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Every rank writes its optimizer shards into ``folder`` (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder))
+
+
+def load_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Loads DCP optimizer shards into a sharded or plain model's optimizer, resharding to this world size."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the layout to fill (initialises moments)
+    dcp.load(state, checkpoint_id=str(folder))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 class Rank0Copy:

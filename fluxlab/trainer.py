@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
 import time
 import warnings
@@ -19,7 +20,9 @@ from tqdm.auto import tqdm
 
 from fluxlab import distributed, parallel
 from fluxlab.build import resolve_device
-from fluxlab.checkpoint import checkpoint_path, forget_log_after, latest_checkpoint, save_checkpoint
+from fluxlab.checkpoint import (
+    checkpoint_path, forget_log_after, latest_checkpoint, save_checkpoint, staging_path,
+)
 from fluxlab.config import Config
 from fluxlab.data.samplers import InfiniteBatchSampler
 from fluxlab.data.training import train_batches, train_dataset, val_dataset
@@ -70,6 +73,7 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         n_params = sum(p.numel() for p in self.model.parameters())
         self.mode = parallel.resolve_mode(cfg.parallel, self.dist.world)
+        self._sharded = self.mode in parallel.SHARDED_MODES
         self._log(f"model: {cfg.model.preset} with {n_params / 1e6:.2f}M parameters on {self.device}, "
                   f"parallel.mode={self.mode} over {self.dist.world} process(es)")
         # Sharded weights exist whole nowhere: rank 0 gathers a plain copy for samples and validation.
@@ -125,7 +129,9 @@ class Trainer:
         return {
             "step": self.step,
             "batches_seen": self.batches_seen,
-            "optimizer": parallel.optimizer_state(self.model, self.optimizer),  # keyed by parameter name
+            # keyed by parameter name; under FSDP a marker for the DCP shards save() writes beside it
+            "optimizer": parallel.SHARDED_OPTIMIZER if self._sharded else parallel.optimizer_state(self.model,
+                                                                                                    self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             **rng,
             "rank_rng": per_rank,
@@ -138,9 +144,16 @@ class Trainer:
         state = self._train_state()
         weights, ema = parallel.model_state(self.model), parallel.model_state(self.ema)  # gathered under FSDP
         path = checkpoint_path(self.run_dir, self.step)
+        staged = None
+        if self._sharded:  # every rank writes its optimizer shards; rank 0 moves them into the checkpoint
+            owner = distributed.gather(os.getpid(), self.dist)[0] if self.dist.enabled else os.getpid()
+            staged = {parallel.SHARDED_OPTIMIZER: staging_path(self.run_dir, self.step, parallel.SHARDED_OPTIMIZER,
+                                                               owner)}
+            parallel.save_sharded_optimizer(self.model, self.optimizer, staged[parallel.SHARDED_OPTIMIZER])
+            distributed.barrier(self.dist)
         if self.dist.is_main:
             path = save_checkpoint(self.run_dir, self.step, weights, ema, self._description(), state,
-                                   keep_last=self.cfg.train.keep_last)
+                                   keep_last=self.cfg.train.keep_last, staged=staged)
         distributed.barrier(self.dist)
         return path
 
@@ -155,7 +168,10 @@ class Trainer:
         parallel.load_model_state(self.model, load_file(path / "model.safetensors", device=str(self.device)))
         parallel.load_model_state(self.ema, load_file(path / "ema.safetensors", device=str(self.device)))
         state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
-        parallel.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        if state["optimizer"] == parallel.SHARDED_OPTIMIZER:  # DCP shards, resharded to this world size
+            parallel.load_sharded_optimizer(self.model, self.optimizer, path / parallel.SHARDED_OPTIMIZER)
+        else:
+            parallel.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         per_rank = state.get("rank_rng") or [state]
         if len(per_rank) == self.dist.world:
