@@ -21,7 +21,7 @@ def test_flop_count_matches_anchor():
 
 
 def test_fluxlab_and_diffusers_impls_compute_the_same_function():
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", reason="diffusers (the reference implementation) is not installed: pip install -e .[test]")
     params = FluxParams(in_channels=16, vec_in_dim=8, context_in_dim=12, hidden_size=32, num_heads=2, depth=1,
                         depth_single_blocks=1, axes_dim=[4, 6, 6], guidance_embed=True)
     cpu = torch.device("cpu")
@@ -36,7 +36,7 @@ def test_fluxlab_and_diffusers_impls_compute_the_same_function():
 
 def test_bench_refuses_without_cuda():
     if torch.cuda.is_available():
-        pytest.skip("this checks the message shown on machines without CUDA")
+        pytest.skip("a CUDA GPU is present; this test checks the error shown on machines without one")
     from fluxlab.cli import main
 
     assert main(["bench", "--what", "train"]) == 2

@@ -3,7 +3,7 @@
 pytorch-fid and torch-fidelity (test-only, installed with ``pip install --no-deps``) import torchvision at their
 package top level. The ``pytorch_fid`` and ``fidelity`` fixtures import only the submodules we call, with the
 package ``__init__`` skipped (a bare package module placed in sys.modules) and torchvision or the heavy sibling
-modules stubbed; ``_isolated_modules`` then restores sys.modules exactly, so no stub outlives the import. Tests
+modules stubbed; ``_isolated_modules`` then removes the stubbed packages again, so no stub outlives the import. Tests
 that need a reference package skip when it is absent.
 """
 
@@ -66,8 +66,12 @@ def _isolated_modules(stubs: dict[str, types.ModuleType]) -> Iterator[None]:
     try:
         yield
     finally:
+        # Drop the stubbed packages and everything imported under them; keep other new imports (scipy and the
+        # like hold C extensions that cannot be loaded twice in one process, so forgetting them breaks later tests).
+        roots = {name.split(".")[0] for name in stubs}
         for name in set(sys.modules) - set(saved):
-            del sys.modules[name]
+            if name.split(".")[0] in roots:
+                del sys.modules[name]
         sys.modules.update(saved)
 
 
@@ -119,7 +123,7 @@ def test_frechet_commuting_covariances_match_closed_form() -> None:
 
 @pytest.mark.parametrize("rank", [None, 3])
 def test_frechet_non_commuting_matches_high_precision(rank: int | None) -> None:
-    mpmath = pytest.importorskip("mpmath")
+    mpmath = pytest.importorskip("mpmath", reason="mpmath (the high-precision reference) is not installed: pip install mpmath")
     rng = np.random.default_rng(1)
     d = 7
     mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
