@@ -141,16 +141,12 @@ class Impl:
 
     def compile(self, model: nn.Module, spec: str) -> nn.Module:
         """``spec``: ``block`` or ``full``, then optional ``+`` extras: ``max`` (inductor's GEMM autotuning with
-        epilogue fusion, no CUDA graphs), ``graphs`` (CUDA graphs, mode reduce-overhead), ``cd`` (coordinate-descent
-        tuning of the generated pointwise/reduction kernels)."""
+        epilogue fusion, no CUDA graphs), ``graphs`` (CUDA graphs, mode reduce-overhead)."""
         scope, *extras = spec.split("+")
-        unknown = set(extras) - {"max", "graphs", "cd"}
+        unknown = set(extras) - {"max", "graphs"}
         if scope not in ("block", "full") or unknown:
-            raise ValueError(f"compile spec {spec!r}: expected block or full, optionally +max, +graphs, +cd")
+            raise ValueError(f"compile spec {spec!r}: expected block or full, optionally +max or +graphs")
         mode = "max-autotune-no-cudagraphs" if "max" in extras else "reduce-overhead" if "graphs" in extras else None
-        import torch._inductor.config as inductor_config
-
-        inductor_config.coordinate_descent_tuning = "cd" in extras
         if scope == "full":
             return torch.compile(model, mode=mode)
         for block in self.blocks(model):

@@ -7,7 +7,7 @@ the noisy part is kept, in training (the loss) as in sampling (the Euler step). 
 BFL's ``prepare_kontext`` / ``denoise_kontext`` and of diffusers' ``FluxKontextPipeline``.
 
 Loading a released FLUX.1 Kontext-dev checkpoint needs nothing Kontext-specific: its transformer is a
-plain Flux (``load_flux_transformer``), its autoencoder the FLUX one and its text encoders T5 + CLIP
+plain Flux (``fluxlab.pretrained.load_flux``), its autoencoder the FLUX one and its text encoders T5 + CLIP
 (``load_pretrained_edit_pipeline``).
 """
 
@@ -89,17 +89,6 @@ def target_prediction(prediction: Tensor, num_target_tokens: int) -> Tensor:
 # Released checkpoints (FLUX.1 Kontext-dev): a plain Flux transformer + the FLUX autoencoder + T5/CLIP.
 
 
-def load_flux_transformer(
-    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> Flux:
-    """A pretrained Flux from a diffusers folder (``transformer/`` or the pipeline root) or a BFL
-    ``.safetensors`` file (e.g. ``flux1-kontext-dev.safetensors``): Kontext-dev is a plain Flux, so this is
-    ``fluxlab.pretrained.load_flux`` (meta-device build, weights streamed in once)."""
-    from fluxlab.pretrained import load_flux
-
-    return load_flux(path, device, dtype)
-
-
 def load_pretrained_edit_pipeline(
     folder: str | Path,
     resolution: int = 1024,
@@ -111,14 +100,15 @@ def load_pretrained_edit_pipeline(
     """(pipeline, text encoder) for a FLUX.1 Kontext-dev folder in the diffusers layout
     (``transformer/``, ``vae/``, ``tokenizer*/``, ``text_encoder*/``); ``text_encoder`` overrides the
     folder's T5 + CLIP. The pipeline works in the autoencoder's latent space with 2×2 patches."""
-    from fluxlab.models.autoencoder_convert import load_autoencoder
+    from fluxlab.autoencoders import load_autoencoder
     from fluxlab.pipeline import FluxTextToImage, LatentCodec
+    from fluxlab.pretrained import load_flux
     from fluxlab.text_encoders import build_text_encoder
 
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = load_flux_transformer(folder, device, dtype)
+    model = load_flux(folder, device, dtype)  # Kontext-dev is a plain Flux: meta-device build, streamed weights
     codec = LatentCodec(load_autoencoder(folder, device=device, dtype=dtype))
     if model.params.in_channels != codec.channels * 4:
         raise ValueError(

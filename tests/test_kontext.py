@@ -17,9 +17,10 @@ from fluxlab.data.edit_folder import EditFolder
 from fluxlab.data.edit_pairs import OpenMojiEditPairs, find_edit_pairs, split_pairs
 from fluxlab.data.openmoji import load_rendered, openmoji_codes
 from fluxlab.data.transforms import uint8_to_tensor
-from fluxlab.kontext import ConditionTokens, encode_condition, load_flux_transformer, prepare_edit_inputs
+from fluxlab.kontext import ConditionTokens, encode_condition, prepare_edit_inputs
 from fluxlab.latents import image_ids, pack
 from fluxlab.models.autoencoder_convert import load_autoencoder
+from fluxlab.pretrained import load_flux
 from fluxlab.models.flux import Flux
 from fluxlab.pipeline import FluxTextToImage, LatentCodec, PixelCodec, TextEmbedding
 
@@ -139,7 +140,7 @@ def test_velocity_matches_diffusers_transformer_and_keeps_target_shape() -> None
 
 def test_pretrained_folder_loads_as_plain_flux(kontext_dir: Path) -> None:
     ref = diffusers.FluxTransformer2DModel.from_pretrained(kontext_dir / "transformer")
-    model = load_flux_transformer(kontext_dir)
+    model = load_flux(kontext_dir, dtype=torch.float32)
     assert model.params.guidance_embed and model.params.in_channels == 64
     assert torch.equal(model.img_in.weight, ref.x_embedder.weight)
 
