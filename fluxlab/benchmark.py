@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fluxlab.attention_backends import TRAINING_BACKENDS, sdpa_backends
 from fluxlab.latents import image_ids, text_ids
 from fluxlab.models.flux import Flux, FluxParams
 from fluxlab.models.registry import flux_params
@@ -62,21 +63,6 @@ def matmul_ceiling(device: torch.device, n: int = 8192) -> float:
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     seconds = time_cuda(lambda: a @ b, warmup=5, iters=20)
     return 2 * n**3 / seconds / 1e12
-
-
-@contextlib.contextmanager
-def sdpa_backends(names: list[str]) -> Iterator[None]:
-    """Restrict scaled_dot_product_attention to the named backends (flash, efficient, cudnn, math)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    table = {
-        "flash": SDPBackend.FLASH_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "cudnn": SDPBackend.CUDNN_ATTENTION,
-        "math": SDPBackend.MATH,
-    }
-    with sdpa_kernel([table[n] for n in names]):
-        yield
 
 
 def bench_params(which: str) -> FluxParams:
@@ -195,7 +181,22 @@ class DiffusersImpl(Impl):
         return [*model.transformer_blocks, *model.single_transformer_blocks]
 
 
-IMPLS: dict[str, type[Impl]] = {"fluxlab": Impl, "diffusers": DiffusersImpl}
+class PlainGemmImpl(Impl):
+    """fluxlab without the inference GEMM epilogues (the GELU as its own kernel, linear2 on a concatenation)."""
+
+    name = "fluxlab-plain"
+
+    def forward(self, model: nn.Module, x: dict[str, Tensor]) -> Tensor:
+        from fluxlab.models import layers
+
+        layers.USE_GEMM_EPILOGUES = False  # read while tracing, and guarded: compiled graphs follow it
+        try:
+            return super().forward(model, x)
+        finally:
+            layers.USE_GEMM_EPILOGUES = True
+
+
+IMPLS: dict[str, type[Impl]] = {"fluxlab": Impl, "diffusers": DiffusersImpl, "fluxlab-plain": PlainGemmImpl}
 
 
 @contextlib.contextmanager
@@ -245,7 +246,7 @@ def bench_train(
     steps_for_loss: int = 3,
     seed: int = 0,
     params: FluxParams | None = None,
-    backends: tuple[str, ...] = ("flash", "efficient"),
+    backends: tuple[str, ...] = TRAINING_BACKENDS,
     profile: bool = False,
 ) -> dict[str, Any]:
     """One AdamW training step (fp32 master weights, bf16 compute): median time, TFLOP/s, peak memory.

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fluxlab import distributed, parallel
+from fluxlab import attention_backends, distributed, parallel
 from fluxlab.build import resolve_device
 from fluxlab.checkpoint import (
     checkpoint_path, forget_log_after, latest_checkpoint, save_checkpoint, staging_path,
@@ -278,7 +278,8 @@ class Trainer:
                 n = len(batch["image"] if "image" in batch else batch["caption"])  # the latent cache has no images
                 gens = SampleGenerators.for_batch(cfg.train.seed, k, n, self.dist.rank,
                                                   self.dist.world, self.device)
-                with parallel.grad_sync(net, micro == o.grad_accum - 1):  # communicate once per optimizer step
+                sync = micro == o.grad_accum - 1  # DDP/FSDP communicate once per optimizer step
+                with parallel.grad_sync(net, sync), attention_backends.for_training(self.device):
                     per_sample, t = self.task.loss(net, batch, gens)
                     loss = per_sample.mean()
                     (loss / o.grad_accum).backward()

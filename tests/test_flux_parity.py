@@ -126,3 +126,34 @@ def test_bad_params_are_named() -> None:
         flux_params("flux-debug", num_heads=3)
     with pytest.raises(ValueError, match="axes_dim"):
         flux_params("flux-debug", axes_dim=[4, 12, 12])
+
+
+def test_inference_epilogue_path_matches_the_plain_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA inference path (GELU in the matmul epilogue, linear2 split at the concatenation) computes the
+    same function. Run on CPU with a tanh-GELU stand-in for cuBLASLt's epilogue, which CPU lacks."""
+    import torch.nn.functional as F
+
+    from fluxlab.models import layers
+
+    ref = _tiny_diffusers(True)
+    ours = Flux(params_from_diffusers_config(dict(ref.config))).eval()
+    ours.load_state_dict(diffusers_to_bfl(ref.state_dict()), strict=True)
+    g = torch.Generator().manual_seed(2)
+    inputs = dict(img=torch.randn(2, 12, 16, generator=g), img_ids=image_ids(2, 3, 4), txt=torch.randn(2, 5, 24, generator=g),
+                  txt_ids=text_ids(2, 5), timesteps=torch.rand(2, generator=g), y=torch.randn(2, 12, generator=g),
+                  guidance=torch.full((2,), 3.5))
+    with torch.no_grad():
+        plain = ours(**inputs)
+    calls = []
+
+    def addmm_gelu(bias, mat1, mat2, beta=1, alpha=1, use_gelu=False):
+        calls.append(mat1.shape)
+        assert use_gelu
+        return F.gelu(torch.addmm(bias, mat1, mat2), approximate="tanh")
+
+    monkeypatch.setattr(layers, "gemm_epilogues", lambda x: not torch.is_grad_enabled())
+    monkeypatch.setattr(torch, "_addmm_activation", addmm_gelu)
+    with torch.no_grad():
+        fused = ours(**inputs)
+    assert len(calls) == 2 * 2 + 2  # two MLPs per double block, one per single block
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)

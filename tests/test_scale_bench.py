@@ -37,3 +37,18 @@ def test_fsdp_two_processes_with_checkpointing_and_compile(tmp_path: Path) -> No
     assert len(r["peak_mem_gb_per_rank"]) == 2
     whole = sum(p.numel() for p in Flux(flux_params("flux-debug")).parameters())
     assert r["params_b"] == whole / 1e9  # the whole model, counted before sharding
+
+
+def test_simulated_world_measures_one_shard_without_communication(tmp_path: Path) -> None:
+    """--simulate-world 4: one process is rank 0 of 4 (fake process group), so it holds a quarter of each weight."""
+    out = tmp_path / "sim.json"
+    assert main(["bench-scale", "--mode", "fsdp", *TINY, "--simulate-world", "4", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["world"] == 4 and r["mode"] == "fsdp" and r["simulated_world"] is True
+    assert r["step_s_without_communication"] > 0
+    assert "images_per_s" not in r and "step_s" not in r  # no throughput is claimed for a job that did not run
+    assert len(r["peak_mem_gb_per_rank"]) == 1
+    assert abs(r["params_b_on_rank0"] - r["params_b"] / 4) < 1e-3 * r["params_b"]  # a quarter, up to padding
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # the fake group is torn down, so later tests start clean

@@ -21,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated: eager, block, full (torch.compile of the whole model); '+max' adds GEMM autotuning")
     p.add_argument("--infer-backends", default="default",
                    help="SDPA backends for inference, e.g. 'default' or 'cudnn' or 'flash+efficient' (';'-separated sets)")
+    p.add_argument("--train-backends", default="flash+efficient",
+                   help="SDPA backends for training, '+'-separated (cuDNN's backward failed on Flux shapes before)")
     p.add_argument("--train-cases", default=None,
                    help="explicit training cases IMPL:MODE:COMPILE, comma-separated (replaces the product of the above)")
     p.add_argument("--infer-cases", default=None,
@@ -94,7 +96,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             raise ValueError(f"unknown implementation {impl!r} in a case; choose from {sorted(B.IMPLS)}")
     if "train" in what:
         for impl, mode, comp in train_cases:
-            r = B.bench_train(impl, mode, comp, batch=args.batch, profile=args.profile)
+            r = B.bench_train(impl, mode, comp, batch=args.batch, profile=args.profile,
+                              backends=tuple(args.train_backends.split("+")))
             record("train", f"train {impl} {mode} {comp}", r)
     if "infer" in what:
         for impl, comp, backends in infer_cases:

@@ -28,6 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="rank 0 writes the result here")
+    p.add_argument("--simulate-world", type=int, default=None, metavar="N",
+                   help="one process acting as rank 0 of N (fake process group: no communication, real "
+                   "allocations): the per-GPU peak memory of an N-GPU job, measured on one GPU; no throughput")
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = ParallelConfig(mode=args.mode, replicate=args.replicate, activation_checkpointing=args.activation_checkpointing,
                          compile=args.compile, compile_backend=args.compile_backend)
     result = bench_scale(args.preset, cfg, args.batch, args.resolution, args.txt_tokens, args.steps, args.warmup,
-                         resolve_device(args.device))
+                         resolve_device(args.device), simulate_world=args.simulate_world)
     if result is not None:
         print(json.dumps(result))
         if args.json:

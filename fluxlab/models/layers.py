@@ -38,7 +38,11 @@ def apply_rope(xq: Tensor, xk: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
-    """Joint attention with RoPE; q, k, v are [B, H, L, D], the result [B, L, H*D]."""
+    """Joint attention with RoPE; q, k, v are [B, H, L, D], the result [B, L, H*D].
+
+    Heads-major, as in the BFL reference. A tokens-major variant ([B, L, H, D] views, which saves the
+    transposing copies) was no faster on an H200 under torch.compile (docs/performance.md), so it was not kept.
+    """
     q, k = apply_rope(q, k, pe)
     x = F.scaled_dot_product_attention(q, k, v)
     return rearrange(x, "B H L D -> B L (H D)")
@@ -118,6 +122,7 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Normalised queries and keys and the values, each [B, H, L, D]."""
         q, k, v = rearrange(self.qkv(x), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
         return q, k, v
@@ -145,6 +150,28 @@ class Modulation(nn.Module):
     def forward(self, vec: Tensor) -> tuple[ModulationOut, ModulationOut | None]:
         out = self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
         return ModulationOut(*out[:3]), ModulationOut(*out[3:]) if self.is_double else None
+
+
+# Off only to measure what the epilogues buy (``fluxlab bench``'s ``fluxlab-plain`` implementation).
+USE_GEMM_EPILOGUES = True
+
+
+def gemm_epilogues(x: Tensor) -> bool:
+    """Whether to fold the MLP's tanh-GELU into its matmul (cuBLASLt's GELU epilogue).
+
+    Only for inference on CUDA: ``torch._addmm_activation`` has no backward, and on CPU it computes the
+    exact (erf) GELU instead of FLUX's tanh approximation.
+    """
+    return USE_GEMM_EPILOGUES and x.is_cuda and not torch.is_grad_enabled()
+
+
+def mlp(layers: nn.Sequential, x: Tensor) -> Tensor:
+    """``layers`` (Linear → tanh-GELU → Linear) applied to ``x``, the GELU in the first matmul's epilogue when it can."""
+    if not gemm_epilogues(x):
+        return layers(x)
+    first, _, second = layers
+    hidden = torch._addmm_activation(first.bias, x.flatten(0, 1), first.weight.t(), use_gelu=True)
+    return second(hidden).view(*x.shape[:-1], -1)
 
 
 def _mlp(hidden_size: int, mlp_hidden: int) -> nn.Sequential:
@@ -190,9 +217,9 @@ class DoubleStreamBlock(nn.Module):
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         img = img + img_mod1.gate * self.img_attn.proj(img_attn)
-        img = img + img_mod2.gate * self.img_mlp(img_mod2.modulate(self.img_norm2(img)))
+        img = img + img_mod2.gate * mlp(self.img_mlp, img_mod2.modulate(self.img_norm2(img)))
         txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_mod2.gate * self.txt_mlp(txt_mod2.modulate(self.txt_norm2(txt)))
+        txt = txt + txt_mod2.gate * mlp(self.txt_mlp, txt_mod2.modulate(self.txt_norm2(txt)))
         return img, txt
 
 
@@ -214,13 +241,26 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
         mod, _ = self.modulation(vec)
-        qkv, mlp = torch.split(
-            self.linear1(mod.modulate(self.pre_norm(x))), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1
-        )
+        h = mod.modulate(self.pre_norm(x))
+        d = self.hidden_size
+        if gemm_epilogues(x):
+            # Inference on CUDA: the GELU runs in linear1's cuBLAS epilogue, and linear2 is split at the
+            # concatenation (attention part, then the MLP part accumulated onto it), so neither the
+            # activated MLP half nor the [attention, MLP] concatenation makes a trip through memory.
+            w1, b1, w2 = self.linear1.weight, self.linear1.bias, self.linear2.weight
+            qkv = F.linear(h, w1[: 3 * d], b1[: 3 * d])
+            act = torch._addmm_activation(b1[3 * d :], h.flatten(0, 1), w1[3 * d :].t(), use_gelu=True)
+        else:
+            qkv, pre_act = torch.split(self.linear1(h), [3 * d, self.mlp_hidden_dim], dim=-1)
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
         attn = attention(q, k, v, pe)
-        return x + mod.gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
+        if gemm_epilogues(x):
+            out = torch.addmm(self.linear2.bias, attn.flatten(0, 1), w2[:, :d].t())
+            out = torch.addmm(out, act, w2[:, d:].t()).view_as(x)
+        else:
+            out = self.linear2(torch.cat((attn, self.mlp_act(pre_act)), dim=2))
+        return x + mod.gate * out
 
 
 class LastLayer(nn.Module):
