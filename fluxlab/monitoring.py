@@ -7,6 +7,7 @@ extra forward pass uses its own generator, so a run with TensorBoard on trains e
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -54,11 +55,14 @@ def capture_forward(task: Any, model: nn.Module, batch: dict[str, Any], seed: in
     return captured
 
 
-def add_histograms(writer: Any, model: nn.Module, predictions: Tensor | None, step: int) -> None:
-    """Weight histograms (one per parameter tensor) and, when given, the distribution of model outputs."""
+def add_histograms(
+    writer: Any, weights: Iterable[tuple[str, Tensor]], predictions: Tensor | None, step: int
+) -> None:
+    """Weight histograms (one per named tensor, e.g. ``model.named_parameters()``) and, when given, the
+    distribution of model outputs."""
     if predictions is not None:
         writer.add_histogram("predictions/output", predictions.float().flatten().cpu(), step)
-    for name, param in model.named_parameters():
+    for name, param in weights:
         writer.add_histogram(f"weights/{name}", param.detach().float().flatten().cpu(), step)
 
 

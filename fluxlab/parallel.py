@@ -268,25 +268,21 @@ def load_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, f
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
-class Rank0Copy:
-    """A plain (unsharded) copy of a sharded model on rank 0, for work only rank 0 does (samples, validation).
+def reshard(model: nn.Module) -> None:
+    """Frees the gathered weights a forward pass without backward left behind (FSDP2's root keeps its own
+    gathered until the backward pass it expects; after sampling or validation none comes)."""
+    from torch.distributed.fsdp import FSDPModule
 
-    The template lives on the meta device until first use, so ranks other than 0 never hold the full model.
-    """
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
-    def __init__(self, model: nn.Module, info: DistInfo):
-        self.info = info
-        self.template = copy.deepcopy(model).to("meta") if info.is_main else None
-        self.module: nn.Module | None = None
 
-    def of(self, sharded: nn.Module, device: torch.device) -> nn.Module | None:
-        """Every rank calls it (the gather is a collective); rank 0 gets the full model, the others None."""
-        state = model_state(sharded)
-        if not self.info.is_main:
-            return None
-        if self.module is None:
-            assert self.template is not None
-            self.module = self.template.to_empty(device=device)
-            self.template = None
-        self.module.load_state_dict(state, strict=True)
-        return self.module
+def full_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, whole tensor)`` for each parameter, one at a time: under FSDP each is gathered when reached
+    (a collective, so every rank must run through the whole iterator), and dropped before the next."""
+    from torch.distributed.tensor import DTensor
+
+    for name, param in model.named_parameters():
+        t = param.detach()
+        yield name, t.full_tensor() if isinstance(t, DTensor) else t

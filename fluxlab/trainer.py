@@ -76,8 +76,6 @@ class Trainer:
         self._sharded = self.mode in parallel.SHARDED_MODES
         self._log(f"model: {cfg.model.preset} with {n_params / 1e6:.2f}M parameters on {self.device}, "
                   f"parallel.mode={self.mode} over {self.dist.world} process(es)")
-        # Sharded weights exist whole nowhere: rank 0 gathers a plain copy for samples and validation.
-        self.rank0_copy = parallel.Rank0Copy(self.model, self.dist) if self.mode in parallel.SHARDED_MODES else None
         mp = cfg.train.mixed_precision
         bf16 = mp == "bf16" or (mp == "auto" and self.device.type == "cuda")
         self.net = parallel.parallelize(self.model, cfg.parallel, self.device, self.dist, mixed_precision=bf16)
@@ -204,14 +202,23 @@ class Trainer:
         with open(self.run_dir / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def _on_rank0(self, module: nn.Module) -> nn.Module | None:
-        """``module`` itself, or under FSDP its gathered plain copy on rank 0 (a collective: all ranks call it)."""
-        return module if self.rank0_copy is None else self.rank0_copy.of(module, self.device)
+    def _runs_evaluation(self) -> bool:
+        """Whether this rank runs samples, validation and TensorBoard extras.
 
-    def sample_grid(self, name: str, ema: nn.Module | None = None) -> Path:
+        Sharded weights exist whole nowhere, and gathering a full copy onto rank 0 would not fit beside the
+        training state of a model that needed sharding (flux-dev on two GPUs: ~113 GiB per rank with the EMA,
+        plus 44 GiB for an fp32 copy). So under FSDP/HSDP every rank runs the sharded model in lockstep (each
+        block is all-gathered as in training) and rank 0 alone writes; otherwise rank 0 works alone.
+        """
+        return self._sharded or self.dist.is_main
+
+    def sample_grid(self, name: str, ema: nn.Module | None = None) -> Path | None:
+        """Samples of the EMA weights written as ``samples/<name>.png`` by rank 0 (None on other ranks)."""
         from fluxlab.data import make_grid
 
         images, captions = self.task.sample_images(ema if ema is not None else self.ema)
+        if not self.dist.is_main:
+            return None
         out = self.run_dir / "samples" / f"{name}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         grid = make_grid(images, nrow=getattr(self.task, "grid_nrow", min(8, len(images))), captions=captions)
@@ -233,18 +240,29 @@ class Trainer:
                 self.writer.add_scalar(f"loss_val_t/{t:.3f}", value, self.step)
         return result
 
-    def _tensorboard_extras(self, batch: dict[str, Any] | None, model: nn.Module | None) -> None:
-        """Histograms of weights and predictions, and the graph once; on sample steps only (one forward)."""
+    def _tensorboard_extras(self, batch: dict[str, Any] | None) -> None:
+        """Histograms of weights and predictions, and the graph once; on sample steps only (one forward).
+
+        Under FSDP every rank takes part (the forward and each weight's gather are collectives)."""
         from fluxlab.monitoring import add_histograms, add_model_graph, capture_forward
 
-        if self.writer is None or batch is None or model is None:
+        missing = torch.tensor(batch is None, device=self.device)
+        if (distributed.any_rank(missing, self.dist) if self._sharded else missing).item():
+            return  # an unreadable batch on any rank: all skip together, or the collectives would not pair up
+        assert batch is not None
+        captured = capture_forward(self.task, self.model, batch, seed=self.step)
+        if self._sharded:
+            parallel.reshard(self.model)  # so that every parameter is a shard again, gathered below one by one
+        weights = parallel.full_parameters(self.model)
+        if self.writer is None:
+            for _ in weights:  # the other ranks' half of each gather
+                pass
             return
-        captured = capture_forward(self.task, model, batch, seed=self.step)
-        add_histograms(self.writer, model, captured.output, self.step)
-        # A compiled forward cannot be traced (FSDP's gathered copy is plain and can).
-        if not getattr(self, "_graph_written", False) and not (self.cfg.parallel.compile and self.rank0_copy is None):
+        add_histograms(self.writer, weights, captured.output, self.step)
+        # Neither a compiled forward nor FSDP's hooks trace; the graph is the same at any world size anyway.
+        if not getattr(self, "_graph_written", False) and not (self.cfg.parallel.compile or self._sharded):
             self._graph_written = True
-            add_model_graph(self.writer, model, captured)
+            add_model_graph(self.writer, self.model, captured)
 
     def train(self) -> Path:
         cfg = self.cfg
@@ -322,9 +340,10 @@ class Trainer:
             epoch_sum, epoch_n = epoch_sum + loss_value, epoch_n + 1
             val = None
             eval_now = bool(cfg.train.eval_every) and (self.step % cfg.train.eval_every == 0 or self.step == o.steps)
-            if eval_now:
-                model = self._on_rank0(self.model)
-                val = self.validate(model) if self.dist.is_main else None
+            if eval_now and self._runs_evaluation():
+                val = self.validate()
+                if self._sharded:
+                    parallel.reshard(self.model)
             if self.step % cfg.train.log_every == 0 or self.step == o.steps or eval_now:
                 if self.dist.enabled:  # every rank's t-bins join the curve
                     dist.all_reduce(bin_sum)
@@ -369,12 +388,13 @@ class Trainer:
             if out_of_time:
                 self._log(f"train.max_minutes={cfg.train.max_minutes} reached at step {self.step}")
             finished = self.step >= o.steps or out_of_time
-            if self.step % cfg.train.sample_every == 0 or finished:  # gathers under FSDP: every rank comes here
-                ema = self._on_rank0(self.ema)
-                if self.dist.is_main:
-                    self.sample_grid(f"step_{self.step:07d}", ema)
+            if (self.step % cfg.train.sample_every == 0 or finished) and self._runs_evaluation():
+                self.sample_grid(f"step_{self.step:07d}")
                 if cfg.train.tensorboard:
-                    self._tensorboard_extras(batch, self._on_rank0(self.model))
+                    self._tensorboard_extras(batch)
+                if self._sharded:
+                    parallel.reshard(self.model)
+                    parallel.reshard(self.ema)
                 self.model.train()
             if self.step % cfg.train.checkpoint_every == 0 or finished:
                 last_path = self.save()
