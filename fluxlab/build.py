@@ -78,6 +78,7 @@ def build_model(cfg: Config, params: FluxParams, device: torch.device) -> Flux:
     from fluxlab.pretrained import load_init_weights
 
     loaded, weights = load_init_weights(cfg.model.init_from, device, torch.float32)
+
     def fields(p: FluxParams) -> dict:
         return {**p.to_dict(), "out_channels": p.out_channels or p.in_channels}
 

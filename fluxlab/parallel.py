@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -120,12 +121,59 @@ def parallelize(
     return model
 
 
-def shard_like(ema: nn.Module, cfg: ParallelConfig, device: torch.device, world: DistInfo) -> nn.Module:
-    """Shards a copy of the model (the EMA) exactly like the model, so the EMA update is shard-local."""
+# fp32 weights, gradients and two AdamW moments (4 + 4 + 8 bytes), and the EMA (4): the state that stays.
+TRAINING_BYTES_PER_PARAM = 20
+
+
+def check_training_memory(n_params: int, cfg: ParallelConfig, world: int, gpu_bytes: int) -> None:
+    """A clear error, before the first step, when the training state alone cannot fit on each GPU.
+
+    Only the certain case is refused (the per-rank state over the whole GPU): activations, gathered blocks and
+    the allocator's slack come on top, so a run that passes can still run out of memory at a large batch.
+    """
+    mode = resolve_mode(cfg, world)
+    shards = world if mode == "fsdp" else world // cfg.replicate if mode == "hsdp" else 1
+    need = n_params * TRAINING_BYTES_PER_PARAM / shards
+    if need <= gpu_bytes:
+        return
+    # Leave a fifth of each GPU for activations and the gathered blocks.
+    gpus = math.ceil(n_params * TRAINING_BYTES_PER_PARAM / (0.8 * gpu_bytes))
+    raise ValueError(
+        f"{n_params / 1e9:.1f}B parameters need {need / 2**30:.0f} GiB per GPU for fp32 weights, gradients, AdamW "
+        f"moments and the EMA with parallel.mode={mode} over {world} process(es), more than the "
+        f"{gpu_bytes / 2**30:.0f} GiB of this GPU. Shard them over at least {gpus} such GPUs: torchrun "
+        f"--nproc-per-node={gpus} -m fluxlab.cli train ... --parallel.mode=fsdp "
+        "--parallel.activation_checkpointing=true (docs/distributed.md)"
+    )
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers live on the meta device: its structure, no memory.
+
+    Taken before ``parallelize`` (whose per-block forwards are bound to the original blocks), it becomes the
+    EMA through ``materialize_like``, so no second full copy of the model is ever allocated on the GPU.
+    """
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo).requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def materialize_like(
+    copy_on_meta: nn.Module, model: nn.Module, cfg: ParallelConfig, device: torch.device, world: DistInfo
+) -> nn.Module:
+    """``copy_on_meta`` (from ``meta_copy(model)``) allocated and sharded exactly like ``model`` (FSDP/HSDP:
+    the same shards, so the EMA update stays shard-local), holding ``model``'s current values."""
     mode = resolve_mode(cfg, world.world)
-    if mode not in SHARDED_MODES:
-        return ema
-    return shard(ema, _mesh(mode, cfg, device, world.world), mixed_precision=False)
+    if mode in SHARDED_MODES:  # shard on meta first: each rank allocates only its 1/N
+        shard(copy_on_meta, _mesh(mode, cfg, device, world.world), mixed_precision=False)
+    out = copy_on_meta.to_empty(device=device)
+    for mine, theirs in zip((*out.parameters(), *out.buffers()), (*model.parameters(), *model.buffers())):
+        local(mine).copy_(local(theirs))
+    return out
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -99,6 +99,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # Fine-tune FLUX.1-dev from a local download (transformer/, vae/, text_encoder*/, tokenizer*/): replace
     # FLUX_DEV_PLACEHOLDER in all three fields, e.g. --model.init_from=/data/FLUX.1-dev (same for the others).
+    # All 11.9B weights train, so the state is sharded: `torchrun --nproc-per-node=2` on H200s (~113 GiB per
+    # GPU with the EMA), at least 3 H100s 80GB; one GPU is refused with that advice (docs/distributed.md).
     "flux-dev-finetune": {
         "model": {"preset": "flux-dev", "init_from": "FLUX_DEV_PLACEHOLDER"},
         "data": {"dataset": "openmoji", "resolution": 512, "cache_dir": "runs/flux-dev-finetune-cache"},
@@ -111,6 +113,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "sample_every": 500, "checkpoint_every": 500},
         "sample": {"steps": 28, "guidance": 1.0, "distilled_guidance": 3.5},
         "cache": {"latents": "sample", "dtype": "bfloat16", "batch_size": 8, "shard_size": 256},
+        "parallel": {"mode": "fsdp", "activation_checkpointing": True, "compile": True},
     },
     # Seconds on a CPU: latent space end to end (random preset:ae-tiny, 2× down, 4 channels) for the cache tests.
     "latent-debug": {

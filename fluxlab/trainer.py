@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -70,8 +69,11 @@ class Trainer:
         self.val_dataset, val_captions = val_dataset(cfg, self.device, self._log) if cfg.train.eval_every else (None, [])
         self.task = build_task(cfg, self.dataset, self.device, extra_captions=val_captions)
         self.model = self.task.model
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         n_params = sum(p.numel() for p in self.model.parameters())
+        if self.device.type == "cuda":
+            gpu_bytes = torch.cuda.get_device_properties(self.device).total_memory
+            parallel.check_training_memory(n_params, cfg.parallel, self.dist.world, gpu_bytes)
+        ema_on_meta = parallel.meta_copy(self.model)  # before parallelize, which rebinds the blocks' forwards
         self.mode = parallel.resolve_mode(cfg.parallel, self.dist.world)
         self._sharded = self.mode in parallel.SHARDED_MODES
         self._log(f"model: {cfg.model.preset} with {n_params / 1e6:.2f}M parameters on {self.device}, "
@@ -79,7 +81,7 @@ class Trainer:
         mp = cfg.train.mixed_precision
         bf16 = mp == "bf16" or (mp == "auto" and self.device.type == "cuda")
         self.net = parallel.parallelize(self.model, cfg.parallel, self.device, self.dist, mixed_precision=bf16)
-        self.ema = parallel.shard_like(self.ema, cfg.parallel, self.device, self.dist)
+        self.ema = parallel.materialize_like(ema_on_meta, self.model, cfg.parallel, self.device, self.dist)
 
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(

@@ -244,3 +244,32 @@ def test_parallel_config_errors_name_the_field(overrides: list[str], world: int,
 def test_fsdp_alone_and_hsdp_that_divides_are_fine() -> None:
     load_config("debug", ["--parallel.mode=fsdp"]).parallel.validate(1)
     load_config("debug", ["--parallel.mode=hsdp", "--parallel.replicate=2"]).parallel.validate(4)
+
+
+def test_ema_copy_is_built_on_meta_then_filled_from_the_model() -> None:
+    """The EMA never exists as a second whole model before sharding: a meta copy, then only this rank's part."""
+    from fluxlab.distributed import DistInfo
+    from fluxlab.models.flux import Flux
+    from fluxlab.models.registry import flux_params
+    from fluxlab.parallel import materialize_like, meta_copy
+
+    model = Flux(flux_params("flux-debug"))
+    shadow = meta_copy(model)
+    assert all(p.is_meta and not p.requires_grad for p in shadow.parameters()) and not shadow.training
+    assert all(not p.is_meta for p in model.parameters())  # the model is untouched
+    ema = materialize_like(shadow, model, ParallelConfig(), torch.device("cpu"), DistInfo())
+    for (name, a), b in zip(ema.named_parameters(), model.parameters()):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
+
+
+def test_training_that_cannot_fit_is_refused_with_the_gpus_it_needs() -> None:
+    from fluxlab.parallel import check_training_memory
+
+    flux_dev, h200, h100 = 11_901_408_320, 143_771_000_000, 85_031_000_000
+    check_training_memory(flux_dev, ParallelConfig(mode="fsdp"), 2, h200)  # 111 GiB per rank: fits
+    with pytest.raises(ValueError, match=r"222 GiB per GPU .*parallel.mode=none over 1 .*at least 3 such GPUs"):
+        check_training_memory(flux_dev, ParallelConfig(), 1, h200)
+    with pytest.raises(ValueError, match=r"parallel.mode=ddp over 4 .*at least 4 such GPUs"):
+        check_training_memory(flux_dev, ParallelConfig(), 4, h100)  # DDP replicates: sharding is what helps
+    with pytest.raises(ValueError, match=r"parallel.mode=hsdp over 4"):  # 2 replicas of 2 shards on H100s
+        check_training_memory(flux_dev, ParallelConfig(mode="hsdp", replicate=2), 4, h100)
