@@ -72,7 +72,8 @@ def model_params(cfg: Config, token_dim: int, context_dim: int, pooled_dim: int)
 def build_model(cfg: Config, params: FluxParams, device: torch.device) -> Flux:
     """A Flux to train: adaLN-Zero initialised, or the weights of model.init_from (fp32 master weights)."""
     if not cfg.model.init_from:
-        model = Flux(params).to(device)
+        with torch.device(device):  # initialised where it trains: flux-dev's 11.9B take minutes on a CPU
+            model = Flux(params)
         model.initialize_weights()
         return model
     from fluxlab.pretrained import load_init_weights

@@ -144,11 +144,13 @@ def test_inference_epilogue_path_matches_the_plain_one(monkeypatch: pytest.Monke
                   guidance=torch.full((2,), 3.5))
     with torch.no_grad():
         plain = ours(**inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain_bf16 = ours(**inputs)
     calls = []
 
     def addmm_gelu(bias, mat1, mat2, beta=1, alpha=1, use_gelu=False):
         calls.append(mat1.shape)
-        assert use_gelu
+        assert use_gelu and mat1.dtype == mat2.dtype == bias.dtype  # as cuBLAS requires (autocast skips this op)
         return F.gelu(torch.addmm(bias, mat1, mat2), approximate="tanh")
 
     monkeypatch.setattr(layers, "gemm_epilogues", lambda x: not torch.is_grad_enabled())
@@ -157,3 +159,8 @@ def test_inference_epilogue_path_matches_the_plain_one(monkeypatch: pytest.Monke
         fused = ours(**inputs)
     assert len(calls) == 2 * 2 + 2  # two MLPs per double block, one per single block
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    # fluxlab samples under bf16 autocast, with fp32 weights: the epilogue's operands must be cast too
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused_bf16 = ours(**inputs)
+    assert len(calls) == 2 * (2 * 2 + 2)
+    torch.testing.assert_close(fused_bf16, plain_bf16, atol=0.05, rtol=0.02)  # bf16 rounding: 1 ulp at 4–8 is 0.031

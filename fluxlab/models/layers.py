@@ -165,12 +165,24 @@ def gemm_epilogues(x: Tensor) -> bool:
     return USE_GEMM_EPILOGUES and x.is_cuda and not torch.is_grad_enabled()
 
 
+def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """tanh-GELU(x @ weightᵀ + bias) for 2-D ``x``, the GELU in cuBLASLt's epilogue.
+
+    ``_addmm_activation`` is not on autocast's list, so under autocast (fluxlab samples in bf16 autocast on
+    CUDA) the operands are cast to its dtype here, as ``F.linear`` would have them cast.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+
+
 def mlp(layers: nn.Sequential, x: Tensor) -> Tensor:
     """``layers`` (Linear → tanh-GELU → Linear) applied to ``x``, the GELU in the first matmul's epilogue when it can."""
     if not gemm_epilogues(x):
         return layers(x)
     first, _, second = layers
-    hidden = torch._addmm_activation(first.bias, x.flatten(0, 1), first.weight.t(), use_gelu=True)
+    hidden = linear_gelu(x.flatten(0, 1), first.weight, first.bias)
     return second(hidden).view(*x.shape[:-1], -1)
 
 
@@ -249,7 +261,7 @@ class SingleStreamBlock(nn.Module):
             # activated MLP half nor the [attention, MLP] concatenation makes a trip through memory.
             w1, b1, w2 = self.linear1.weight, self.linear1.bias, self.linear2.weight
             qkv = F.linear(h, w1[: 3 * d], b1[: 3 * d])
-            act = torch._addmm_activation(b1[3 * d :], h.flatten(0, 1), w1[3 * d :].t(), use_gelu=True)
+            act = linear_gelu(h.flatten(0, 1), w1[3 * d :], b1[3 * d :])
         else:
             qkv, pre_act = torch.split(self.linear1(h), [3 * d, self.mlp_hidden_dim], dim=-1)
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
