@@ -67,6 +67,26 @@ def init(info: DistInfo, device: torch.device) -> torch.device:
     return device
 
 
+def simulate(world: int, device: torch.device) -> DistInfo:
+    """This process as rank 0 of ``world`` through PyTorch's fake process group.
+
+    Every collective returns at once without moving data while every allocation is real, so one GPU holds
+    exactly what one rank of a ``world``-GPU job holds: the way to size a sharded job before renting the GPUs
+    (torchtitan estimates memory the same way). Numbers that cross ranks (gathered weights, reduced
+    gradients, losses) are meaningless, and nothing that needs real collectives (checkpoints) can run.
+    """
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if world < 1:
+        raise ValueError(f"a simulated world needs at least 1 process, got {world}")
+    if dist.is_initialized() or "TORCHELASTIC_RUN_ID" in os.environ:
+        raise ValueError("a simulated world runs as one plain process: launch it without torchrun")
+    if device.type == "cuda":
+        torch.cuda.set_device(device.index or 0)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    return DistInfo(rank=0, world=world, local_rank=0)
+
+
 def _attempt_store(info: DistInfo) -> dist.Store | None:
     """The agent's store under a per-attempt prefix, or None to let ``init_process_group`` build its own.
 

@@ -53,7 +53,7 @@ def bench_scale(
         info = distributed.from_env()
         device = distributed.init(info, device)
     else:
-        info = _fake_world(simulate_world, device)
+        info = distributed.simulate(simulate_world, device)
     params = flux_params(preset)
     torch.manual_seed(seed)  # every rank starts from the same weights, as DDP and FSDP expect
     with torch.device(device):
@@ -118,17 +118,3 @@ def bench_scale(
     else:
         distributed.shutdown(info)
     return result
-
-
-def _fake_world(world: int, device: torch.device) -> distributed.DistInfo:
-    """This process as rank 0 of ``world`` through the fake process group (collectives are no-ops)."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if world < 1:
-        raise ValueError(f"--simulate-world must be ≥ 1, got {world}")
-    if dist.is_initialized():
-        raise ValueError("--simulate-world runs as a lone process: launch it without torchrun")
-    if device.type == "cuda":
-        torch.cuda.set_device(device.index or 0)
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-    return distributed.DistInfo(rank=0, world=world, local_rank=0)

@@ -37,6 +37,26 @@ class NonFiniteLossError(RuntimeError):
     """train.max_nonfinite_steps steps in a row had a NaN/inf loss or gradient: the run cannot go on."""
 
 
+class PeakMemory:
+    """Peak GPU memory per phase of a run (training steps, sample grids), for the summary a run ends with."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peaks: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        """Charges the peak since the last mark to ``phase`` and starts counting afresh."""
+        if self.device.type != "cuda":
+            return
+        gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.peaks[phase] = max(self.peaks.get(phase, 0.0), gib)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def summary(self) -> str:
+        names = {"train": "training steps", "sample": "sample grids"}
+        return ", ".join(f"{names.get(k, k)} {v:.1f} GiB" for k, v in self.peaks.items())
+
+
 def lr_factor(step: int, cfg: Config) -> float:
     o = cfg.optim
     if o.warmup_steps and step < o.warmup_steps:
@@ -48,11 +68,16 @@ def lr_factor(step: int, cfg: Config) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: bool = False, quiet: bool = False):
+    def __init__(
+        self, cfg: Config, resume: bool = False, quiet: bool = False, simulated: distributed.DistInfo | None = None
+    ):
+        """``simulated``: this process is that rank of a simulated world (``distributed.simulate``), run only
+        to measure its memory: it trains and samples but writes no checkpoint."""
         cfg.validate()
         self.cfg = cfg
         # Under torchrun rank 0 speaks, samples and checkpoints; a restarted worker resumes by itself.
-        self.dist = distributed.from_env()
+        self.simulated = simulated is not None
+        self.dist = simulated or distributed.from_env()
         cfg.parallel.validate(self.dist.world)
         self._owns_group = self.dist.enabled and not dist.is_initialized()  # a caller's process group outlives us
         self.quiet = quiet or not self.dist.is_main
@@ -95,6 +120,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         # Caption dropout, t and noise come from per-sample generators (fluxlab.rng), not a per-process stream.
 
+        self.memory = PeakMemory(self.device)
         self.step = 0
         self.batches_seen = 0
         self.skipped_images = 0
@@ -311,6 +337,8 @@ class Trainer:
             # Under FSDP the gradients are DTensor shards; clip_grad_norm_ still computes the global norm.
             grad_norm = parallel.full_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip))
             nonfinite = ~(torch.isfinite(grad_norm) & torch.isfinite(step_loss))
+            if self.simulated:  # meaningless numbers by design; the optimizer step must still allocate its state
+                nonfinite.zero_()
             if distributed.any_rank(nonfinite, self.dist):  # all ranks skip together (a no-op alone)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.nonfinite_steps += 1
@@ -391,20 +419,25 @@ class Trainer:
                 self._log(f"train.max_minutes={cfg.train.max_minutes} reached at step {self.step}")
             finished = self.step >= o.steps or out_of_time
             if (self.step % cfg.train.sample_every == 0 or finished) and self._runs_evaluation():
+                self.memory.mark("train")
                 self.sample_grid(f"step_{self.step:07d}")
+                self.memory.mark("sample")
                 if cfg.train.tensorboard:
                     self._tensorboard_extras(batch)
                 if self._sharded:
                     parallel.reshard(self.model)
                     parallel.reshard(self.ema)
                 self.model.train()
-            if self.step % cfg.train.checkpoint_every == 0 or finished:
+            if (self.step % cfg.train.checkpoint_every == 0 or finished) and not self.simulated:
                 last_path = self.save()
             if out_of_time:
                 break
         bar.close()
-        if last_path is None:  # resumed at or past the last step: still leave a checkpoint
+        if last_path is None and not self.simulated:  # resumed at or past the last step: still leave a checkpoint
             last_path = self.save()
+        self.memory.mark("train")
+        if self.memory.peaks:
+            self._log("peak GPU memory per process: " + self.memory.summary())
         if self.skipped_images:
             self._log(f"skipped {self.skipped_images} unreadable images (see the warnings above for their names)")
         if self.nonfinite_steps:

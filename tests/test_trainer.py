@@ -77,3 +77,19 @@ def test_bad_config_exits_with_a_message(tmp_path: Path, capsys) -> None:
     assert main(["train", "--config", "debug", f"--data.dataset={tmp_path / 'missing'}"]) == 2
     assert "missing" in capsys.readouterr().err
     assert main(["sample", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "o.png")]) == 2
+
+
+def test_simulated_world_trains_one_rank_and_writes_no_checkpoint(tmp_path, capsys) -> None:
+    """`fluxlab train --simulate-world 2`: rank 0 of a fake 2-process FSDP job runs its steps and grid, saves nothing."""
+    import torch.distributed as dist
+
+    from fluxlab.cli import main
+
+    out = tmp_path / "sim"
+    args = ["train", "--config", "debug", "--simulate-world", "2", "--parallel.mode=fsdp", "--optim.steps=2",
+            "--data.limit=16", "--train.tensorboard=false", f"--train.output_dir={out}"]
+    assert main(args) == 0
+    assert not (out / "checkpoints").exists()
+    assert (out / "samples" / "step_0000002.png").is_file()
+    assert "no GPU, so no memory figure" in capsys.readouterr().out
+    assert not dist.is_initialized()  # the fake group is gone: later tests start clean

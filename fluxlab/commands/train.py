@@ -17,6 +17,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", required=True, help="preset name (openmoji-cpu, openmoji-gpu, debug) or a YAML file")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    p.add_argument("--simulate-world", type=int, default=None, metavar="N",
+                   help="size a job before renting its GPUs: run as rank 0 of N on this one GPU (fake process group: "
+                   "no communication, real allocations) for --optim.steps steps and a sample grid, then print the "
+                   "peak memory one GPU of the N needs; writes no checkpoint, and its losses mean nothing")
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -24,6 +28,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from fluxlab.trainer import NonFiniteLossError, Trainer
 
     cfg = load_config(args.config, overrides)
+    if args.simulate_world is not None:
+        return _simulate(cfg, args.simulate_world)
     trainer = Trainer(cfg, resume=args.resume)
     try:
         path = trainer.train()
@@ -35,4 +41,24 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     print(f"checkpoint: {path}")
     print(f"samples:    {trainer.run_dir / 'samples'}")
     print(f"tensorboard --logdir {trainer.run_dir / 'tb'}")
+    return 0
+
+
+def _simulate(cfg, world: int) -> int:
+    import torch.distributed as dist
+
+    from fluxlab import distributed
+    from fluxlab.build import resolve_device
+    from fluxlab.trainer import Trainer
+
+    info = distributed.simulate(world, resolve_device(cfg.train.device))
+    try:
+        trainer = Trainer(cfg, simulated=info)
+        trainer.train()
+    finally:
+        dist.destroy_process_group()
+    if not trainer.memory.peaks:
+        print(f"simulated {world} processes on {trainer.device}: no GPU, so no memory figure (run it on one GPU)")
+        return 0
+    print(f"peak memory of one GPU of {world} ({cfg.parallel.mode}, {trainer.device}): {trainer.memory.summary()}")
     return 0
