@@ -2,9 +2,10 @@
 
 On Hopper GPUs PyTorch can route attention to cuDNN, FlashAttention-2 ("flash") or the memory-efficient
 kernel. cuDNN's is the fastest forward pass, but its backward pass has crashed with illegal memory
-accesses on Flux shapes on this workplace's H100/H200s (diffusers' layout at 512², batch 8; flux-dev at
-1,536 tokens, batch 1: docs/performance.md). Training therefore uses flash/efficient only, where every
-shape has worked; sampling keeps PyTorch's default choice.
+accesses in Flux training on this workplace's H100/H200s (diffusers' 2.56B step at 512², batch 8, and a
+simulated flux-dev FSDP2 run at 1,536 tokens: docs/performance.md), though not in isolated calls of the same
+shapes. Training therefore uses flash/efficient only, where every run has worked; sampling keeps PyTorch's
+default choice.
 """
 
 from __future__ import annotations
