@@ -20,6 +20,9 @@ from safetensors.torch import load_file, save_file
 
 CHECKPOINT_DIR = "checkpoints"
 PREFIX = "step_"
+# FSDP/HSDP runs store model and EMA weights as DCP shards in this folder, keys "model.<name>" and "ema.<name>",
+# instead of two gathered safetensors files; ``load_weights`` reads both layouts.
+SHARDED_WEIGHTS = "weights"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -57,7 +60,7 @@ def staging_path(run_dir: str | Path, step: int, name: str, owner_pid: int) -> P
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
-    model_state: dict[str, torch.Tensor],
+    model_state: dict[str, torch.Tensor] | None,
     ema_state: dict[str, torch.Tensor] | None,
     description: dict[str, Any],
     train_state: dict[str, Any] | None,
@@ -67,7 +70,10 @@ def save_checkpoint(
     """Writes checkpoint ``step`` atomically, then prunes all but the newest ``keep_last``.
 
     ``staged`` folders (written beforehand, e.g. by every rank's DCP shards) move in under the given names and
-    join the manifest file by file, so a truncated shard is caught like a truncated weight file."""
+    join the manifest file by file, so a truncated shard is caught like a truncated weight file. Without
+    ``model_state`` the weights must be among them (``SHARDED_WEIGHTS``)."""
+    if model_state is None and SHARDED_WEIGHTS not in (staged or {}):
+        raise ValueError(f"a checkpoint needs its weights: a model state or a staged {SHARDED_WEIGHTS!r} folder")
     final = checkpoint_path(run_dir, step)
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
@@ -75,8 +81,10 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    files = ["model.safetensors", "config.json"]
-    save_file(_contiguous(model_state), tmp / "model.safetensors")
+    files = ["config.json"]
+    if model_state is not None:
+        save_file(_contiguous(model_state), tmp / "model.safetensors")
+        files.append("model.safetensors")
     if ema_state is not None:
         save_file(_contiguous(ema_state), tmp / "ema.safetensors")
         files.append("ema.safetensors")
@@ -206,9 +214,28 @@ def read_description(path: Path) -> dict[str, Any]:
 
 
 def load_weights(path: Path, ema: bool = True) -> dict[str, torch.Tensor]:
-    """The EMA weights when present (what we sample with), else the raw model's."""
+    """The EMA weights when present (what we sample with), else the raw model's; whole, on the CPU."""
+    if (path / SHARDED_WEIGHTS).is_dir():
+        return load_sharded_weights(path / SHARDED_WEIGHTS, "ema" if ema else "model")
     f = path / "ema.safetensors"
     return load_file(f if ema and f.is_file() else path / "model.safetensors")
+
+
+def load_sharded_weights(folder: Path, which: str) -> dict[str, torch.Tensor]:
+    """``which`` ("model" or "ema", the model's when there is no EMA) of a DCP weights folder, consolidated
+    in this one process: any world size wrote it, a laptop reads it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    tensors = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    if not any(k.startswith(f"{which}.") for k in tensors):
+        which = "model"
+    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+             for k, m in tensors.items() if k.startswith(f"{which}.")}
+    if not state:
+        raise ValueError(f"{folder} holds no model weights (keys: {sorted(tensors)[:5]}...)")
+    dcp.load(state, checkpoint_id=str(folder), no_dist=True)
+    return {k[len(which) + 1 :]: v for k, v in state.items()}
 
 
 def forget_log_after(run_dir: str | Path, step: int) -> None:

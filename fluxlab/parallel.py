@@ -316,6 +316,25 @@ def load_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, f
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
+def save_sharded_weights(model: nn.Module, ema: nn.Module, folder: Path) -> None:
+    """Every rank writes its shards of the model and the EMA into ``folder`` (a collective; no rank gathers)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    dcp.save({"model": get_model_state_dict(model), "ema": get_model_state_dict(ema)}, checkpoint_id=str(folder))
+
+
+def load_sharded_weights(model: nn.Module, ema: nn.Module, folder: Path) -> None:
+    """Loads DCP weight shards into a sharded or plain model and EMA, resharding to this world size."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = {"model": get_model_state_dict(model), "ema": get_model_state_dict(ema)}  # the layout to fill
+    dcp.load(state, checkpoint_id=str(folder))
+    set_model_state_dict(model, state["model"])
+    set_model_state_dict(ema, state["ema"])
+
+
 def reshard(model: nn.Module) -> None:
     """Frees the gathered weights a forward pass without backward left behind (FSDP2's root keeps its own
     gathered until the backward pass it expects; after sampling or validation none comes)."""

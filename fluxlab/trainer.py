@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from fluxlab import attention_backends, distributed, parallel
 from fluxlab.build import resolve_device
 from fluxlab.checkpoint import (
-    checkpoint_path, forget_log_after, latest_checkpoint, save_checkpoint, staging_path,
+    SHARDED_WEIGHTS, checkpoint_path, forget_log_after, latest_checkpoint, save_checkpoint, staging_path,
 )
 from fluxlab.config import Config
 from fluxlab.data.samplers import InfiniteBatchSampler
@@ -168,15 +168,20 @@ class Trainer:
     def save(self) -> Path:
         """Every rank calls it (RNG states are gathered); rank 0 writes; all leave once the checkpoint exists."""
         state = self._train_state()
-        weights, ema = parallel.model_state(self.model), parallel.model_state(self.ema)  # gathered under FSDP
         path = checkpoint_path(self.run_dir, self.step)
         staged = None
-        if self._sharded:  # every rank writes its optimizer shards; rank 0 moves them into the checkpoint
+        weights = ema = None
+        if self._sharded:
+            # Every rank writes its shards of the weights and the optimizer state (no rank ever holds them
+            # whole: flux-dev's weights + EMA would be 88 GiB on rank 0); rank 0 moves them into the checkpoint.
             owner = distributed.gather(os.getpid(), self.dist)[0] if self.dist.enabled else os.getpid()
-            staged = {parallel.SHARDED_OPTIMIZER: staging_path(self.run_dir, self.step, parallel.SHARDED_OPTIMIZER,
-                                                               owner)}
+            staged = {name: staging_path(self.run_dir, self.step, name, owner)
+                      for name in (SHARDED_WEIGHTS, parallel.SHARDED_OPTIMIZER)}
+            parallel.save_sharded_weights(self.model, self.ema, staged[SHARDED_WEIGHTS])
             parallel.save_sharded_optimizer(self.model, self.optimizer, staged[parallel.SHARDED_OPTIMIZER])
             distributed.barrier(self.dist)
+        else:
+            weights, ema = parallel.model_state(self.model), parallel.model_state(self.ema)
         if self.dist.is_main:
             path = save_checkpoint(self.run_dir, self.step, weights, ema, self._description(), state,
                                    keep_last=self.cfg.train.keep_last, staged=staged)
@@ -190,9 +195,12 @@ class Trainer:
         if path is None:
             self._log(f"--resume: no checkpoint in {self.run_dir}, starting from scratch")
             return
-        # Full weights and name-keyed optimizer state: each rank keeps its shard, at whatever world size.
-        parallel.load_model_state(self.model, load_file(path / "model.safetensors", device=str(self.device)))
-        parallel.load_model_state(self.ema, load_file(path / "ema.safetensors", device=str(self.device)))
+        # Weights and name-keyed optimizer state, whole or as DCP shards: each rank keeps its shard, at any world size.
+        if (path / SHARDED_WEIGHTS).is_dir():
+            parallel.load_sharded_weights(self.model, self.ema, path / SHARDED_WEIGHTS)
+        else:
+            parallel.load_model_state(self.model, load_file(path / "model.safetensors", device=str(self.device)))
+            parallel.load_model_state(self.ema, load_file(path / "ema.safetensors", device=str(self.device)))
         state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
         if state["optimizer"] == parallel.SHARDED_OPTIMIZER:  # DCP shards, resharded to this world size
             parallel.load_sharded_optimizer(self.model, self.optimizer, path / parallel.SHARDED_OPTIMIZER)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from fluxlab.config import ParallelConfig, load_config
 from fluxlab.data.samplers import InfiniteBatchSampler
@@ -71,7 +70,10 @@ def _seed_from(src: Path, dst: Path, step: int) -> None:
 
 
 def _assert_close_weights(a: Path, b: Path, name: str = "model.safetensors") -> None:
-    wa, wb = load_file(a / name), load_file(b / name)
+    """Weights of two checkpoints, whole (safetensors) or DCP shards (FSDP/HSDP), read as ``fluxlab sample`` does."""
+    from fluxlab.checkpoint import load_weights
+
+    wa, wb = (load_weights(c, ema=name.startswith("ema")) for c in (a, b))
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=TOL, rtol=TOL, msg=lambda m: f"{name}:{k}: {m}")
@@ -127,6 +129,9 @@ def test_two_processes_train_what_one_trains(runs: dict[str, Path], mode: str) -
     # the optimizer state is keyed by parameter name, however it was sharded (FSDP: DCP shards, no rank-0 gather)
     sa, sb = _optimizer_state(_ckpt(ref, STEPS)), _optimizer_state(_ckpt(run, STEPS))
     assert (_ckpt(run, STEPS) / "optimizer").is_dir() == (mode == "fsdp")
+    # FSDP: the weights too are DCP shards written by every rank, with no gathered safetensors copy
+    assert (_ckpt(run, STEPS) / "weights").is_dir() == (mode == "fsdp")
+    assert (_ckpt(run, STEPS) / "model.safetensors").is_file() == (mode != "fsdp")
     assert sa["state"].keys() == sb["state"].keys() and all(isinstance(k, str) for k in sa["state"])
     for k in sa["state"]:
         torch.testing.assert_close(sa["state"][k]["exp_avg"], sb["state"][k]["exp_avg"], atol=TOL, rtol=1e-4)
@@ -273,3 +278,16 @@ def test_training_that_cannot_fit_is_refused_with_the_gpus_it_needs() -> None:
         check_training_memory(flux_dev, ParallelConfig(), 4, h100)  # DDP replicates: sharding is what helps
     with pytest.raises(ValueError, match=r"parallel.mode=hsdp over 4"):  # 2 replicas of 2 shards on H100s
         check_training_memory(flux_dev, ParallelConfig(mode="hsdp", replicate=2), 4, h100)
+
+
+@gloo
+def test_sample_reads_a_checkpoint_of_dcp_weight_shards(runs: dict[str, Path], tmp_path: Path) -> None:
+    """`fluxlab sample` consolidates an FSDP checkpoint's weight shards in one process, as it would on a laptop."""
+    from PIL import Image
+
+    from fluxlab.cli import main
+
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--checkpoint", str(runs["fsdp"]), "--prompt", "red heart", "--steps", "2",
+                 "--out", str(out)]) == 0
+    assert Image.open(out).size[0] > 0
