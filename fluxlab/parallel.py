@@ -5,9 +5,9 @@ the compiled region holds the recomputation, and FSDP's hooks stay outside it), 
 compile replace only the block's ``forward`` attribute, so parameter names, ``state_dict()`` keys and
 checkpoints are the same as for the bare model.
 
-The state helpers below gather full (unsharded) model and optimizer state on rank 0, keyed by parameter
-name, so a checkpoint does not record how it was sharded and resumes at any world size. Under FSDP they
-are collectives: every rank must call them.
+Checkpoint state never records how it was sharded, so it resumes at any world size: plain and DDP runs
+save rank 0's weights and name-keyed optimizer state; FSDP/HSDP runs save DCP shards written by every rank
+(a collective), which DCP reshards on load. Either loads into a plain or a sharded model.
 """
 
 from __future__ import annotations
@@ -230,14 +230,12 @@ def _options(**kwargs: Any) -> Any:
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full state dict on CPU, on rank 0 (empty elsewhere); a collective when ``model`` is sharded."""
-    if not is_sharded(model):
-        if dist.is_initialized() and dist.get_rank() != 0:
-            return {}  # replicated: rank 0's copy is the state
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    """State dict of a plain or DDP-replicated model on CPU, on rank 0 (empty elsewhere).
 
-    return get_model_state_dict(model, options=_options(full_state_dict=True, cpu_offload=True))
+    Sharded models are never gathered: their checkpoints are DCP shards (``save_sharded_weights``)."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return {}  # replicated: rank 0's copy is the state
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -251,14 +249,11 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Optimizer state keyed by parameter name (not position or shard), full, on rank 0; a collective under FSDP.
+    """Optimizer state of a plain or DDP-replicated model keyed by parameter name (not position), on rank 0.
 
-    The optimizer must have been built over ``model.parameters()`` (names follow that order).
+    The optimizer must have been built over ``model.parameters()`` (names follow that order). Sharded
+    optimizer state is written as DCP shards instead (``save_sharded_optimizer``).
     """
-    if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        return get_optimizer_state_dict(model, optimizer, options=_options(full_state_dict=True, cpu_offload=True))
     if dist.is_initialized() and dist.get_rank() != 0:
         return {}
     names = [n for n, _ in model.named_parameters()]

@@ -29,6 +29,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 
     cfg = load_config(args.config, overrides)
     if args.simulate_world is not None:
+        if args.resume:
+            raise ValueError("--simulate-world neither reads nor writes checkpoints: drop --resume")
         return _simulate(cfg, args.simulate_world)
     trainer = Trainer(cfg, resume=args.resume)
     try:

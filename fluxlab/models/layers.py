@@ -255,7 +255,8 @@ class SingleStreamBlock(nn.Module):
         mod, _ = self.modulation(vec)
         h = mod.modulate(self.pre_norm(x))
         d = self.hidden_size
-        if gemm_epilogues(x):
+        fused = gemm_epilogues(x)
+        if fused:
             # Inference on CUDA: the GELU runs in linear1's cuBLAS epilogue, and linear2 is split at the
             # concatenation (attention part, then the MLP part accumulated onto it), so neither the
             # activated MLP half nor the [attention, MLP] concatenation makes a trip through memory.
@@ -267,7 +268,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
         attn = attention(q, k, v, pe)
-        if gemm_epilogues(x):
+        if fused:
             out = torch.addmm(self.linear2.bias, attn.flatten(0, 1), w2[:, :d].t())
             out = torch.addmm(out, act, w2[:, d:].t()).view_as(x)
         else:
