@@ -30,7 +30,9 @@ from fluxlab.models.registry import flux_params
 # parameters for compute cast once per step from fp32 master weights that the optimizer updates.
 # "autocast-overlap": autocast, with each block's AdamW update started during the backward pass on a side
 # stream (fluxlab.overlap.BlockwiseAdamW); the same arithmetic, overlapped with the backward GEMMs.
-TRAIN_MODES = ("autocast", "bf16-params", "autocast-overlap")
+# "master": the matmul weights are bf16 parameters, the fp32 masters live in fluxlab.master_weights'
+# MasterWeightAdamW, which rewrites the bf16 copies in its fused update (autocast stays on for everything else).
+TRAIN_MODES = ("autocast", "bf16-params", "autocast-overlap", "master")
 
 
 def flops_forward(params: FluxParams, batch: int, img_tokens: int, txt_tokens: int) -> float:
@@ -267,17 +269,21 @@ def bench_train(
         from fluxlab.overlap import BlockwiseAdamW, block_groups
 
         optimizer = BlockwiseAdamW(block_groups(impl.blocks(model), model), lr=1e-5, fused=True)
+    if mode == "master":
+        from fluxlab.master_weights import MasterWeightAdamW
+
+        optimizer = MasterWeightAdamW(model, lr=1e-5)  # before compiling: it swaps in the bf16 parameters
     if compiled != "eager":
         model = impl.compile(model, compiled)
     if mode == "bf16-params":
         _shard_bf16(impl, model)
-    if not overlap:
+    if mode in ("autocast", "bf16-params"):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=mode == "autocast")
     x = make_inputs(params, batch, resolution, resolution, txt_tokens, device, seed)
     losses: list[float] = []
 
     def step() -> Tensor:
-        autocast = mode.startswith("autocast")
+        autocast = mode != "bf16-params"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             xin = x if autocast else cast_inputs(x, torch.bfloat16)
             out = impl.forward(model, xin)

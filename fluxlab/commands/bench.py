@@ -14,7 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--what", default="train,infer", help="comma-separated: train, infer (default both)")
     p.add_argument("--impls", default="fluxlab,diffusers", help="comma-separated: fluxlab, diffusers")
-    p.add_argument("--train-modes", default="autocast", help="comma-separated: autocast, bf16-params")
+    p.add_argument("--train-modes", default="autocast", help="comma-separated: autocast, bf16-params, autocast-overlap, master")
     p.add_argument("--train-compile", default="eager,block",
                    help="comma-separated: eager, block (per-block torch.compile), full; '+max' adds GEMM autotuning")
     p.add_argument("--infer-compile", default="eager,block",

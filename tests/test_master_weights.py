@@ -1,0 +1,101 @@
+"""MasterWeightAdamW: bf16 matmul weights + fp32 masters give autocast + AdamW's training, without the casts."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fluxlab.latents import image_ids, text_ids
+from fluxlab.master_weights import MasterWeightAdamW, _adamw_
+from fluxlab.models.flux import Flux
+from fluxlab.models.registry import flux_params
+
+
+def _setup():
+    params = flux_params("flux-debug", in_channels=8, out_channels=8, context_in_dim=12, vec_in_dim=6,
+                         guidance_embed=True)
+    g = torch.Generator().manual_seed(0)
+    x = dict(img=torch.randn(2, 16, 8, generator=g), img_ids=image_ids(2, 4, 4),
+             txt=torch.randn(2, 5, 12, generator=g), txt_ids=text_ids(2, 5),
+             timesteps=torch.rand(2, generator=g), y=torch.randn(2, 6, generator=g), guidance=torch.full((2,), 3.5))
+    target = torch.randn(2, 16, 8, generator=g)
+    torch.manual_seed(0)
+    return Flux(params), x, target
+
+
+def _step(model, opt, x, target) -> float:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**x)
+    loss = F.mse_loss(out.float(), target)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def test_master_weights_train_like_autocast_and_adamw() -> None:
+    ref, x, target = _setup()
+    model = copy.deepcopy(ref)
+    adamw = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.1, foreach=False)
+    master = MasterWeightAdamW(model, lr=1e-3, weight_decay=0.1)
+    # Every matmul weight is a bf16 parameter now; the RMSNorm scales, which autocast leaves alone, stay fp32.
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["double_blocks.0.img_attn.qkv.weight"] == torch.bfloat16
+    assert dtypes["single_blocks.0.linear2.bias"] == torch.bfloat16
+    assert dtypes["single_blocks.0.norm.query_norm.scale"] == torch.float32
+    ref_losses = [_step(ref, adamw, x, target) for _ in range(4)]
+    losses = [_step(model, master, x, target) for _ in range(4)]
+    # Same bf16 weights, the same gradients and the same AdamW arithmetic: equal to the last bit on the CPU.
+    assert losses == ref_losses
+    assert losses[-1] < losses[0]
+    state = master.master_state_dict()
+    assert list(state) == list(ref.state_dict())
+    for name, expected in ref.state_dict().items():
+        assert state[name].dtype == torch.float32, name
+        torch.testing.assert_close(state[name], expected, rtol=0, atol=0, msg=name)
+        # The bf16 copy the model computes with is its master rounded to bf16.
+        live = dict(model.named_parameters())[name]
+        torch.testing.assert_close(live.float(), state[name].to(live.dtype).float(), rtol=0, atol=0, msg=name)
+
+
+def test_update_equals_torch_adamw_on_one_tensor() -> None:
+    g = torch.Generator().manual_seed(3)
+    p = torch.randn(50, generator=g)
+    ref = torch.nn.Parameter(p.clone())
+    adamw = torch.optim.AdamW([ref], lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.2, foreach=False)
+    master, m, v, copy_ = p.clone(), torch.zeros(50), torch.zeros(50), torch.zeros(50, dtype=torch.bfloat16)
+    for step in range(1, 6):
+        grad = torch.randn(50, generator=g)
+        ref.grad = grad.clone()
+        adamw.step()
+        scalars = torch.tensor([1 - 0.05 * 0.2, 0.05 / (1 - 0.8**step), (1 - 0.95**step) ** 0.5])
+        _adamw_([master], [grad], [m], [v], [copy_], *scalars.unbind(), 0.8, 0.95, 1e-6)
+    torch.testing.assert_close(master, ref.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(copy_, master.to(torch.bfloat16), rtol=0, atol=0)
+    state = adamw.state[ref]
+    torch.testing.assert_close(m, state["exp_avg"], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(v, state["exp_avg_sq"], rtol=1e-6, atol=1e-10)
+
+
+def test_state_dict_resumes_the_same_trajectory() -> None:
+    a, x, target = _setup()
+    b = copy.deepcopy(a)
+    opt_a = MasterWeightAdamW(a, lr=1e-3)
+    for _ in range(2):
+        _step(a, opt_a, x, target)
+    # A second model restarted from a's fp32 masters and optimizer state continues exactly like a.
+    b.load_state_dict(opt_a.master_state_dict())
+    opt_b = MasterWeightAdamW(b, lr=5.0)
+    opt_b.load_state_dict(opt_a.state_dict())
+    assert opt_b.param_groups[0]["lr"] == 1e-3 and opt_b.step_count == 2
+    assert _step(b, opt_b, x, target) == _step(a, opt_a, x, target)
+    for name, t in opt_a.master_state_dict().items():
+        torch.testing.assert_close(opt_b.master_state_dict()[name], t, rtol=0, atol=0, msg=name)
+
+
+def test_refuses_non_fp32_parameters() -> None:
+    with pytest.raises(ValueError, match="0.weight is torch.bfloat16"):
+        MasterWeightAdamW(torch.nn.Sequential(torch.nn.Linear(2, 2).to(torch.bfloat16)), lr=1e-3)
