@@ -119,6 +119,10 @@ class OptimConfig:
     grad_accum: int = 1
     steps: int = 1000
     ema_decay: float = 0.999
+    # bf16 matmul weights as the model's parameters, fp32 masters in the optimizer (fluxlab.master_weights): the
+    # same arithmetic as autocast + AdamW without its per-step weight and gradient casts (~5% faster on an H200).
+    # auto: on wherever it applies (bf16 mixed precision, one process, optim.grad_accum=1).
+    master_weights: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass(kw_only=True)

@@ -32,6 +32,7 @@ def _adamw_(
     decay: Tensor,
     step_size: Tensor,
     bias2_sqrt: Tensor,
+    clip: Tensor,
     beta1: float,
     beta2: float,
     eps: float,
@@ -40,9 +41,10 @@ def _adamw_(
 
     ``decay`` (1 - lr·weight_decay), ``step_size`` (lr / bias correction 1) and ``bias2_sqrt`` are 0-d tensors, so
     a compiled version is not recompiled when they change; they are computed in Python floats, as AdamW does.
+    ``clip`` scales the gradients first, as ``clip_grad_norm_`` would have in place.
     """
     for p, g, m, v, copy in zip(masters, grads, exp_avgs, exp_avg_sqs, copies):
-        g = g.float()
+        g = g.float() * clip
         p.mul_(decay)
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -51,25 +53,36 @@ def _adamw_(
             copy.copy_(p)
 
 
-def matmul_parameters(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    """Every trainable ``nn.Linear`` weight and bias by parameter name: what autocast would cast to bf16."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    found: dict[str, tuple[nn.Module, str]] = {}
+def swap_in_compute_weights(model: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Replaces every ``nn.Linear`` weight and bias (what autocast casts) by a ``dtype`` copy; returns the fp32
+    originals by parameter name. A parameter shared by several layers stays shared."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
     for module in model.modules():
         if isinstance(module, nn.Linear):
             for attr in ("weight", "bias"):
                 p = getattr(module, attr)
-                if p is not None and p.requires_grad and id(p) in names:
-                    found.setdefault(names[id(p)], (module, attr))
-    return found
+                if p is not None:
+                    holders.setdefault(id(p), []).append((module, attr))
+    originals: dict[str, Tensor] = {}
+    for name, p in list(model.named_parameters()):
+        if id(p) not in holders:
+            continue
+        if p.dtype != torch.float32:
+            raise ValueError(f"MasterWeightAdamW needs fp32 parameters to keep as masters; {name} is {p.dtype}")
+        compute = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+        for module, attr in holders[id(p)]:
+            setattr(module, attr, compute)
+        originals[name] = p.detach()
+    return originals
 
 
-class MasterWeightAdamW:
+class MasterWeightAdamW(torch.optim.Optimizer):
     """AdamW whose fp32 master weights live here while the model computes with bf16 copies.
 
-    Construct it before compiling or wrapping the model: it replaces every ``nn.Linear`` weight and bias by a bf16
-    parameter (the forward then needs no casts, autocast or not). ``param_groups`` holds the one group's
-    settings so LR schedules can set ``lr``; ``master_state_dict()`` is the model's state dict in fp32.
+    Construct it before the model's first forward (after wrapping or compiling is fine: compilation is lazy). It
+    replaces every ``nn.Linear`` weight and bias by a bf16 parameter, so the forward needs no casts. Its state
+    dict has ``torch.optim.AdamW``'s layout over ``model.parameters()``, so checkpoints move freely between the
+    two; ``master_state_dict()`` is the model's state dict in fp32.
     """
 
     def __init__(
@@ -82,43 +95,49 @@ class MasterWeightAdamW:
         compute_dtype: torch.dtype = torch.bfloat16,
     ):
         self.model = model
-        matmul = matmul_parameters(model)
+        originals = swap_in_compute_weights(model, compute_dtype)
         self.names: list[str] = []
-        self.params: list[nn.Parameter] = []  # what the model computes with (and gets gradients for)
         self.masters: list[Tensor] = []
         self.copies: list[Tensor | None] = []
-        for name, p in list(model.named_parameters()):
-            if not p.requires_grad:
-                continue
-            if p.dtype != torch.float32:
+        params: list[nn.Parameter] = []  # what the model computes with (and gets gradients for)
+        for name, p in model.named_parameters():
+            if p.dtype != torch.float32 and name not in originals:
                 raise ValueError(f"MasterWeightAdamW needs fp32 parameters to keep as masters; {name} is {p.dtype}")
-            if name in matmul:
-                module, attr = matmul[name]
-                compute = nn.Parameter(p.detach().to(compute_dtype))
-                setattr(module, attr, compute)
-                self.params.append(compute)
-                self.masters.append(p.detach())
-                self.copies.append(compute.data)
-            else:
-                self.params.append(p)
-                self.masters.append(p.detach())
-                self.copies.append(None)
+            params.append(p)
             self.names.append(name)
+            self.masters.append(originals.get(name, p.detach()))
+            self.copies.append(p.data if name in originals else None)
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         device = self.masters[0].device
         self.exp_avgs = [torch.zeros_like(m) for m in self.masters]
         self.exp_avg_sqs = [torch.zeros_like(m) for m in self.masters]
         self.step_count = 0
-        self._scalars = torch.zeros(3, device=device)  # decay, step size, sqrt of bias correction 2
-        self.param_groups = [dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)]
-        update: Callable[..., None] = _adamw_
+        self._scalars = torch.ones(4, device=device)  # decay, step size, sqrt of bias correction 2, clip factor
+        self._update: Callable[..., None] = _adamw_
         if device.type == "cuda":
             # One fused kernel per tensor: reads master, gradient and moments, writes them and the bf16 copy.
-            update = torch.compile(_adamw_, fullgraph=True)
-        self._update = update
+            self._update = torch.compile(_adamw_, fullgraph=True)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return self.param_groups[0]["params"]
+
+    def _with_grad(self) -> list[int]:
+        return [i for i, p in enumerate(self.params) if p.grad is not None]
 
     @torch.no_grad()
-    def step(self) -> None:
-        have = [i for i, p in enumerate(self.params) if p.grad is not None]
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """``torch.nn.utils.clip_grad_norm_``'s global norm, in fp32; the scaling happens inside the next ``step``."""
+        grads = [self.params[i].grad for i in self._with_grad()]
+        if not grads:
+            return torch.zeros((), device=self._scalars.device)
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)))
+        self._scalars[3].copy_(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        return total
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        have = self._with_grad()
         if not have:
             return
         group = self.param_groups[0]
@@ -128,13 +147,15 @@ class MasterWeightAdamW:
                    (1 - beta2**self.step_count) ** 0.5]
         for slot, value in zip(self._scalars, scalars):
             slot.fill_(value)  # a kernel argument: no host-to-device copy, no synchronisation
-        decay, step_size, bias2_sqrt = self._scalars.unbind()
+        decay, step_size, bias2_sqrt, clip = self._scalars.unbind()
         pick = lambda xs: [xs[i] for i in have]  # noqa: E731
         self._update(pick(self.masters), [self.params[i].grad for i in have], pick(self.exp_avgs),
-                     pick(self.exp_avg_sqs), pick(self.copies), decay, step_size, bias2_sqrt,
+                     pick(self.exp_avg_sqs), pick(self.copies), decay, step_size, bias2_sqrt, clip,
                      beta1, beta2, group["eps"])
+        self._scalars[3].fill_(1.0)  # a clip factor holds for one step
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._scalars[3].fill_(1.0)  # a clip factor of a skipped step must not reach the next one
         for p in self.params:
             if set_to_none:
                 p.grad = None
@@ -144,24 +165,35 @@ class MasterWeightAdamW:
     def master_state_dict(self) -> dict[str, Tensor]:
         """The model's state dict with the fp32 masters in place of the bf16 copies."""
         state = self.model.state_dict()
-        state.update({n: m for n, m in zip(self.names, self.masters)})
+        state.update(zip(self.names, self.masters))
         return state
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step_count,
-            "param_groups": [dict(g) for g in self.param_groups],
-            "exp_avg": dict(zip(self.names, self.exp_avgs)),
-            "exp_avg_sq": dict(zip(self.names, self.exp_avg_sqs)),
-        }
+    @torch.no_grad()
+    def load_master_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Loads fp32 weights into the masters and the model (whose copies are the masters rounded)."""
+        self.model.load_state_dict(state, strict=True)
+        for name, master in zip(self.names, self.masters):
+            master.copy_(state[name])
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """``torch.optim.AdamW``'s layout: per-parameter state by position in ``model.parameters()``."""
+        step = torch.tensor(float(self.step_count))
+        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        state = {i: {"step": step.clone(), "exp_avg": m, "exp_avg_sq": v}
+                 for i, (m, v) in enumerate(zip(self.exp_avgs, self.exp_avg_sqs))} if self.step_count else {}
+        return {"state": state, "param_groups": [{**group, "params": list(range(len(self.params)))}]}
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = set(self.names) - set(state["exp_avg"])
-        if missing:
-            raise KeyError(f"optimizer state has no moments for {sorted(missing)[:3]} ({len(missing)} in all)")
-        self.step_count = int(state["step"])
-        self.param_groups = [dict(g) for g in state["param_groups"]]
-        for n, m, v in zip(self.names, self.exp_avgs, self.exp_avg_sqs):
-            m.copy_(state["exp_avg"][n])
-            v.copy_(state["exp_avg_sq"][n])
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        (saved,) = state_dict["param_groups"]
+        if len(saved["params"]) != len(self.params):
+            raise ValueError(f"optimizer state for {len(saved['params'])} parameters, this model has {len(self.params)}")
+        group = self.param_groups[0]
+        group.update({k: v for k, v in saved.items() if k in ("lr", "betas", "eps", "weight_decay", "initial_lr")})
+        self.step_count = 0
+        for position, i in enumerate(saved["params"]):
+            s = state_dict["state"].get(i)
+            if s:
+                self.exp_avgs[position].copy_(s["exp_avg"])
+                self.exp_avg_sqs[position].copy_(s["exp_avg_sq"])
+                self.step_count = int(s["step"])

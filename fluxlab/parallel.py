@@ -190,10 +190,13 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, weight: float) -> None:
-    """ema ← ema + weight·(model − ema), shard by shard: sharded like the model, the EMA costs 1/world of it."""
+def ema_update(ema: nn.Module, model: nn.Module, weight: float, sources: list[torch.Tensor] | None = None) -> None:
+    """ema ← ema + weight·(model − ema), shard by shard: sharded like the model, the EMA costs 1/world of it.
+
+    ``sources``: the weights to follow in ``model.parameters()`` order, if not the parameters themselves (the fp32
+    masters of ``MasterWeightAdamW``)."""
     ema_params = [local(p) for p in ema.parameters()]
-    params = [local(p.detach()) for p in model.parameters()]
+    params = sources if sources is not None else [local(p.detach()) for p in model.parameters()]
     torch._foreach_lerp_(ema_params, params, weight)
 
 
@@ -248,6 +251,10 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     set_model_state_dict(model, state, options=_options(full_state_dict=True, strict=True))
 
 
+# Settings that say how an optimizer runs, not what it computes: a resumed optimizer keeps its own.
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Optimizer state of a plain or DDP-replicated model keyed by parameter name (not position), on rank 0.
 
@@ -284,7 +291,11 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
             "state": {index[n]: v for n, v in state["state"].items()},
             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]],
         }
-    optimizer.load_state_dict(state)
+    # How this optimizer runs (fused or not, ...) is its own; the checkpoint's hyperparameters and moments are
+    # loaded (a torch AdamW checkpoint into MasterWeightAdamW or back, or a CPU run's into a fused GPU AdamW).
+    groups = [{**saved, **{k: current[k] for k in IMPLEMENTATION_KEYS if k in current}}
+              for saved, current in zip(state["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
 
 
 # Sharded optimizer state: under FSDP the AdamW moments are twice the parameters and are the largest part of a

@@ -25,6 +25,7 @@ from fluxlab.checkpoint import (
 from fluxlab.config import Config
 from fluxlab.data.samplers import InfiniteBatchSampler
 from fluxlab.data.training import train_batches, train_dataset, val_dataset
+from fluxlab.master_weights import MasterWeightAdamW
 from fluxlab.rng import SampleGenerators, process_rng_state, set_process_rng_state
 from fluxlab.tasks import build_task
 
@@ -109,14 +110,14 @@ class Trainer:
         self.ema = parallel.materialize_like(ema_on_meta, self.model, cfg.parallel, self.device, self.dist)
 
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=o.lr,
-            betas=(o.beta1, o.beta2),
-            weight_decay=o.weight_decay,
-            eps=o.eps,
-            fused=self.device.type == "cuda",
-        )
+        self.master_weights = self._use_master_weights(bf16)
+        adamw = dict(lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, eps=o.eps)
+        self.optimizer: Any  # torch.optim.AdamW or MasterWeightAdamW (an Optimizer too, with masters)
+        if self.master_weights:  # swaps bf16 copies into the model's matmuls (its compiled forwards trace lazily)
+            self.optimizer = MasterWeightAdamW(self.model, **adamw)
+            self._log("optimizer: AdamW on fp32 master weights, bf16 matmul weights (optim.master_weights)")
+        else:
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), **adamw, fused=self.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         # Caption dropout, t and noise come from per-sample generators (fluxlab.rng), not a per-process stream.
 
@@ -130,6 +131,22 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.json")
+
+    def _use_master_weights(self, bf16: bool) -> bool:
+        """Whether ``optim.master_weights`` applies: bf16 compute, gradients final after one backward pass, and
+        no DDP/FSDP (which reduce and shard the model's own parameters and have their own mixed precision)."""
+        missing = []
+        if not bf16:
+            missing.append(f"bf16 mixed precision (train.mixed_precision={self.cfg.train.mixed_precision} on "
+                           f"{self.device.type})")
+        if self.mode != "none":
+            missing.append(f"a single process without DDP/FSDP (parallel.mode resolves to {self.mode})")
+        if self.cfg.optim.grad_accum != 1:
+            missing.append(f"optim.grad_accum=1 (it is {self.cfg.optim.grad_accum}: bf16 gradients would be summed)")
+        choice = self.cfg.optim.master_weights
+        if choice == "on" and missing:
+            raise ValueError("optim.master_weights=on needs " + "; ".join(missing) + ". Use auto or off")
+        return choice == "on" or (choice == "auto" and not missing)
 
     # ------------------------------------------------------------------------------------------
     def _log(self, msg: str) -> None:
@@ -180,6 +197,9 @@ class Trainer:
             parallel.save_sharded_weights(self.model, self.ema, staged[SHARDED_WEIGHTS])
             parallel.save_sharded_optimizer(self.model, self.optimizer, staged[parallel.SHARDED_OPTIMIZER])
             distributed.barrier(self.dist)
+        elif self.master_weights:  # one process: the fp32 masters are the weights
+            weights = {k: v.detach().cpu() for k, v in self.optimizer.master_state_dict().items()}
+            ema = parallel.model_state(self.ema)
         else:
             weights, ema = parallel.model_state(self.model), parallel.model_state(self.ema)
         if self.dist.is_main:
@@ -199,7 +219,11 @@ class Trainer:
         if (path / SHARDED_WEIGHTS).is_dir():
             parallel.load_sharded_weights(self.model, self.ema, path / SHARDED_WEIGHTS)
         else:
-            parallel.load_model_state(self.model, load_file(path / "model.safetensors", device=str(self.device)))
+            weights = load_file(path / "model.safetensors", device=str(self.device))
+            if self.master_weights:  # into the fp32 masters, and rounded into the model's bf16 copies
+                self.optimizer.load_master_state_dict(weights)
+            else:
+                parallel.load_model_state(self.model, weights)
             parallel.load_model_state(self.ema, load_file(path / "ema.safetensors", device=str(self.device)))
         state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
         if state["optimizer"] == parallel.SHARDED_OPTIMIZER:  # DCP shards, resharded to this world size
@@ -229,7 +253,9 @@ class Trainer:
     def _update_ema(self) -> None:
         # Warm-up of the decay (as in k-diffusion/timm): early weights are forgotten quickly.
         decay = min(self.cfg.optim.ema_decay, (1 + self.step) / (10 + self.step))
-        parallel.ema_update(self.ema, self.model, 1.0 - decay)  # shard-local under FSDP: no communication
+        # Shard-local under FSDP: no communication. With master weights, the EMA follows the fp32 masters.
+        masters = self.optimizer.masters if self.master_weights else None
+        parallel.ema_update(self.ema, self.model, 1.0 - decay, masters)
 
     def _write_log(self, record: dict[str, Any]) -> None:
         """One JSON line per log step: the loss curve survives without TensorBoard."""
@@ -289,7 +315,8 @@ class Trainer:
         captured = capture_forward(self.task, self.model, batch, seed=self.step)
         if self._sharded:
             parallel.reshard(self.model)  # so that every parameter is a shard again, gathered below one by one
-        weights = parallel.full_parameters(self.model)
+        weights = (zip(self.optimizer.names, self.optimizer.masters) if self.master_weights
+                   else parallel.full_parameters(self.model))
         if self.writer is None:
             for _ in weights:  # the other ranks' half of each gather
                 pass
@@ -343,7 +370,10 @@ class Trainer:
                 dist.all_reduce(step_loss)
                 step_loss /= self.dist.world
             # Under FSDP the gradients are DTensor shards; clip_grad_norm_ still computes the global norm.
-            grad_norm = parallel.full_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip))
+            if self.master_weights:  # the norm in fp32; the scaling is folded into the optimizer's update
+                grad_norm = self.optimizer.clip_grad_norm_(o.grad_clip)
+            else:
+                grad_norm = parallel.full_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip))
             nonfinite = ~(torch.isfinite(grad_norm) & torch.isfinite(step_loss))
             if self.simulated:  # meaningless numbers by design; the optimizer step must still allocate its state
                 nonfinite.zero_()

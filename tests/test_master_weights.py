@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fluxlab import parallel
 from fluxlab.latents import image_ids, text_ids
 from fluxlab.master_weights import MasterWeightAdamW, _adamw_
 from fluxlab.models.flux import Flux
@@ -26,17 +27,25 @@ def _setup():
     return Flux(params), x, target
 
 
-def _step(model, opt, x, target) -> float:
+def _step(model, opt, x, target, clip: float | None = None) -> float:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(**x)
     loss = F.mse_loss(out.float(), target)
     loss.backward()
+    if clip is not None:
+        norm = opt.clip_grad_norm_(clip) if isinstance(opt, MasterWeightAdamW) else \
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        _step.norms.append(norm.item())
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss.item()
 
 
-def test_master_weights_train_like_autocast_and_adamw() -> None:
+_step.norms = []
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_master_weights_train_like_autocast_and_adamw(clip) -> None:
     ref, x, target = _setup()
     model = copy.deepcopy(ref)
     adamw = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.1, foreach=False)
@@ -46,8 +55,11 @@ def test_master_weights_train_like_autocast_and_adamw() -> None:
     assert dtypes["double_blocks.0.img_attn.qkv.weight"] == torch.bfloat16
     assert dtypes["single_blocks.0.linear2.bias"] == torch.bfloat16
     assert dtypes["single_blocks.0.norm.query_norm.scale"] == torch.float32
-    ref_losses = [_step(ref, adamw, x, target) for _ in range(4)]
-    losses = [_step(model, master, x, target) for _ in range(4)]
+    _step.norms.clear()
+    ref_losses = [_step(ref, adamw, x, target, clip) for _ in range(4)]
+    losses = [_step(model, master, x, target, clip) for _ in range(4)]
+    if clip is not None:  # the gradient norms agree too, and were large enough to be clipped
+        assert _step.norms[:4] == _step.norms[4:] and min(_step.norms) > clip
     # Same bf16 weights, the same gradients and the same AdamW arithmetic: equal to the last bit on the CPU.
     assert losses == ref_losses
     assert losses[-1] < losses[0]
@@ -71,7 +83,7 @@ def test_update_equals_torch_adamw_on_one_tensor() -> None:
         grad = torch.randn(50, generator=g)
         ref.grad = grad.clone()
         adamw.step()
-        scalars = torch.tensor([1 - 0.05 * 0.2, 0.05 / (1 - 0.8**step), (1 - 0.95**step) ** 0.5])
+        scalars = torch.tensor([1 - 0.05 * 0.2, 0.05 / (1 - 0.8**step), (1 - 0.95**step) ** 0.5, 1.0])
         _adamw_([master], [grad], [m], [v], [copy_], *scalars.unbind(), 0.8, 0.95, 1e-6)
     torch.testing.assert_close(master, ref.detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(copy_, master.to(torch.bfloat16), rtol=0, atol=0)
@@ -80,20 +92,39 @@ def test_update_equals_torch_adamw_on_one_tensor() -> None:
     torch.testing.assert_close(v, state["exp_avg_sq"], rtol=1e-6, atol=1e-10)
 
 
-def test_state_dict_resumes_the_same_trajectory() -> None:
+def test_state_dict_resumes_the_same_trajectory_in_either_optimizer() -> None:
     a, x, target = _setup()
-    b = copy.deepcopy(a)
+    fresh = copy.deepcopy(a)
     opt_a = MasterWeightAdamW(a, lr=1e-3)
     for _ in range(2):
         _step(a, opt_a, x, target)
-    # A second model restarted from a's fp32 masters and optimizer state continues exactly like a.
-    b.load_state_dict(opt_a.master_state_dict())
+    weights = {k: v.clone() for k, v in opt_a.master_state_dict().items()}
+    saved = copy.deepcopy(parallel.optimizer_state(a, opt_a))  # the trainer's name-keyed checkpoint format
+    # Restarted from a's fp32 masters and optimizer state, a second model continues exactly like a ...
+    b = copy.deepcopy(fresh)
     opt_b = MasterWeightAdamW(b, lr=5.0)
-    opt_b.load_state_dict(opt_a.state_dict())
+    opt_b.load_master_state_dict(weights)
+    parallel.load_optimizer_state(b, opt_b, saved)
     assert opt_b.param_groups[0]["lr"] == 1e-3 and opt_b.step_count == 2
-    assert _step(b, opt_b, x, target) == _step(a, opt_a, x, target)
+    # ... and so does a plain fp32 model under autocast with torch's fused-or-not AdamW, from the same checkpoint.
+    c = copy.deepcopy(fresh)
+    c.load_state_dict(weights)
+    opt_c = torch.optim.AdamW(c.parameters(), lr=5.0, foreach=False)
+    parallel.load_optimizer_state(c, opt_c, saved)
+    assert opt_c.param_groups[0]["foreach"] is False  # its own implementation settings survive the load
+    expected = _step(a, opt_a, x, target)
+    assert _step(b, opt_b, x, target) == expected
+    assert _step(c, opt_c, x, target) == expected
     for name, t in opt_a.master_state_dict().items():
         torch.testing.assert_close(opt_b.master_state_dict()[name], t, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(c.state_dict()[name], t, rtol=0, atol=0, msg=name)
+    # The other way round: torch AdamW's checkpoint into MasterWeightAdamW.
+    d = copy.deepcopy(fresh)
+    opt_d = MasterWeightAdamW(d, lr=5.0)
+    opt_d.load_master_state_dict(c.state_dict())
+    parallel.load_optimizer_state(d, opt_d, copy.deepcopy(parallel.optimizer_state(c, opt_c)))
+    assert opt_d.step_count == 3
+    assert _step(d, opt_d, x, target) == _step(c, opt_c, x, target)
 
 
 def test_refuses_non_fp32_parameters() -> None:

@@ -93,3 +93,34 @@ def test_simulated_world_trains_one_rank_and_writes_no_checkpoint(tmp_path, caps
     assert (out / "samples" / "step_0000002.png").is_file()
     assert "no GPU, so no memory figure" in capsys.readouterr().out
     assert not dist.is_initialized()  # the fake group is gone: later tests start clean
+
+
+def test_master_weights_train_and_resume_like_autocast(tmp_path: Path, capsys) -> None:
+    """optim.master_weights (bf16 matmul weights, fp32 masters) trains exactly like autocast + AdamW, clipping and
+    EMA included, and resumes from (and into) either kind of run."""
+    common = ["--config", "debug", *FAST, "--train.mixed_precision=bf16", "--train.checkpoint_every=2",
+              "--optim.grad_clip=0.05"]
+    autocast, master, mixed = tmp_path / "autocast", tmp_path / "master", tmp_path / "mixed"
+    assert main(["train", *common, f"--train.output_dir={autocast}", "--optim.master_weights=off"]) == 0
+    assert main(["train", *common, f"--train.output_dir={master}", "--optim.master_weights=on"]) == 0
+    assert "fp32 master weights" in capsys.readouterr().out
+    # Two steps with autocast, two more with master weights from its checkpoint.
+    assert main(["train", *common, f"--train.output_dir={mixed}", "--optim.steps=2", "--optim.master_weights=off"]) == 0
+    assert main(["train", *common, f"--train.output_dir={mixed}", "--resume", "--optim.master_weights=on"]) == 0
+    for name in ("model", "ema"):
+        ref = load_file(autocast / "checkpoints" / "step_0000004" / f"{name}.safetensors")
+        for run in (master, mixed):
+            got = load_file(run / "checkpoints" / "step_0000004" / f"{name}.safetensors")
+            assert got.keys() == ref.keys()
+            for k in ref:
+                assert got[k].dtype == torch.float32, (run.name, k)
+                torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=f"{run.name} {name} {k}")
+
+
+def test_master_weights_on_refuses_what_it_cannot_do(tmp_path: Path, capsys) -> None:
+    args = ["train", "--config", "debug", *FAST, f"--train.output_dir={tmp_path}", "--optim.master_weights=on"]
+    assert main([*args, "--train.mixed_precision=bf16", "--optim.grad_accum=2"]) == 2
+    assert "optim.grad_accum=1" in capsys.readouterr().err
+    assert main(args) == 2  # fp32 on the CPU by default
+    assert "bf16 mixed precision" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoints").exists()
