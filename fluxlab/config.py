@@ -121,7 +121,7 @@ class OptimConfig:
     ema_decay: float = 0.999
     # bf16 matmul weights as the model's parameters, fp32 masters in the optimizer (fluxlab.master_weights): the
     # same arithmetic as autocast + AdamW without its per-step weight and gradient casts (~5% faster on an H200).
-    # auto: on wherever it applies (bf16 mixed precision, one process, optim.grad_accum=1).
+    # auto: on wherever it applies (bf16 mixed precision in one process, without DDP/FSDP).
     master_weights: Literal["auto", "on", "off"] = "auto"
 
 

@@ -11,8 +11,9 @@ The arithmetic is AdamW's on the same gradients, so a step equals autocast + ``t
 rounding. Parameters that autocast leaves in fp32 (RMSNorm scales) stay fp32 and are updated in the same pass.
 Apex's "O2" mixed precision and Megatron's distributed optimizer keep master weights the same way.
 
-Gradients must be final after one backward pass: bf16 gradients summed over several micro-batches would lose
-precision, so gradient accumulation keeps autocast (the trainer's default).
+With gradient accumulation (``accumulate_fp32=True``) each micro-batch's bf16 gradient is added into an fp32
+sum as soon as it is produced, as autocast's fp32 ``.grad`` would have summed it, so the update sees the same
+numbers; without it the gradients must be final after one backward pass.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         compute_dtype: torch.dtype = torch.bfloat16,
+        accumulate_fp32: bool = False,
     ):
         self.model = model
         originals = swap_in_compute_weights(model, compute_dtype)
@@ -113,6 +115,12 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         self.exp_avg_sqs = [torch.zeros_like(m) for m in self.masters]
         self.step_count = 0
         self._scalars = torch.ones(4, device=device)  # decay, step size, sqrt of bias correction 2, clip factor
+        # fp32 sums of the bf16 gradients over a step's micro-batches (accumulate_fp32), filled by hooks.
+        self._sums: list[Tensor | None] = [None] * len(params)
+        if accumulate_fp32:
+            for i, (p, copy) in enumerate(zip(params, self.copies)):
+                if copy is not None and p.requires_grad:
+                    p.register_post_accumulate_grad_hook(self._summer(i))
         self._update: Callable[..., None] = _adamw_
         if device.type == "cuda":
             # One fused kernel per tensor: reads master, gradient and moments, writes them and the bf16 copy.
@@ -122,13 +130,31 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def params(self) -> list[nn.Parameter]:
         return self.param_groups[0]["params"]
 
-    def _with_grad(self) -> list[int]:
-        return [i for i, p in enumerate(self.params) if p.grad is not None]
+    def _summer(self, i: int) -> Callable[[Tensor], None]:
+        def add_to_sum(p: Tensor) -> None:
+            assert p.grad is not None
+            with torch.no_grad():
+                if self._sums[i] is None:
+                    self._sums[i] = p.grad.float()
+                else:
+                    self._sums[i].add_(p.grad)  # type: ignore[union-attr]
+            p.grad = None
+
+        return add_to_sum
+
+    def _gradients(self) -> dict[int, Tensor]:
+        """Each parameter's gradient for this step by position: its fp32 sum, or its ``.grad``."""
+        grads = {}
+        for i, p in enumerate(self.params):
+            g = self._sums[i] if self._sums[i] is not None else p.grad
+            if g is not None:
+                grads[i] = g
+        return grads
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """``torch.nn.utils.clip_grad_norm_``'s global norm, in fp32; the scaling happens inside the next ``step``."""
-        grads = [self.params[i].grad for i in self._with_grad()]
+        grads = list(self._gradients().values())
         if not grads:
             return torch.zeros((), device=self._scalars.device)
         total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)))
@@ -137,7 +163,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
-        have = self._with_grad()
+        grads = self._gradients()
+        have = list(grads)
         if not have:
             return
         group = self.param_groups[0]
@@ -149,13 +176,14 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             slot.fill_(value)  # a kernel argument: no host-to-device copy, no synchronisation
         decay, step_size, bias2_sqrt, clip = self._scalars.unbind()
         pick = lambda xs: [xs[i] for i in have]  # noqa: E731
-        self._update(pick(self.masters), [self.params[i].grad for i in have], pick(self.exp_avgs),
+        self._update(pick(self.masters), list(grads.values()), pick(self.exp_avgs),
                      pick(self.exp_avg_sqs), pick(self.copies), decay, step_size, bias2_sqrt, clip,
                      beta1, beta2, group["eps"])
         self._scalars[3].fill_(1.0)  # a clip factor holds for one step
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._scalars[3].fill_(1.0)  # a clip factor of a skipped step must not reach the next one
+        self._sums = [None] * len(self._sums)
         for p in self.params:
             if set_to_none:
                 p.grad = None

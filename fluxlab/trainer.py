@@ -106,15 +106,15 @@ class Trainer:
                   f"parallel.mode={self.mode} over {self.dist.world} process(es)")
         mp = cfg.train.mixed_precision
         bf16 = mp == "bf16" or (mp == "auto" and self.device.type == "cuda")
+        self.master_weights = self._use_master_weights(bf16)
         self.net = parallel.parallelize(self.model, cfg.parallel, self.device, self.dist, mixed_precision=bf16)
         self.ema = parallel.materialize_like(ema_on_meta, self.model, cfg.parallel, self.device, self.dist)
 
         o = cfg.optim
-        self.master_weights = self._use_master_weights(bf16)
         adamw = dict(lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, eps=o.eps)
         self.optimizer: Any  # torch.optim.AdamW or MasterWeightAdamW (an Optimizer too, with masters)
         if self.master_weights:  # swaps bf16 copies into the model's matmuls (its compiled forwards trace lazily)
-            self.optimizer = MasterWeightAdamW(self.model, **adamw)
+            self.optimizer = MasterWeightAdamW(self.model, **adamw, accumulate_fp32=o.grad_accum > 1)
             self._log("optimizer: AdamW on fp32 master weights, bf16 matmul weights (optim.master_weights)")
         else:
             self.optimizer = torch.optim.AdamW(self.model.parameters(), **adamw, fused=self.device.type == "cuda")
@@ -133,16 +133,14 @@ class Trainer:
             cfg.save(self.run_dir / "config.json")
 
     def _use_master_weights(self, bf16: bool) -> bool:
-        """Whether ``optim.master_weights`` applies: bf16 compute, gradients final after one backward pass, and
-        no DDP/FSDP (which reduce and shard the model's own parameters and have their own mixed precision)."""
+        """Whether ``optim.master_weights`` applies: bf16 compute and no DDP/FSDP (which reduce and shard the
+        model's own parameters, and FSDP has its own mixed precision)."""
         missing = []
         if not bf16:
             missing.append(f"bf16 mixed precision (train.mixed_precision={self.cfg.train.mixed_precision} on "
                            f"{self.device.type})")
         if self.mode != "none":
             missing.append(f"a single process without DDP/FSDP (parallel.mode resolves to {self.mode})")
-        if self.cfg.optim.grad_accum != 1:
-            missing.append(f"optim.grad_accum=1 (it is {self.cfg.optim.grad_accum}: bf16 gradients would be summed)")
         choice = self.cfg.optim.master_weights
         if choice == "on" and missing:
             raise ValueError("optim.master_weights=on needs " + "; ".join(missing) + ". Use auto or off")

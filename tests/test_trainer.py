@@ -117,10 +117,20 @@ def test_master_weights_train_and_resume_like_autocast(tmp_path: Path, capsys) -
                 torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=f"{run.name} {name} {k}")
 
 
+def test_master_weights_sum_accumulated_gradients_in_fp32(tmp_path: Path) -> None:
+    common = ["--config", "debug", *FAST, "--train.mixed_precision=bf16", "--optim.grad_accum=2", "--optim.steps=3",
+              "--optim.batch_size=2"]
+    for mode in ("off", "on"):
+        assert main(["train", *common, f"--train.output_dir={tmp_path / mode}", f"--optim.master_weights={mode}"]) == 0
+    ref, got = (load_file(tmp_path / m / "checkpoints" / "step_0000003" / "model.safetensors") for m in ("off", "on"))
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
+
+
 def test_master_weights_on_refuses_what_it_cannot_do(tmp_path: Path, capsys) -> None:
     args = ["train", "--config", "debug", *FAST, f"--train.output_dir={tmp_path}", "--optim.master_weights=on"]
-    assert main([*args, "--train.mixed_precision=bf16", "--optim.grad_accum=2"]) == 2
-    assert "optim.grad_accum=1" in capsys.readouterr().err
+    assert main([*args, "--train.mixed_precision=bf16", "--parallel.mode=fsdp"]) == 2
+    assert "without DDP/FSDP (parallel.mode resolves to fsdp)" in capsys.readouterr().err
     assert main(args) == 2  # fp32 on the CPU by default
     assert "bf16 mixed precision" in capsys.readouterr().err
     assert not (tmp_path / "checkpoints").exists()
