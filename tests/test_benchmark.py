@@ -20,6 +20,15 @@ def test_flop_count_matches_anchor():
     assert 3 * B.flops_forward(B.bench_params("train"), 8, 1024, 256) / 0.31696875 / 1e12 == pytest.approx(282.26, abs=0.01)
 
 
+def test_sampling_gemms_cover_the_token_wise_count():
+    # The blocks' GEMMs of one sampling step are the 24·d² per token per block of the count (modulation aside).
+    params = B.bench_params("infer")
+    gemms = B.sampling_gemms(params, 4096, 512)
+    flops = sum(2 * m * k * n * count for name, m, k, n, count in gemms if not name.startswith("modulation"))
+    assert flops == 57 * 4608 * 24 * 3072**2
+    assert sum(count for name, *_, count in gemms if name.startswith("modulation")) == 2 * 19 + 38
+
+
 def test_fluxlab_and_diffusers_impls_compute_the_same_function():
     pytest.importorskip("diffusers", reason="diffusers (the reference implementation) is not installed: pip install -e .[test]")
     params = FluxParams(in_channels=16, vec_in_dim=8, context_in_dim=12, hidden_size=32, num_heads=2, depth=1,

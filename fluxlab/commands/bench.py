@@ -12,7 +12,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "bench",
         help="time a training step (2.56B Flux, 512²) and a sampling step (flux-dev, 1024²) against diffusers",
     )
-    p.add_argument("--what", default="train,infer", help="comma-separated: train, infer (default both)")
+    p.add_argument("--what", default="train,infer",
+                   help="comma-separated: train, infer (default both), gemm (each matmul of a sampling step alone)")
     p.add_argument("--impls", default="fluxlab,diffusers", help="comma-separated: fluxlab, diffusers")
     p.add_argument("--train-modes", default="autocast", help="comma-separated: autocast, bf16-params, autocast-overlap, master")
     p.add_argument("--train-compile", default="eager,block",
@@ -104,6 +105,20 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             chosen = None if backends == "default" else tuple(backends.split("+"))
             r = B.bench_infer(impl, comp, backends=chosen, profile=args.profile)
             record("infer", f"infer {impl} {comp} sdpa={backends}", r)
+
+    if "gemm" in what:
+        gemms = B.bench_gemms()
+        for r in gemms:
+            print(json.dumps(r), flush=True)
+        total = sum(r["ms_per_step"] for r in gemms)
+        print("\n| GEMM (M×K by N) | count | µs | TFLOP/s | GB/s | ms per step |\n|---|---:|---:|---:|---:|---:|")
+        for r in gemms:
+            print(f"| {r['gemm']} ({r['m']}×{r['k']} by {r['n']}) | {r['count']} | {r['us']:.1f} | {r['tflops']:.0f} "
+                  f"| {r['gb_per_s']:.0f} | {r['ms_per_step']:.2f} |")
+        print(f"| all | | | | | {total:.2f} |")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"info": info, "results": rows, "gemms": gemms}, f, indent=1)
 
     baseline = {
         kind: next((r["step_s"] for r in rows if r["kind"] == kind and r["impl"] == "diffusers"
