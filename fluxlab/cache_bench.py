@@ -30,7 +30,7 @@ def _sync(device: torch.device) -> None:
 
 def time_steps(trainer: Any, batches: Iterator[dict[str, Any]], steps: int, warmup: int, desc: str) -> dict[str, float]:
     """Steps/s of the trainer's update (loss, backward, clip, AdamW, EMA) over ``steps`` after ``warmup``."""
-    device, o = trainer.device, trainer.cfg.optim
+    device = trainer.device
     trainer.model.train()
     images, start = 0, 0.0
     generator = torch.Generator(device=device).manual_seed(trainer.cfg.train.seed)
@@ -41,7 +41,7 @@ def time_steps(trainer: Any, batches: Iterator[dict[str, Any]], steps: int, warm
         batch = next(batches)
         per_sample, _ = trainer.task.loss(trainer.net, batch, generator)  # DDP/FSDP/compile as configured
         per_sample.mean().backward()
-        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), o.grad_clip)
+        trainer.clip_gradients()
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
         trainer._update_ema()

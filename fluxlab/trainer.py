@@ -247,6 +247,13 @@ class Trainer:
         self._log(f"resumed from {path} at step {self.step}")
 
     # ------------------------------------------------------------------------------------------
+    def clip_gradients(self) -> Tensor:
+        """Clips the gradients to ``optim.grad_clip`` by their global norm, and returns that norm (before clipping)."""
+        if self.master_weights:  # the norm in fp32; the scaling is folded into the optimizer's update
+            return self.optimizer.clip_grad_norm_(self.cfg.optim.grad_clip)
+        # Under FSDP the gradients are DTensor shards; clip_grad_norm_ still computes the global norm.
+        return parallel.full_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
+
     @torch.no_grad()
     def _update_ema(self) -> None:
         # Warm-up of the decay (as in k-diffusion/timm): early weights are forgotten quickly.
@@ -367,11 +374,7 @@ class Trainer:
             if self.dist.enabled:  # the logged loss is the global batch's, as in a single process
                 dist.all_reduce(step_loss)
                 step_loss /= self.dist.world
-            # Under FSDP the gradients are DTensor shards; clip_grad_norm_ still computes the global norm.
-            if self.master_weights:  # the norm in fp32; the scaling is folded into the optimizer's update
-                grad_norm = self.optimizer.clip_grad_norm_(o.grad_clip)
-            else:
-                grad_norm = parallel.full_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip))
+            grad_norm = self.clip_gradients()
             nonfinite = ~(torch.isfinite(grad_norm) & torch.isfinite(step_loss))
             if self.simulated:  # meaningless numbers by design; the optimizer step must still allocate its state
                 nonfinite.zero_()

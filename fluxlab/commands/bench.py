@@ -15,7 +15,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--what", default="train,infer",
                    help="comma-separated: train, infer (default both), gemm (each matmul of a sampling step alone)")
     p.add_argument("--impls", default="fluxlab,diffusers", help="comma-separated: fluxlab, diffusers")
-    p.add_argument("--train-modes", default="autocast", help="comma-separated: autocast, bf16-params, autocast-overlap, master")
+    p.add_argument("--train-modes", default="autocast,master",
+                   help="comma-separated: autocast, bf16-params, autocast-overlap, master (the trainer's one-GPU "
+                        "default); diffusers runs its own recipe, autocast, unless named in --train-cases")
     p.add_argument("--train-compile", default="eager,block",
                    help="comma-separated: eager, block (per-block torch.compile), full; '+max' adds GEMM autotuning")
     p.add_argument("--infer-compile", default="eager,block",
@@ -86,7 +88,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
     train_cases = (
         [tuple(c.split(":")) for c in args.train_cases.split(",")] if args.train_cases
-        else [(i, m, c) for i in impls for m in args.train_modes.split(",") for c in args.train_compile.split(",")]
+        else [(i, m, c) for i in impls for m in args.train_modes.split(",") for c in args.train_compile.split(",")
+              if i != "diffusers" or m == "autocast"]
     )
     infer_cases = (
         [tuple((c + ":default").split(":")[:3]) for c in args.infer_cases.split(",")] if args.infer_cases
