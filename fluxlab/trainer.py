@@ -330,7 +330,9 @@ class Trainer:
         # Neither a compiled forward nor FSDP's hooks trace; the graph is the same at any world size anyway.
         if not getattr(self, "_graph_written", False) and not (self.cfg.parallel.compile or self._sharded):
             self._graph_written = True
-            add_model_graph(self.writer, self.model, captured)
+            # With master weights the model's matmuls are bf16 and expect autocast, which tracing does not
+            # record; the EMA has the same graph in fp32.
+            add_model_graph(self.writer, self.ema if self.master_weights else self.model, captured)
 
     def train(self) -> Path:
         cfg = self.cfg

@@ -127,6 +127,24 @@ def test_master_weights_sum_accumulated_gradients_in_fp32(tmp_path: Path) -> Non
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
 
 
+def test_master_weights_write_tensorboard_graph_and_histograms(tmp_path: Path) -> None:
+    import warnings
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", "--config", "debug", "--data.limit=24", "--optim.batch_size=4",
+                     "--train.mixed_precision=bf16", "--optim.master_weights=on", f"--train.output_dir={tmp_path}"]) == 0
+    assert not [w for w in caught if "TensorBoard" in str(w.message)], [str(w.message) for w in caught]
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"histograms": 0}).Reload()
+    assert events.Graph() is not None
+    # Histograms of the fp32 masters: the values of the checkpoint, not their bf16 roundings.
+    hist = events.Histograms("weights/img_in.weight")[-1].histogram_value
+    saved = _weights(tmp_path, 4)["img_in.weight"]
+    assert hist.sum == pytest.approx(saved.sum().item(), rel=1e-5)
+
+
 def test_master_weights_on_refuses_what_it_cannot_do(tmp_path: Path, capsys) -> None:
     args = ["train", "--config", "debug", *FAST, f"--train.output_dir={tmp_path}", "--optim.master_weights=on"]
     assert main([*args, "--train.mixed_precision=bf16", "--parallel.mode=fsdp"]) == 2
