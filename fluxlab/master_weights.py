@@ -18,6 +18,7 @@ numbers; without it the gradients must be final after one backward pass.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -176,9 +177,17 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             slot.fill_(value)  # a kernel argument: no host-to-device copy, no synchronisation
         decay, step_size, bias2_sqrt, clip = self._scalars.unbind()
         pick = lambda xs: [xs[i] for i in have]  # noqa: E731
-        self._update(pick(self.masters), list(grads.values()), pick(self.exp_avgs),
-                     pick(self.exp_avg_sqs), pick(self.copies), decay, step_size, bias2_sqrt, clip,
-                     beta1, beta2, group["eps"])
+        args = (pick(self.masters), list(grads.values()), pick(self.exp_avgs), pick(self.exp_avg_sqs),
+                pick(self.copies), decay, step_size, bias2_sqrt, clip, beta1, beta2, group["eps"])
+        try:
+            self._update(*args)
+        except Exception as err:  # compilation failed (no Triton for this GPU, ...): nothing was updated yet
+            if self._update is _adamw_:
+                raise
+            warnings.warn(f"MasterWeightAdamW: torch.compile of the update failed ({type(err).__name__}: {err}); "
+                          "running it uncompiled, which is slower", stacklevel=2)
+            self._update = _adamw_
+            self._update(*args)
         self._scalars[3].fill_(1.0)  # a clip factor holds for one step
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -151,3 +151,18 @@ def test_compiled_update_on_cuda_matches_fused_adamw() -> None:
         torch.testing.assert_close(master.master_state_dict()[name], expected, rtol=1e-5, atol=1e-6, msg=name)
         live = dict(model.named_parameters())[name]
         assert torch.equal(live.float(), master.master_state_dict()[name].to(live.dtype).float()), name
+
+
+def test_a_failed_compilation_falls_back_to_the_uncompiled_update() -> None:
+    ref, x, target = _setup()
+    model = copy.deepcopy(ref)
+    adamw = torch.optim.AdamW(ref.parameters(), lr=1e-3, foreach=False)
+    master = MasterWeightAdamW(model, lr=1e-3)
+
+    def broken_compiled_update(*args):
+        raise RuntimeError("no Triton for this GPU")
+
+    master._update = broken_compiled_update  # what torch.compile raises when it cannot build its kernels
+    with pytest.warns(UserWarning, match="running it uncompiled"):
+        got = [_step(model, master, x, target) for _ in range(2)]
+    assert got == [_step(ref, adamw, x, target) for _ in range(2)]
