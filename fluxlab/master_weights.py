@@ -56,8 +56,8 @@ def _adamw_(
 
 
 def swap_in_compute_weights(model: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
-    """Replaces every ``nn.Linear`` weight and bias (what autocast casts) by a ``dtype`` copy; returns the fp32
-    originals by parameter name. A parameter shared by several layers stays shared."""
+    """Replaces every ``nn.Linear`` weight and bias (what autocast casts) by a ``dtype`` copy; returns the
+    originals (fp32, the masters) by parameter name. A parameter shared by several layers stays shared."""
     holders: dict[int, list[tuple[nn.Module, str]]] = {}
     for module in model.modules():
         if isinstance(module, nn.Linear):
@@ -69,8 +69,6 @@ def swap_in_compute_weights(model: nn.Module, dtype: torch.dtype) -> dict[str, T
     for name, p in list(model.named_parameters()):
         if id(p) not in holders:
             continue
-        if p.dtype != torch.float32:
-            raise ValueError(f"MasterWeightAdamW needs fp32 parameters to keep as masters; {name} is {p.dtype}")
         compute = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
         for module, attr in holders[id(p)]:
             setattr(module, attr, compute)
@@ -98,14 +96,15 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         accumulate_fp32: bool = False,
     ):
         self.model = model
+        for name, p in model.named_parameters():
+            if p.dtype != torch.float32:
+                raise ValueError(f"MasterWeightAdamW needs fp32 parameters to keep as masters; {name} is {p.dtype}")
         originals = swap_in_compute_weights(model, compute_dtype)
         self.names: list[str] = []
         self.masters: list[Tensor] = []
         self.copies: list[Tensor | None] = []
         params: list[nn.Parameter] = []  # what the model computes with (and gets gradients for)
         for name, p in model.named_parameters():
-            if p.dtype != torch.float32 and name not in originals:
-                raise ValueError(f"MasterWeightAdamW needs fp32 parameters to keep as masters; {name} is {p.dtype}")
             params.append(p)
             self.names.append(name)
             self.masters.append(originals.get(name, p.detach()))
