@@ -249,12 +249,12 @@ def bench_train(
     seed: int = 0,
     params: FluxParams | None = None,
     backends: tuple[str, ...] = TRAINING_BACKENDS,
-    profile: bool = False,
+    profile: int = 0,
 ) -> dict[str, Any]:
     """One AdamW training step (fp32 master weights, bf16 compute): median time, TFLOP/s, peak memory.
 
     The first ``steps_for_loss`` losses are returned too, so a compiled run can be checked against an
-    eager one from the same weights and inputs.
+    eager one from the same weights and inputs. ``profile``: how many of the longest GPU kernels to print (0: no profile).
     """
     if mode not in TRAIN_MODES:
         raise ValueError(f"training mode {mode!r}: choose one of {TRAIN_MODES}")
@@ -303,7 +303,7 @@ def bench_train(
         first_steps_s = time.perf_counter() - start
         seconds = time_cuda(step, warmup=2, iters=10)
         if profile:
-            print(profile_table(step), flush=True)
+            print(profile_table(step, rows=profile), flush=True)
     flops = 3 * flops_forward(params, batch, (resolution // 16) ** 2, txt_tokens)
     result = {
         "impl": impl_name,
@@ -331,9 +331,12 @@ def bench_infer(
     seed: int = 0,
     params: FluxParams | None = None,
     backends: tuple[str, ...] | None = None,
-    profile: bool = False,
+    profile: int = 0,
 ) -> dict[str, Any]:
-    """One bf16 forward of the transformer (one sampling step). ``compiled``: eager, block or full (``+max`` autotunes)."""
+    """One bf16 forward of the transformer (one sampling step). ``compiled``: eager, block or full (``+max`` autotunes).
+
+    ``profile``: how many of the longest GPU kernels to print (0: no profile).
+    """
     device = torch.device("cuda")
     params = params or bench_params("infer")
     impl = IMPLS[impl_name]()
@@ -351,7 +354,7 @@ def bench_infer(
         compile_s = time.perf_counter() - start
         seconds = time_cuda(lambda: impl.forward(model, x), warmup=2, iters=10)
         if profile:
-            print(profile_table(lambda: impl.forward(model, x)), flush=True)
+            print(profile_table(lambda: impl.forward(model, x), rows=profile), flush=True)
         out = impl.forward(model, x).float()
     flops = flops_forward(params, 1, (resolution // 16) ** 2, txt_tokens)
     result = {

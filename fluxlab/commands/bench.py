@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from fluxlab.attention_backends import TRAINING_BACKENDS
+
 ACCEPTS_OVERRIDES = False
 
 
@@ -24,14 +26,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated: eager, block, full (torch.compile of the whole model); '+max' adds GEMM autotuning")
     p.add_argument("--infer-backends", default="default",
                    help="SDPA backends for inference, e.g. 'default' or 'cudnn' or 'flash+efficient' (';'-separated sets)")
-    p.add_argument("--train-backends", default="flash+efficient",
-                   help="SDPA backends for training, '+'-separated (cuDNN's backward failed on Flux shapes before)")
+    p.add_argument("--train-backends", default="+".join(TRAINING_BACKENDS),
+                   help="attention kernels for training, '+'-separated: SDPA's flash/efficient/cudnn/math, and "
+                        "cudnn-forward (fluxlab's models: cuDNN forward, FlashAttention-2 backward; cuDNN's own "
+                        "backward failed on Flux shapes before)")
     p.add_argument("--train-cases", default=None,
-                   help="explicit training cases IMPL:MODE:COMPILE, comma-separated (replaces the product of the above)")
+                   help="explicit training cases IMPL:MODE:COMPILE[:ATTENTION], comma-separated (replaces the product of the above; ATTENTION defaults to --train-backends)")
     p.add_argument("--infer-cases", default=None,
                    help="explicit inference cases IMPL:COMPILE[:BACKENDS], comma-separated (replaces the product)")
     p.add_argument("--batch", type=int, default=8, help="training batch (default 8)")
     p.add_argument("--profile", action="store_true", help="also print the top GPU kernels of each case")
+    p.add_argument("--profile-rows", type=int, default=25, help="how many kernels --profile lists (default 25)")
     p.add_argument("--json", default=None, help="write every measurement here")
 
 
@@ -87,9 +92,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                 json.dump({"info": info, "results": rows}, f, indent=1)
 
     train_cases = (
-        [tuple(c.split(":")) for c in args.train_cases.split(",")] if args.train_cases
-        else [(i, m, c) for i in impls for m in args.train_modes.split(",") for c in args.train_compile.split(",")
-              if i != "diffusers" or m == "autocast"]
+        [tuple((c + ":" + args.train_backends).split(":")[:4]) for c in args.train_cases.split(",")] if args.train_cases
+        else [(i, m, c, args.train_backends) for i in impls for m in args.train_modes.split(",")
+              for c in args.train_compile.split(",") if i != "diffusers" or m == "autocast"]
     )
     infer_cases = (
         [tuple((c + ":default").split(":")[:3]) for c in args.infer_cases.split(",")] if args.infer_cases
@@ -99,14 +104,14 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         if impl not in B.IMPLS:
             raise ValueError(f"unknown implementation {impl!r} in a case; choose from {sorted(B.IMPLS)}")
     if "train" in what:
-        for impl, mode, comp in train_cases:
-            r = B.bench_train(impl, mode, comp, batch=args.batch, profile=args.profile,
-                              backends=tuple(args.train_backends.split("+")))
-            record("train", f"train {impl} {mode} {comp}", r)
+        for impl, mode, comp, backends in train_cases:
+            r = B.bench_train(impl, mode, comp, batch=args.batch, profile=args.profile_rows if args.profile else 0,
+                              backends=tuple(backends.split("+")))
+            record("train", f"train {impl} {mode} {comp} attn={backends}", r)
     if "infer" in what:
         for impl, comp, backends in infer_cases:
             chosen = None if backends == "default" else tuple(backends.split("+"))
-            r = B.bench_infer(impl, comp, backends=chosen, profile=args.profile)
+            r = B.bench_infer(impl, comp, backends=chosen, profile=args.profile_rows if args.profile else 0)
             record("infer", f"infer {impl} {comp} sdpa={backends}", r)
 
     if "gemm" in what:

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from fluxlab.attention_backends import scaled_dot_product_attention
+
 
 def rope(pos: Tensor, dim: int, theta: float) -> Tensor:
     """Rotation matrices [..., n, dim/2, 2, 2] for positions ``pos`` [..., n] along one axis."""
@@ -44,7 +46,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
     transposing copies) was no faster on an H200 under torch.compile (docs/performance.md), so it was not kept.
     """
     q, k = apply_rope(q, k, pe)
-    x = F.scaled_dot_product_attention(q, k, v)
+    x = scaled_dot_product_attention(q, k, v)
     return rearrange(x, "B H L D -> B L (H D)")
 
 
