@@ -81,8 +81,11 @@ def _pairing_applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
         return False  # sampling: SDPA picks cuDNN anyway
     if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) or not q.dtype == k.dtype == v.dtype:
         return False
+    if q.dim() != 4 or not q.shape[:2] == k.shape[:2] == v.shape[:2] or k.shape[2] != v.shape[2]:
+        return False  # both kernels here want [B, H, L, D] with as many key/value heads as query heads
     head_dim = q.shape[-1]
-    return q.dim() == 4 and head_dim % 8 == 0 and head_dim <= 128 and v.shape[-1] == head_dim
+    contiguous_rows = q.stride(-1) == k.stride(-1) == v.stride(-1) == 1  # what the flash backward reads
+    return head_dim % 8 == 0 and head_dim <= 128 and k.shape[-1] == v.shape[-1] == head_dim and contiguous_rows
 
 
 class _CudnnForwardFlashBackward(torch.autograd.Function):
@@ -106,6 +109,7 @@ class _CudnnForwardFlashBackward(torch.autograd.Function):
         # Dense batches and no dropout: no variable-length offsets, and the RNG state is never read.
         rng = q.new_empty((), dtype=torch.int64)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            grad_out.contiguous(), q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, False, rng, rng
+            grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous(),
+            q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, False, rng, rng,
         )
         return dq, dk, dv
