@@ -136,5 +136,6 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     }
     print(f"\n{info['gpu']}, torch {info['torch']}, diffusers {info.get('diffusers', '-')}, "
           f"bf16 matmul ceiling {info['matmul_ceiling_tflops']:.0f} TFLOP/s")
-    print(_table(rows, info["matmul_ceiling_tflops"], baseline))
+    if rows:  # --what gemm alone printed its own table
+        print(_table(rows, info["matmul_ceiling_tflops"], baseline))
     return 0
