@@ -69,7 +69,8 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Attention over [B, H, L, D] queries, keys and values, through the kernels chosen by :func:`sdpa_backends`.
 
     With "cudnn-forward" chosen on a Hopper-or-later GPU (cuDNN's fused kernel), a differentiable bf16/fp16
-    call with head dimension ≤ 128 runs cuDNN's forward pass and FlashAttention-2's backward pass; everything else goes to ``F.scaled_dot_product_attention``.
+    call with head dimension ≤ 128 runs cuDNN's forward pass and FlashAttention-2's backward pass; everything
+    else goes to ``F.scaled_dot_product_attention``.
     """
     if _cudnn_forward and _pairing_applies(q, k, v):
         return _CudnnForwardFlashBackward.apply(q, k, v)

@@ -254,7 +254,8 @@ def bench_train(
     """One AdamW training step (fp32 master weights, bf16 compute): median time, TFLOP/s, peak memory.
 
     The first ``steps_for_loss`` losses are returned too, so a compiled run can be checked against an
-    eager one from the same weights and inputs. ``profile``: how many of the longest GPU kernels to print (0: no profile).
+    eager one from the same weights and inputs. ``profile``: how many of the longest GPU kernels to print
+    (0: no profile).
     """
     if mode not in TRAIN_MODES:
         raise ValueError(f"training mode {mode!r}: choose one of {TRAIN_MODES}")
