@@ -240,6 +240,7 @@ class Config:
             raise ValueError("optim.batch_size, optim.grad_accum and optim.steps must be at least 1")
         if not 0 <= self.optim.ema_decay < 1:
             raise ValueError(f"optim.ema_decay={self.optim.ema_decay} must be in [0, 1)")
+        check_step_intervals(self.train, ("log_every", "sample_every", "checkpoint_every"))
         if self.train.eval_every < 0 or (self.data.val_limit is not None and self.data.val_limit < 1):
             raise ValueError("train.eval_every must be ≥ 0 (0 = off) and data.val_limit ≥ 1 (or null for all)")
         if self.train.max_nonfinite_steps < 1 or self.train.keep_last < 0:
@@ -450,6 +451,13 @@ def config_data(
     if overrides:
         data = _deep_merge(data, parse_overrides(overrides))
     return data
+
+
+def check_step_intervals(train: TrainConfig, keys: tuple[str, ...]) -> None:
+    """Every-N-steps settings must be ≥ 1: a 0 would pass unnoticed until ``step % 0`` fails mid-run."""
+    for key in keys:
+        if getattr(train, key) < 1:
+            raise ValueError(f"train.{key}={getattr(train, key)} must be at least 1 (a number of steps)")
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:

@@ -57,8 +57,11 @@ def ae_params_from_config(cfg: "Config") -> "AutoEncoderParams":
 
 def validate_ae(cfg: "Config") -> None:
     """What train-ae needs; raised before any work starts."""
+    from fluxlab.config import check_step_intervals
+
     a = cfg.ae
     params = ae_params_from_config(cfg)  # unknown preset, GroupNorm widths, resolution vs downsampling
+    check_step_intervals(cfg.train, ("log_every", "checkpoint_every"))  # train-ae's sampling is ae.eval_every
     if a.kl_weight < 0 or a.perceptual_weight < 0:
         raise ValueError("ae.kl_weight and ae.perceptual_weight must be ≥ 0 (1e-6 and 0 are the defaults)")
     if a.lr <= 0 or a.batch_size < 1 or a.steps < 1:

@@ -97,3 +97,8 @@ def test_perceptual_distance_and_missing_weights(tmp_path: Path, monkeypatch) ->
     cfg = load_ae_config("ae-tiny", [f"--train.output_dir={tmp_path / 'p'}", "--ae.perceptual_weight=0.1", *FAST])
     with pytest.raises(ValueError, match="perceptual_weight"):
         AETrainer(cfg, quiet=True)
+
+
+def test_train_ae_step_interval_of_zero_is_named() -> None:
+    with pytest.raises(ValueError, match="train.checkpoint_every=0"):
+        load_ae_config("ae-tiny", ["--train.checkpoint_every=0"])

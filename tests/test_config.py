@@ -46,6 +46,13 @@ def test_wrong_type_is_named() -> None:
         load_config("debug", ["--objective.kind=gan"])
 
 
+@pytest.mark.parametrize("key", ["log_every", "sample_every", "checkpoint_every"])
+def test_step_intervals_below_one_are_named(key: str) -> None:
+    # 0 would otherwise pass validation and stop training with a ZeroDivisionError after the first step.
+    with pytest.raises(ValueError, match=f"train.{key}=0"):
+        load_config("debug", [f"--train.{key}=0"])
+
+
 def test_resolution_not_divisible_by_patch() -> None:
     with pytest.raises(ValueError, match="data.resolution=30"):
         load_config("debug", ["--data.resolution=30"])
