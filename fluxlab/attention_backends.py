@@ -28,6 +28,15 @@ BACKEND_NAMES = ("flash", "efficient", "cudnn", "math", "cudnn-forward")
 _cudnn_forward = False
 
 
+def check_backend_names(names: Sequence[str]) -> None:
+    """A clear error for an unknown name, or for a set with no SDPA kernel for what the pairing does not cover."""
+    unknown = [n for n in names if n not in BACKEND_NAMES]
+    if unknown:
+        raise ValueError(f"unknown attention backend(s) {unknown}: choose from {sorted(BACKEND_NAMES)}")
+    if all(n == "cudnn-forward" for n in names):
+        raise ValueError(f"attention backends {list(names)} name no SDPA kernel to fall back on: add flash or efficient")
+
+
 @contextlib.contextmanager
 def sdpa_backends(names: Sequence[str]) -> Iterator[None]:
     """Restrict attention to the named backends: SDPA's flash, efficient, cudnn, math, and "cudnn-forward".
@@ -44,12 +53,8 @@ def sdpa_backends(names: Sequence[str]) -> Iterator[None]:
         "cudnn": SDPBackend.CUDNN_ATTENTION,
         "math": SDPBackend.MATH,
     }
-    unknown = [n for n in names if n not in BACKEND_NAMES]
-    if unknown:
-        raise ValueError(f"unknown attention backend(s) {unknown}: choose from {sorted(BACKEND_NAMES)}")
+    check_backend_names(names)
     sdpa = [table[n] for n in names if n in table]
-    if not sdpa:
-        raise ValueError(f"attention backends {list(names)} name no SDPA kernel to fall back on: add flash or efficient")
     # Decided here, not per call, so that torch.compile traces no device query.
     pairing = "cudnn-forward" in names and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
     before, _cudnn_forward = _cudnn_forward, pairing

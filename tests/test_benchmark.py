@@ -49,3 +49,17 @@ def test_bench_refuses_without_cuda():
     from fluxlab.cli import main
 
     assert main(["bench", "--what", "train"]) == 2
+
+
+@pytest.mark.parametrize(
+    "case, named",
+    [("fluxlab:master", "IMPL:MODE:COMPILE"), ("fluxlab:fp8:block", "'fp8'"),
+     ("fluxlab:master:block:fa3+flash", "'fa3'"), ("flux:master:block", "'flux'"),
+     ("fluxlab:master:block:cudnn-forward", "flash or efficient")],
+)
+def test_bench_names_a_bad_training_case_before_building_anything(case: str, named: str, capsys) -> None:
+    from fluxlab.cli import main
+
+    assert main(["bench", "--what", "train", "--train-cases", case]) == 2
+    err = capsys.readouterr().err
+    assert case in err and named in err

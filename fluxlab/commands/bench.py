@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fluxlab.attention_backends import TRAINING_BACKENDS
+from fluxlab.attention_backends import TRAINING_BACKENDS, check_backend_names
 
 ACCEPTS_OVERRIDES = False
 
@@ -55,6 +55,25 @@ def _table(rows: list[dict], ceiling: float, baseline: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def _train_case(spec: str, default_attention: str) -> tuple[str, str, str, str]:
+    """``IMPL:MODE:COMPILE[:ATTENTION]`` checked field by field; the attention defaults to ``--train-backends``."""
+    from fluxlab import benchmark as B
+
+    fields = spec.split(":")
+    if len(fields) not in (3, 4):
+        raise ValueError(f"training case {spec!r}: write IMPL:MODE:COMPILE or IMPL:MODE:COMPILE:ATTENTION")
+    impl, mode, comp, attention = (*fields, default_attention) if len(fields) == 3 else fields
+    if impl not in B.IMPLS:
+        raise ValueError(f"training case {spec!r}: unknown implementation {impl!r}; choose from {sorted(B.IMPLS)}")
+    if mode not in B.TRAIN_MODES:
+        raise ValueError(f"training case {spec!r}: unknown mode {mode!r}; choose from {list(B.TRAIN_MODES)}")
+    try:
+        check_backend_names(attention.split("+"))
+    except ValueError as err:
+        raise ValueError(f"training case {spec!r}: {err}") from None
+    return impl, mode, comp, attention
+
+
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     import json
     import platform
@@ -63,14 +82,27 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
     from fluxlab import benchmark as B
 
-    if not torch.cuda.is_available():
-        raise ValueError("fluxlab bench measures GPU speed and needs CUDA; none is available here")
-    torch.backends.cuda.matmul.allow_tf32 = True
     what = args.what.split(",")
     impls = args.impls.split(",")
     for impl in impls:
         if impl not in B.IMPLS:
             raise ValueError(f"--impls: unknown implementation {impl!r}; choose from {sorted(B.IMPLS)}")
+    # Every case is checked before anything is built: a typo must not cost a model build and a compile.
+    train_cases = (
+        [_train_case(c, args.train_backends) for c in args.train_cases.split(",")] if args.train_cases
+        else [_train_case(f"{i}:{m}:{c}", args.train_backends) for i in impls for m in args.train_modes.split(",")
+              for c in args.train_compile.split(",") if i != "diffusers" or m == "autocast"]
+    )
+    infer_cases = (
+        [tuple((c + ":default").split(":")[:3]) for c in args.infer_cases.split(",")] if args.infer_cases
+        else [(i, c, b) for i in impls for c in args.infer_compile.split(",") for b in args.infer_backends.split(";")]
+    )
+    for impl, *_ in infer_cases:
+        if impl not in B.IMPLS:
+            raise ValueError(f"unknown implementation {impl!r} in a case; choose from {sorted(B.IMPLS)}")
+    if not torch.cuda.is_available():
+        raise ValueError("fluxlab bench measures GPU speed and needs CUDA; none is available here")
+    torch.backends.cuda.matmul.allow_tf32 = True
     info: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version()}
     try:
         import diffusers
@@ -91,18 +123,6 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             with open(args.json, "w") as f:
                 json.dump({"info": info, "results": rows}, f, indent=1)
 
-    train_cases = (
-        [tuple((c + ":" + args.train_backends).split(":")[:4]) for c in args.train_cases.split(",")] if args.train_cases
-        else [(i, m, c, args.train_backends) for i in impls for m in args.train_modes.split(",")
-              for c in args.train_compile.split(",") if i != "diffusers" or m == "autocast"]
-    )
-    infer_cases = (
-        [tuple((c + ":default").split(":")[:3]) for c in args.infer_cases.split(",")] if args.infer_cases
-        else [(i, c, b) for i in impls for c in args.infer_compile.split(",") for b in args.infer_backends.split(";")]
-    )
-    for impl, *_ in [*train_cases, *infer_cases]:
-        if impl not in B.IMPLS:
-            raise ValueError(f"unknown implementation {impl!r} in a case; choose from {sorted(B.IMPLS)}")
     if "train" in what:
         for impl, mode, comp, backends in train_cases:
             r = B.bench_train(impl, mode, comp, batch=args.batch, profile=args.profile_rows if args.profile else 0,
