@@ -25,12 +25,12 @@ import torch
 from torch import Tensor, nn
 
 
-def _adamw_(
-    masters: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    copies: list[Tensor | None],
+def _adamw_tensor_(
+    master: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    copy: Tensor | None,
     decay: Tensor,
     step_size: Tensor,
     bias2_sqrt: Tensor,
@@ -39,20 +39,20 @@ def _adamw_(
     beta2: float,
     eps: float,
 ) -> None:
-    """``torch.optim.AdamW``'s update in place, operation for operation, then each master written into its copy.
+    """``torch.optim.AdamW``'s update of one tensor in place, operation for operation, then the master written
+    into its compute copy.
 
     ``decay`` (1 - lr·weight_decay), ``step_size`` (lr / bias correction 1) and ``bias2_sqrt`` are 0-d tensors, so
     a compiled version is not recompiled when they change; they are computed in Python floats, as AdamW does.
-    ``clip`` scales the gradients first, as ``clip_grad_norm_`` would have in place.
+    ``clip`` scales the gradient first, as ``clip_grad_norm_`` would have in place.
     """
-    for p, g, m, v, copy in zip(masters, grads, exp_avgs, exp_avg_sqs, copies):
-        g = g.float() * clip
-        p.mul_(decay)
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        p.sub_(step_size * m / (v.sqrt() / bias2_sqrt + eps))
-        if copy is not None:
-            copy.copy_(p)
+    g = grad.float() * clip
+    master.mul_(decay)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    master.sub_(step_size * exp_avg / (exp_avg_sq.sqrt() / bias2_sqrt + eps))
+    if copy is not None:
+        copy.copy_(master)
 
 
 def swap_in_compute_weights(model: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
@@ -121,10 +121,14 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             for i, (p, copy) in enumerate(zip(params, self.copies)):
                 if copy is not None and p.requires_grad:
                     p.register_post_accumulate_grad_hook(self._summer(i))
-        self._update: Callable[..., None] = _adamw_
+        self._update: Callable[..., None] = _adamw_tensor_
         if device.type == "cuda":
             # One fused kernel per tensor: reads master, gradient and moments, writes them and the bf16 copy.
-            self._update = torch.compile(_adamw_, fullgraph=True)
+            # Compiled for 1-D tensors of any length (step passes flat views), so a model compiles two or three
+            # kernels (with and without a copy, per gradient dtype) whatever its number of tensors; a compile of
+            # the update over the whole list of tensors built one kernel per tensor and took ~1 min on small
+            # models of many tensors.
+            self._update = torch.compile(_adamw_tensor_, fullgraph=True, dynamic=True)
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -164,8 +168,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
         grads = self._gradients()
-        have = list(grads)
-        if not have:
+        if not grads:
             return
         group = self.param_groups[0]
         self.step_count += 1
@@ -175,18 +178,20 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         for slot, value in zip(self._scalars, scalars):
             slot.fill_(value)  # a kernel argument: no host-to-device copy, no synchronisation
         decay, step_size, bias2_sqrt, clip = self._scalars.unbind()
-        pick = lambda xs: [xs[i] for i in have]  # noqa: E731
-        args = (pick(self.masters), list(grads.values()), pick(self.exp_avgs), pick(self.exp_avg_sqs),
-                pick(self.copies), decay, step_size, bias2_sqrt, clip, beta1, beta2, group["eps"])
-        try:
-            self._update(*args)
-        except Exception as err:  # compilation failed (no Triton for this GPU, ...): nothing was updated yet
-            if self._update is _adamw_:
-                raise
-            warnings.warn(f"MasterWeightAdamW: torch.compile of the update failed ({type(err).__name__}: {err}); "
-                          "running it uncompiled, which is slower", stacklevel=2)
-            self._update = _adamw_
-            self._update(*args)
+        constants = (decay, step_size, bias2_sqrt, clip, beta1, beta2, group["eps"])
+        for i, grad in grads.items():
+            copy = self.copies[i]
+            flat = (self.masters[i].view(-1), grad.view(-1), self.exp_avgs[i].view(-1), self.exp_avg_sqs[i].view(-1),
+                    None if copy is None else copy.view(-1))
+            try:
+                self._update(*flat, *constants)
+            except Exception as err:  # compilation failed (no Triton for this GPU, ...): this tensor is untouched
+                if self._update is _adamw_tensor_:
+                    raise
+                warnings.warn(f"MasterWeightAdamW: torch.compile of the update failed ({type(err).__name__}: "
+                              f"{err}); running it uncompiled, which is slower", stacklevel=2)
+                self._update = _adamw_tensor_
+                self._update(*flat, *constants)
         self._scalars[3].fill_(1.0)  # a clip factor holds for one step
 
     def zero_grad(self, set_to_none: bool = True) -> None:
