@@ -55,6 +55,12 @@ def _adamw_tensor_(
         copy.copy_(master)
 
 
+def _flat(t: Tensor) -> Tensor:
+    """A 1-D view for the update (one compiled kernel serves every length); a non-contiguous tensor, which no
+    view can flatten, is passed as it is and gets a kernel of its own."""
+    return t.view(-1) if t.is_contiguous() else t
+
+
 def swap_in_compute_weights(model: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
     """Replaces every ``nn.Linear`` weight and bias (what autocast casts) by a ``dtype`` copy; returns the
     originals (fp32, the masters) by parameter name. A parameter shared by several layers stays shared."""
@@ -181,8 +187,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         constants = (decay, step_size, bias2_sqrt, clip, beta1, beta2, group["eps"])
         for i, grad in grads.items():
             copy = self.copies[i]
-            flat = (self.masters[i].view(-1), grad.view(-1), self.exp_avgs[i].view(-1), self.exp_avg_sqs[i].view(-1),
-                    None if copy is None else copy.view(-1))
+            flat = (_flat(self.masters[i]), _flat(grad), _flat(self.exp_avgs[i]), _flat(self.exp_avg_sqs[i]),
+                    None if copy is None else _flat(copy))
             try:
                 self._update(*flat, *constants)
             except Exception as err:  # compilation failed (no Triton for this GPU, ...): this tensor is untouched

@@ -127,6 +127,26 @@ def test_state_dict_resumes_the_same_trajectory_in_either_optimizer() -> None:
     assert _step(d, opt_d, x, target) == _step(c, opt_c, x, target)
 
 
+def test_a_non_contiguous_weight_is_updated_in_place_like_adamw() -> None:
+    # The update flattens tensors to 1-D views; a transposed weight has none and must still be updated in place.
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(6, 4)
+    ref.weight = torch.nn.Parameter(torch.randn(6, 4).t())
+    assert not ref.weight.is_contiguous()
+    model = copy.deepcopy(ref)
+    adamw = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False)
+    master = MasterWeightAdamW(model, lr=1e-2)
+    x = torch.randn(3, 6)
+    for _ in range(2):
+        for net, opt in ((ref, adamw), (model, master)):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                net(x).float().square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    torch.testing.assert_close(master.master_state_dict()["weight"], ref.weight.detach(), rtol=0, atol=0)
+    assert torch.equal(model.weight, ref.weight.detach().to(torch.bfloat16))
+
+
 def test_refuses_non_fp32_parameters() -> None:
     with pytest.raises(ValueError, match="0.weight is torch.bfloat16"):
         MasterWeightAdamW(torch.nn.Sequential(torch.nn.Linear(2, 2).to(torch.bfloat16)), lr=1e-3)
