@@ -130,10 +130,10 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         self._update: Callable[..., None] = _adamw_tensor_
         if device.type == "cuda":
             # One fused kernel per tensor: reads master, gradient and moments, writes them and the bf16 copy.
-            # Compiled for 1-D tensors of any length (step passes flat views), so a model compiles two or three
-            # kernels (with and without a copy, per gradient dtype) whatever its number of tensors; a compile of
-            # the update over the whole list of tensors built one kernel per tensor and took ~1 min on small
-            # models of many tensors.
+            # Compiled for 1-D tensors of any length (step passes flat views), so a model compiles about three
+            # variants (dynamo tells flat views of 1-D and 2-D tensors apart, and tensors with and without a
+            # copy) whatever its number of tensors; a compile of the update over the whole list of tensors built
+            # one kernel per tensor and took ~1 min on small models of many tensors.
             self._update = torch.compile(_adamw_tensor_, fullgraph=True, dynamic=True)
 
     @property
