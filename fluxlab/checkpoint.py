@@ -216,12 +216,12 @@ def read_description(path: Path) -> dict[str, Any]:
 def load_weights(path: Path, ema: bool = True) -> dict[str, torch.Tensor]:
     """The EMA weights when present (what we sample with), else the raw model's; whole, on the CPU."""
     if (path / SHARDED_WEIGHTS).is_dir():
-        return load_sharded_weights(path / SHARDED_WEIGHTS, "ema" if ema else "model")
+        return read_sharded_weights(path / SHARDED_WEIGHTS, "ema" if ema else "model")
     f = path / "ema.safetensors"
     return load_file(f if ema and f.is_file() else path / "model.safetensors")
 
 
-def load_sharded_weights(folder: Path, which: str) -> dict[str, torch.Tensor]:
+def read_sharded_weights(folder: Path, which: str) -> dict[str, torch.Tensor]:
     """``which`` ("model" or "ema", the model's when there is no EMA) of a DCP weights folder, consolidated
     in this one process: any world size wrote it, a laptop reads it."""
     import torch.distributed.checkpoint as dcp

@@ -119,6 +119,10 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         device = self.masters[0].device
         self.exp_avgs = [torch.zeros_like(m) for m in self.masters]
         self.exp_avg_sqs = [torch.zeros_like(m) for m in self.masters]
+        # What the update reads and writes besides the gradient, as flat views made once: these tensors live as
+        # long as the optimizer (checkpoints are copied into them), so the training step builds none of them.
+        self._flat_state = [(_flat(p), _flat(m), _flat(v), None if c is None else _flat(c))
+                            for p, m, v, c in zip(self.masters, self.exp_avgs, self.exp_avg_sqs, self.copies)]
         self.step_count = 0
         self._scalars = torch.ones(4, device=device)  # decay, step size, sqrt of bias correction 2, clip factor
         # fp32 sums of the bf16 gradients over a step's micro-batches (accumulate_fp32), filled by hooks.
@@ -186,9 +190,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         decay, step_size, bias2_sqrt, clip = self._scalars.unbind()
         constants = (decay, step_size, bias2_sqrt, clip, beta1, beta2, group["eps"])
         for i, grad in grads.items():
-            copy = self.copies[i]
-            flat = (_flat(self.masters[i]), _flat(grad), _flat(self.exp_avgs[i]), _flat(self.exp_avg_sqs[i]),
-                    None if copy is None else _flat(copy))
+            master, exp_avg, exp_avg_sq, copy = self._flat_state[i]
+            flat = (master, _flat(grad), exp_avg, exp_avg_sq, copy)
             try:
                 self._update(*flat, *constants)
             except Exception as err:  # compilation failed (no Triton for this GPU, ...): this tensor is untouched

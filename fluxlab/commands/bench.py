@@ -115,13 +115,17 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     print(json.dumps(info), flush=True)
     rows: list[dict] = []
 
+    def write_json(**extra: list[dict]) -> None:
+        """Everything measured so far, rewritten after each measurement: a crash later loses nothing."""
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"info": info, "results": rows, **extra}, f, indent=1)
+
     def record(kind: str, label: str, result: dict) -> None:
         result.update(kind=kind, label=label)
         rows.append(result)
         print(json.dumps(result), flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"info": info, "results": rows}, f, indent=1)
+        write_json()
 
     if "train" in what:
         for impl, mode, comp, backends in train_cases:
@@ -144,9 +148,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             print(f"| {r['gemm']} ({r['m']}×{r['k']} by {r['n']}) | {r['count']} | {r['us']:.1f} | {r['tflops']:.0f} "
                   f"| {r['gb_per_s']:.0f} | {r['ms_per_step']:.2f} |")
         print(f"| all | | | | | {total:.2f} |")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"info": info, "results": rows, "gemms": gemms}, f, indent=1)
+        write_json(gemms=gemms)
 
     baseline = {
         kind: next((r["step_s"] for r in rows if r["kind"] == kind and r["impl"] == "diffusers"
