@@ -7,11 +7,27 @@ import importlib
 import sys
 
 # Order is the order of `fluxlab --help`.
-COMMANDS = ["train", "train-ae", "sample", "edit", "eval", "plot", "shard", "cache", "bench-data", "bench-cache", "bench", "bench-scale"]
+COMMANDS = [
+    "train",
+    "train-ae",
+    "sample",
+    "edit",
+    "eval",
+    "plot",
+    "shard",
+    "cache",
+    "bench-data",
+    "bench-cache",
+    "bench",
+    "bench-scale",
+]
 
 
 def _modules() -> dict:
-    return {name: importlib.import_module(f"fluxlab.commands.{name.replace('-', '_')}") for name in COMMANDS}
+    return {
+        name: importlib.import_module(f"fluxlab.commands.{name.replace('-', '_')}")
+        for name in COMMANDS
+    }
 
 
 def build_parser(modules: dict) -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fluxlab.attention_backends import TRAINING_BACKENDS, check_backend_names
+from fluxlab.parallel.attention_kernels import TRAINING_BACKENDS, check_backend_names
 
 ACCEPTS_OVERRIDES = False
 
@@ -14,29 +14,59 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "bench",
         help="time a training step (2.56B Flux, 512²) and a sampling step (flux-dev, 1024²) against diffusers",
     )
-    p.add_argument("--what", default="train,infer",
-                   help="comma-separated: train, infer (default both), gemm (each matmul of a sampling step alone)")
-    p.add_argument("--impls", default="fluxlab,diffusers", help="comma-separated: fluxlab, diffusers")
-    p.add_argument("--train-modes", default="autocast,master",
-                   help="comma-separated: autocast, bf16-params, autocast-overlap, master (the trainer's one-GPU "
-                        "default); diffusers runs its own recipe, autocast, unless named in --train-cases")
-    p.add_argument("--train-compile", default="eager,block",
-                   help="comma-separated: eager, block (per-block torch.compile), full; '+max' adds GEMM autotuning")
-    p.add_argument("--infer-compile", default="eager,block",
-                   help="comma-separated: eager, block, full (torch.compile of the whole model); '+max' adds GEMM autotuning")
-    p.add_argument("--infer-backends", default="default",
-                   help="SDPA backends for inference, e.g. 'default' or 'cudnn' or 'flash+efficient' (';'-separated sets)")
-    p.add_argument("--train-backends", default="+".join(TRAINING_BACKENDS),
-                   help="attention kernels for training, '+'-separated: SDPA's flash/efficient/cudnn/math, and "
-                        "cudnn-forward (fluxlab's models: cuDNN forward, FlashAttention-2 backward; cuDNN's own "
-                        "backward failed on Flux shapes before)")
-    p.add_argument("--train-cases", default=None,
-                   help="explicit training cases IMPL:MODE:COMPILE[:ATTENTION], comma-separated (replaces the product of the above; ATTENTION defaults to --train-backends)")
-    p.add_argument("--infer-cases", default=None,
-                   help="explicit inference cases IMPL:COMPILE[:BACKENDS], comma-separated (replaces the product)")
+    p.add_argument(
+        "--what",
+        default="train,infer",
+        help="comma-separated: train, infer (default both), gemm (each matmul of a sampling step alone)",
+    )
+    p.add_argument(
+        "--impls", default="fluxlab,diffusers", help="comma-separated: fluxlab, diffusers"
+    )
+    p.add_argument(
+        "--train-modes",
+        default="autocast,master",
+        help="comma-separated: autocast, bf16-params, autocast-overlap, master (the trainer's one-GPU "
+        "default); diffusers runs its own recipe, autocast, unless named in --train-cases",
+    )
+    p.add_argument(
+        "--train-compile",
+        default="eager,block",
+        help="comma-separated: eager, block (per-block torch.compile), full; '+max' adds GEMM autotuning",
+    )
+    p.add_argument(
+        "--infer-compile",
+        default="eager,block",
+        help="comma-separated: eager, block, full (torch.compile of the whole model); '+max' adds GEMM autotuning",
+    )
+    p.add_argument(
+        "--infer-backends",
+        default="default",
+        help="SDPA backends for inference, e.g. 'default' or 'cudnn' or 'flash+efficient' (';'-separated sets)",
+    )
+    p.add_argument(
+        "--train-backends",
+        default="+".join(TRAINING_BACKENDS),
+        help="attention kernels for training, '+'-separated: SDPA's flash/efficient/cudnn/math, and "
+        "cudnn-forward (fluxlab's models: cuDNN forward, FlashAttention-2 backward; cuDNN's own "
+        "backward failed on Flux shapes before)",
+    )
+    p.add_argument(
+        "--train-cases",
+        default=None,
+        help="explicit training cases IMPL:MODE:COMPILE[:ATTENTION], comma-separated (replaces the product of the above; ATTENTION defaults to --train-backends)",
+    )
+    p.add_argument(
+        "--infer-cases",
+        default=None,
+        help="explicit inference cases IMPL:COMPILE[:BACKENDS], comma-separated (replaces the product)",
+    )
     p.add_argument("--batch", type=int, default=8, help="training batch (default 8)")
-    p.add_argument("--profile", action="store_true", help="also print the top GPU kernels of each case")
-    p.add_argument("--profile-rows", type=int, default=25, help="how many kernels --profile lists (default 25)")
+    p.add_argument(
+        "--profile", action="store_true", help="also print the top GPU kernels of each case"
+    )
+    p.add_argument(
+        "--profile-rows", type=int, default=25, help="how many kernels --profile lists (default 25)"
+    )
     p.add_argument("--json", default=None, help="write every measurement here")
 
 
@@ -57,16 +87,22 @@ def _table(rows: list[dict], ceiling: float, baseline: dict[str, float]) -> str:
 
 def _train_case(spec: str, default_attention: str) -> tuple[str, str, str, str]:
     """``IMPL:MODE:COMPILE[:ATTENTION]`` checked field by field; the attention defaults to ``--train-backends``."""
-    from fluxlab import benchmark as B
+    from fluxlab.bench import transformer as B
 
     fields = spec.split(":")
     if len(fields) not in (3, 4):
-        raise ValueError(f"training case {spec!r}: write IMPL:MODE:COMPILE or IMPL:MODE:COMPILE:ATTENTION")
+        raise ValueError(
+            f"training case {spec!r}: write IMPL:MODE:COMPILE or IMPL:MODE:COMPILE:ATTENTION"
+        )
     impl, mode, comp, attention = (*fields, default_attention) if len(fields) == 3 else fields
     if impl not in B.IMPLS:
-        raise ValueError(f"training case {spec!r}: unknown implementation {impl!r}; choose from {sorted(B.IMPLS)}")
+        raise ValueError(
+            f"training case {spec!r}: unknown implementation {impl!r}; choose from {sorted(B.IMPLS)}"
+        )
     if mode not in B.TRAIN_MODES:
-        raise ValueError(f"training case {spec!r}: unknown mode {mode!r}; choose from {list(B.TRAIN_MODES)}")
+        raise ValueError(
+            f"training case {spec!r}: unknown mode {mode!r}; choose from {list(B.TRAIN_MODES)}"
+        )
     try:
         check_backend_names(attention.split("+"))
     except ValueError as err:
@@ -80,37 +116,59 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
     import torch
 
-    from fluxlab import benchmark as B
+    from fluxlab.bench import transformer as B
 
     what = args.what.split(",")
     impls = args.impls.split(",")
     for impl in impls:
         if impl not in B.IMPLS:
-            raise ValueError(f"--impls: unknown implementation {impl!r}; choose from {sorted(B.IMPLS)}")
+            raise ValueError(
+                f"--impls: unknown implementation {impl!r}; choose from {sorted(B.IMPLS)}"
+            )
     # Every case is checked before anything is built: a typo must not cost a model build and a compile.
     train_cases = (
-        [_train_case(c, args.train_backends) for c in args.train_cases.split(",")] if args.train_cases
-        else [_train_case(f"{i}:{m}:{c}", args.train_backends) for i in impls for m in args.train_modes.split(",")
-              for c in args.train_compile.split(",") if i != "diffusers" or m == "autocast"]
+        [_train_case(c, args.train_backends) for c in args.train_cases.split(",")]
+        if args.train_cases
+        else [
+            _train_case(f"{i}:{m}:{c}", args.train_backends)
+            for i in impls
+            for m in args.train_modes.split(",")
+            for c in args.train_compile.split(",")
+            if i != "diffusers" or m == "autocast"
+        ]
     )
     infer_cases = (
-        [tuple((c + ":default").split(":")[:3]) for c in args.infer_cases.split(",")] if args.infer_cases
-        else [(i, c, b) for i in impls for c in args.infer_compile.split(",") for b in args.infer_backends.split(";")]
+        [tuple((c + ":default").split(":")[:3]) for c in args.infer_cases.split(",")]
+        if args.infer_cases
+        else [
+            (i, c, b)
+            for i in impls
+            for c in args.infer_compile.split(",")
+            for b in args.infer_backends.split(";")
+        ]
     )
     for impl, *_ in infer_cases:
         if impl not in B.IMPLS:
-            raise ValueError(f"unknown implementation {impl!r} in a case; choose from {sorted(B.IMPLS)}")
+            raise ValueError(
+                f"unknown implementation {impl!r} in a case; choose from {sorted(B.IMPLS)}"
+            )
     if not torch.cuda.is_available():
         raise ValueError("fluxlab bench measures GPU speed and needs CUDA; none is available here")
     torch.backends.cuda.matmul.allow_tf32 = True
-    info: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version()}
+    info: dict = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
     try:
         import diffusers
 
         info["diffusers"] = diffusers.__version__
     except ImportError:
         if "diffusers" in impls:
-            raise ValueError("--impls includes diffusers, which is not installed (pip install diffusers)") from None
+            raise ValueError(
+                "--impls includes diffusers, which is not installed (pip install diffusers)"
+            ) from None
     info["matmul_ceiling_tflops"] = B.matmul_ceiling(torch.device("cuda"))
     print(json.dumps(info), flush=True)
     rows: list[dict] = []
@@ -129,13 +187,21 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
     if "train" in what:
         for impl, mode, comp, backends in train_cases:
-            r = B.bench_train(impl, mode, comp, batch=args.batch, profile=args.profile_rows if args.profile else 0,
-                              backends=tuple(backends.split("+")))
+            r = B.bench_train(
+                impl,
+                mode,
+                comp,
+                batch=args.batch,
+                profile=args.profile_rows if args.profile else 0,
+                backends=tuple(backends.split("+")),
+            )
             record("train", f"train {impl} {mode} {comp} attn={backends}", r)
     if "infer" in what:
         for impl, comp, backends in infer_cases:
             chosen = None if backends == "default" else tuple(backends.split("+"))
-            r = B.bench_infer(impl, comp, backends=chosen, profile=args.profile_rows if args.profile else 0)
+            r = B.bench_infer(
+                impl, comp, backends=chosen, profile=args.profile_rows if args.profile else 0
+            )
             record("infer", f"infer {impl} {comp} sdpa={backends}", r)
 
     if "gemm" in what:
@@ -143,21 +209,35 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         for r in gemms:
             print(json.dumps(r), flush=True)
         total = sum(r["ms_per_step"] for r in gemms)
-        print("\n| GEMM (M×K by N) | count | µs | TFLOP/s | GB/s | ms per step |\n|---|---:|---:|---:|---:|---:|")
+        print(
+            "\n| GEMM (M×K by N) | count | µs | TFLOP/s | GB/s | ms per step |\n|---|---:|---:|---:|---:|---:|"
+        )
         for r in gemms:
-            print(f"| {r['gemm']} ({r['m']}×{r['k']} by {r['n']}) | {r['count']} | {r['us']:.1f} | {r['tflops']:.0f} "
-                  f"| {r['gb_per_s']:.0f} | {r['ms_per_step']:.2f} |")
+            print(
+                f"| {r['gemm']} ({r['m']}×{r['k']} by {r['n']}) | {r['count']} | {r['us']:.1f} | {r['tflops']:.0f} "
+                f"| {r['gb_per_s']:.0f} | {r['ms_per_step']:.2f} |"
+            )
         print(f"| all | | | | | {total:.2f} |")
         write_json(gemms=gemms)
 
     baseline = {
-        kind: next((r["step_s"] for r in rows if r["kind"] == kind and r["impl"] == "diffusers"
-                    and r.get("compiled") == "eager"
-                    and r.get("mode", "autocast") == "autocast"), 0.0)
+        kind: next(
+            (
+                r["step_s"]
+                for r in rows
+                if r["kind"] == kind
+                and r["impl"] == "diffusers"
+                and r.get("compiled") == "eager"
+                and r.get("mode", "autocast") == "autocast"
+            ),
+            0.0,
+        )
         for kind in ("train", "infer")
     }
-    print(f"\n{info['gpu']}, torch {info['torch']}, diffusers {info.get('diffusers', '-')}, "
-          f"bf16 matmul ceiling {info['matmul_ceiling_tflops']:.0f} TFLOP/s")
+    print(
+        f"\n{info['gpu']}, torch {info['torch']}, diffusers {info.get('diffusers', '-')}, "
+        f"bf16 matmul ceiling {info['matmul_ceiling_tflops']:.0f} TFLOP/s"
+    )
     if rows:  # --what gemm alone printed its own table
         print(_table(rows, info["matmul_ceiling_tflops"], baseline))
     return 0

@@ -14,11 +14,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="In one process: (a) images/s encoding the config's dataset into a fresh cache, (b) training "
         "steps/s reading it, (c) training steps/s with the autoencoder and text encoder in the step; prints (b)/(c).",
     )
-    p.add_argument("--config", required=True, help="preset name (e.g. openmoji-latent-gpu, latent-debug) or a YAML file")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="preset name (e.g. openmoji-latent-gpu, latent-debug) or a YAML file",
+    )
     p.add_argument("--steps", type=int, default=50, help="timed training steps per mode")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (allocator, cuDNN autotune)")
+    p.add_argument(
+        "--warmup", type=int, default=10, help="untimed steps first (allocator, cuDNN autotune)"
+    )
     p.add_argument("--device", default="auto")
-    p.add_argument("--workdir", default=None, help="where the benchmark's cache and run go (default: FLUXLAB cache)")
+    p.add_argument(
+        "--workdir",
+        default=None,
+        help="where the benchmark's cache and run go (default: FLUXLAB cache)",
+    )
     p.add_argument("--json", default=None, help="also write the results here")
 
 
@@ -26,15 +36,17 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     import json
     from pathlib import Path
 
-    from fluxlab.build import resolve_device
-    from fluxlab.cache_bench import format_report, run_bench
-    from fluxlab.config import load_config
+    from fluxlab.bench.cache import format_report, run_bench
+    from fluxlab.config.schema import load_config
     from fluxlab.data import cache_dir
+    from fluxlab.pipelines.build import resolve_device
 
     if args.steps < 1 or args.warmup < 0:
         raise ValueError("--steps must be at least 1 and --warmup at least 0")
     cfg = load_config(args.config, overrides)
-    workdir = Path(args.workdir) if args.workdir else cache_dir() / "bench-cache" / Path(args.config).stem
+    workdir = (
+        Path(args.workdir) if args.workdir else cache_dir() / "bench-cache" / Path(args.config).stem
+    )
     result = run_bench(cfg, resolve_device(args.device), args.steps, args.warmup, workdir)
     result["config"] = args.config
     print(format_report(result))

@@ -15,21 +15,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "under data.cache_dir; rerun the same command to resume an interrupted run. Training with the same "
         "config then reads the shards and builds no encoder.",
     )
-    p.add_argument("--config", required=True, help="preset name (e.g. openmoji-latent-gpu) or a YAML file")
-    p.add_argument("--device", default="auto", help="where the encoders run (auto, cpu, cuda, cuda:1)")
+    p.add_argument(
+        "--config", required=True, help="preset name (e.g. openmoji-latent-gpu) or a YAML file"
+    )
+    p.add_argument(
+        "--device", default="auto", help="where the encoders run (auto, cpu, cuda, cuda:1)"
+    )
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    from fluxlab.build import resolve_device
-    from fluxlab.config import load_config
+    from fluxlab.config.schema import load_config
     from fluxlab.data.cache_writer import write_cache
+    from fluxlab.pipelines.build import resolve_device
 
     cfg = load_config(args.config, overrides)
     report = write_cache(cfg, resolve_device(args.device))
-    print(f"cache: {report.cache_dir} ({report.written_shards} shards written, {report.reused_shards} kept from "
-          f"an earlier run)")
+    print(
+        f"cache: {report.cache_dir} ({report.written_shards} shards written, {report.reused_shards} kept from "
+        f"an earlier run)"
+    )
     if report.encoded:
-        print(f"encoded {report.encoded} images in {report.seconds:.1f}s: {report.images_per_s:.1f} images/s")
+        print(
+            f"encoded {report.encoded} images in {report.seconds:.1f}s: {report.images_per_s:.1f} images/s"
+        )
     if report.bad:
         print(f"skipped {len(report.bad)} unreadable images:")
         for line in report.bad[:20]:

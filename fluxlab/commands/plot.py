@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    from fluxlab.plots import plot_run
+    from fluxlab.eval.plots import plot_run
 
     print(f"wrote {plot_run(args.run, args.out, args.title)}")
     return 0

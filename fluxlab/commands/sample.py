@@ -10,7 +10,9 @@ ACCEPTS_OVERRIDES = False
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("sample", help="generate images from a checkpoint")
-    s.add_argument("--checkpoint", required=True, help="a run folder or one of its checkpoints/step_* folders")
+    s.add_argument(
+        "--checkpoint", required=True, help="a run folder or one of its checkpoints/step_* folders"
+    )
     s.add_argument(
         "--prompt",
         action="append",
@@ -20,29 +22,46 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--negative-prompt", default=None)
     s.add_argument("--steps", type=int, default=None)
-    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
-    s.add_argument("--sampler", choices=["euler", "heun", "ddim", "ddpm"], default=None,
-                   help="euler/heun for flow checkpoints, ddim/ddpm for DDPM ones (ddpm --steps 1000 = full chain)")
-    s.add_argument("--eta", type=float, default=None, help="DDIM noise: 0 deterministic, 1 DDPM-like")
-    s.add_argument("--spacing", choices=["leading", "linspace", "trailing"], default=None, help="DDIM/DDPM timesteps")
-    s.add_argument("--shift", action=argparse.BooleanOptionalAction, default=None, help="FLUX resolution shift")
+    s.add_argument(
+        "--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)"
+    )
+    s.add_argument(
+        "--sampler",
+        choices=["euler", "heun", "ddim", "ddpm"],
+        default=None,
+        help="euler/heun for flow checkpoints, ddim/ddpm for DDPM ones (ddpm --steps 1000 = full chain)",
+    )
+    s.add_argument(
+        "--eta", type=float, default=None, help="DDIM noise: 0 deterministic, 1 DDPM-like"
+    )
+    s.add_argument(
+        "--spacing",
+        choices=["leading", "linspace", "trailing"],
+        default=None,
+        help="DDIM/DDPM timesteps",
+    )
+    s.add_argument(
+        "--shift", action=argparse.BooleanOptionalAction, default=None, help="FLUX resolution shift"
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--num", type=int, default=1, help="images per prompt")
     s.add_argument("--nrow", type=int, default=None, help="tiles per row of the grid")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--device", default="auto")
-    s.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA")
+    s.add_argument(
+        "--no-ema", action="store_true", help="sample the raw weights instead of the EMA"
+    )
     s.add_argument("--out", required=True, help="PNG file for the grid")
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     import torch
 
-    from fluxlab.build import encode_prompts, load_for_sampling, resolve_device
+    from fluxlab.conditioning.text_encoders import build_text_encoder
     from fluxlab.data import make_grid
-    from fluxlab.pipeline import TextEmbedding
+    from fluxlab.pipelines.build import encode_prompts, load_for_sampling, resolve_device
+    from fluxlab.pipelines.text_to_image import TextEmbedding
     from fluxlab.tasks.class_to_image import make_objective
-    from fluxlab.text_encoders import build_text_encoder
 
     if args.num < 1 or args.batch_size < 1:
         raise ValueError("--num and --batch-size must be at least 1")
@@ -55,7 +74,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     prompts = [p for p in args.prompt for _ in range(args.num)]
     encoder = build_text_encoder(cfg.encoding.text_encoder, cfg.encoding.text_max_length, device)
     text = encode_prompts(encoder, prompts)
-    negative_prompt = args.negative_prompt if args.negative_prompt is not None else cfg.sample.negative_prompt
+    negative_prompt = (
+        args.negative_prompt if args.negative_prompt is not None else cfg.sample.negative_prompt
+    )
     negative = encode_prompts(encoder, [negative_prompt])
     del encoder
     s = cfg.sample
@@ -88,7 +109,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _task_of(checkpoint: str) -> str:
-    from fluxlab.checkpoint import read_description, resolve_checkpoint
+    from fluxlab.train.checkpoint import read_description, resolve_checkpoint
 
     return read_description(resolve_checkpoint(checkpoint)).get("task", "text_to_image")
 

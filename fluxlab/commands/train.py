@@ -15,17 +15,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Train from a preset or a YAML file; override any field with --section.key=value "
         "(e.g. --optim.lr=3e-4 --train.output_dir=runs/x).",
     )
-    p.add_argument("--config", required=True, help="preset name (openmoji-cpu, openmoji-gpu, debug) or a YAML file")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
-    p.add_argument("--simulate-world", type=int, default=None, metavar="N",
-                   help="size a job before renting its GPUs: run as rank 0 of N on this one GPU (fake process group: "
-                   "no communication, real allocations) for --optim.steps steps and a sample grid, then print the "
-                   "peak memory one GPU of the N needs; writes no checkpoint, and its losses mean nothing")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="preset name (openmoji-cpu, openmoji-gpu, debug) or a YAML file",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in train.output_dir",
+    )
+    p.add_argument(
+        "--simulate-world",
+        type=int,
+        default=None,
+        metavar="N",
+        help="size a job before renting its GPUs: run as rank 0 of N on this one GPU (fake process group: "
+        "no communication, real allocations) for --optim.steps steps and a sample grid, then print the "
+        "peak memory one GPU of the N needs; writes no checkpoint, and its losses mean nothing",
+    )
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    from fluxlab.config import load_config
-    from fluxlab.trainer import NonFiniteLossError, Trainer
+    from fluxlab.config.schema import load_config
+    from fluxlab.train.trainer import NonFiniteLossError, Trainer
 
     cfg = load_config(args.config, overrides)
     if args.simulate_world is not None:
@@ -49,9 +62,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 def _simulate(cfg, world: int) -> int:
     import torch.distributed as dist
 
-    from fluxlab import distributed
-    from fluxlab.build import resolve_device
-    from fluxlab.trainer import Trainer
+    from fluxlab.parallel import distributed
+    from fluxlab.pipelines.build import resolve_device
+    from fluxlab.train.trainer import Trainer
 
     info = distributed.simulate(world, resolve_device(cfg.train.device))
     try:
@@ -60,7 +73,11 @@ def _simulate(cfg, world: int) -> int:
     finally:
         dist.destroy_process_group()
     if not trainer.memory.peaks:
-        print(f"simulated {world} processes on {trainer.device}: no GPU, so no memory figure (run it on one GPU)")
+        print(
+            f"simulated {world} processes on {trainer.device}: no GPU, so no memory figure (run it on one GPU)"
+        )
         return 0
-    print(f"peak memory of one GPU of {world} ({cfg.parallel.mode}, {trainer.device}): {trainer.memory.summary()}")
+    print(
+        f"peak memory of one GPU of {world} ({cfg.parallel.mode}, {trainer.device}): {trainer.memory.summary()}"
+    )
     return 0

@@ -15,18 +15,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "latent scale/shift and write RUN/ae/{ae.safetensors,ae.json}; override any field with --section.key=value "
         "(e.g. --ae.kl_weight=1e-5 --train.output_dir=runs/ae).",
     )
-    p.add_argument("--config", required=True, help="AE preset (ae-tiny, ae-openmoji) or a YAML file (base: PRESET)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="AE preset (ae-tiny, ae-openmoji) or a YAML file (base: PRESET)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in train.output_dir",
+    )
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    from fluxlab.ae_training import AETrainer
-    from fluxlab.latent_config import load_ae_config
+    from fluxlab.config.autoencoder import load_ae_config
+    from fluxlab.train.autoencoder import AETrainer
 
     cfg = load_ae_config(args.config, overrides)
     trainer = AETrainer(cfg, resume=args.resume)
     folder = trainer.train()
-    print(f"autoencoder: {folder}   (use it with --encoding.space=latent --encoding.autoencoder={trainer.run_dir})")
+    print(
+        f"autoencoder: {folder}   (use it with --encoding.space=latent --encoding.autoencoder={trainer.run_dir})"
+    )
     print(f"metrics:     {trainer.run_dir / 'metrics.json'}")
     print(f"grids:       {trainer.run_dir / 'samples'}")
     return 0

@@ -17,9 +17,20 @@ from .shards import ShardDataset, is_shard_spec
 from .transforms import ImageTransform, make_grid, to_pil
 
 __all__ = [
-    "BadImageError", "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "ImageCaptionFolder", "ImageTransform",
-    "OPENMOJI_GROUPS", "OpenMoji", "ShardDataset", "build_dataset", "cache_dir", "collate_skip_bad", "load_image",
-    "make_grid", "to_pil",
+    "BadImageError",
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "ImageCaptionFolder",
+    "ImageTransform",
+    "OPENMOJI_GROUPS",
+    "OpenMoji",
+    "ShardDataset",
+    "build_dataset",
+    "cache_dir",
+    "collate_skip_bad",
+    "load_image",
+    "make_grid",
+    "to_pil",
 ]
 
 
@@ -37,7 +48,7 @@ def build_dataset(
     openmoji_subset: str = "all",
     shuffle_buffer: int = 1000,
 ) -> Dataset:
-    """"openmoji" -> the embedded OpenMoji set; WebDataset shards ("data/{000000..000127}.tar",
+    """ "openmoji" -> the embedded OpenMoji set; WebDataset shards ("data/{000000..000127}.tar",
     "pipe:..." URLs) -> a streaming ShardDataset; anything else is an image folder path.
 
     Augmentation (random crop, flip, jitter) applies only to the train split; val and all are
@@ -56,18 +67,34 @@ def build_dataset(
         # every rank, so evaluation over them is deterministic.
         train = split == "train"
         return ShardDataset(
-            name_or_path, transform, split, val_fraction, seed, shuffle_buffer=shuffle_buffer if train else 0,
-            limit=limit, epochs=None if train else 1, rank=None if train else 0, world=None if train else 1,
+            name_or_path,
+            transform,
+            split,
+            val_fraction,
+            seed,
+            shuffle_buffer=shuffle_buffer if train else 0,
+            limit=limit,
+            epochs=None if train else 1,
+            rank=None if train else 0,
+            world=None if train else 1,
         )
     if str(name_or_path).lower() == "openmoji":
         needs_transform = augment and (hflip or color_jitter > 0)
         include = base_codes() if openmoji_subset == "base" else None
         return OpenMoji(
-            resolution, transform if needs_transform else None, split, val_fraction, seed, limit=limit, include=include
+            resolution,
+            transform if needs_transform else None,
+            split,
+            val_fraction,
+            seed,
+            limit=limit,
+            include=include,
         )
     path = Path(name_or_path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"dataset {str(name_or_path)!r} is neither 'openmoji' nor an existing folder")
+        raise FileNotFoundError(
+            f"dataset {str(name_or_path)!r} is neither 'openmoji' nor an existing folder"
+        )
     folder = ImageCaptionFolder(
         path, transform, caption_ext=caption_ext, split=split, val_fraction=val_fraction, seed=seed
     )

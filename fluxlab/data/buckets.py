@@ -9,7 +9,7 @@ single bucket the batches are exactly the chunks of that permutation (the traine
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -18,21 +18,27 @@ from torch.utils.data import Sampler
 from .transforms import pil_to_tensor
 
 
-def check_buckets(buckets: Sequence[Sequence[int]], where: str = "buckets") -> list[tuple[int, int]]:
+def check_buckets(
+    buckets: Sequence[Sequence[int]], where: str = "buckets"
+) -> list[tuple[int, int]]:
     """``[[H, W], ...]`` as tuples, or a ValueError naming the bad entry."""
     if not buckets:
         raise ValueError(f"{where} is empty; give at least one [H, W] size, e.g. [[64, 64]]")
     out = []
     for i, b in enumerate(buckets):
         if len(b) != 2 or any(not isinstance(v, int) or v <= 0 for v in b):
-            raise ValueError(f"{where}[{i}]={list(b)!r} must be [height, width] with two positive integers")
+            raise ValueError(
+                f"{where}[{i}]={list(b)!r} must be [height, width] with two positive integers"
+            )
         out.append((int(b[0]), int(b[1])))
     if len(set(out)) != len(out):
         raise ValueError(f"{where} lists a size twice: {out}")
     return out
 
 
-def resolve_buckets(buckets: Sequence[Sequence[int]] | None, resolution: int) -> list[tuple[int, int]]:
+def resolve_buckets(
+    buckets: Sequence[Sequence[int]] | None, resolution: int
+) -> list[tuple[int, int]]:
     """The configured buckets, or the single square one of ``resolution``."""
     return check_buckets(buckets, "data.buckets") if buckets else [(resolution, resolution)]
 
@@ -45,8 +51,13 @@ def nearest_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) 
     """Index of the bucket whose aspect is nearest in log space (so 2:1 and 1:2 are equally far from 1:1);
     ties go to the larger bucket, which crops the least detail away."""
     aspect = math.log(height / width)
-    return min(range(len(buckets)), key=lambda i: (abs(math.log(buckets[i][0] / buckets[i][1]) - aspect),
-                                                  -buckets[i][0] * buckets[i][1]))
+    return min(
+        range(len(buckets)),
+        key=lambda i: (
+            abs(math.log(buckets[i][0] / buckets[i][1]) - aspect),
+            -buckets[i][0] * buckets[i][1],
+        ),
+    )
 
 
 def resize_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -107,7 +118,9 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """All ranks' batches of one epoch, in order (rank r takes [r::world])."""
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        perm = torch.randperm(
+            self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        )
         pending: dict[int, list[int]] = {}
         batches: list[list[int]] = []
         for i in perm.tolist():

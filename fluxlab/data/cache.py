@@ -16,15 +16,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from fluxlab.config import Config
+from fluxlab.config.schema import Config
 
 from .buckets import BucketBatchSampler, bucket_name, resolve_buckets
 
@@ -32,7 +33,9 @@ FORMAT = "fluxlab-latent-cache-v1"
 INDEX = "index.json"
 TEXT = "text.safetensors"
 META_KEY = "fluxlab"  # safetensors metadata: one JSON object (captions, bad images, names)
-GPU_RESIDENT_BYTES = 8 << 30  # OpenMoji 64² with MiniLM is ~0.1 GB; T5-512 captions reach this at ~2,000
+GPU_RESIDENT_BYTES = (
+    8 << 30
+)  # OpenMoji 64² with MiniLM is ~0.1 GB; T5-512 captions reach this at ~2,000
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -45,7 +48,9 @@ def cache_splits(cfg: Config) -> list[str]:
 def _file_stat(path: Path, content_hash: bool) -> dict[str, Any]:
     st = path.stat()
     out: dict[str, Any] = {"file": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-    if content_hash:  # autoencoders are small (FLUX's is 335 MB, ~1 s to hash); text encoders can be 10 GB
+    if (
+        content_hash
+    ):  # autoencoders are small (FLUX's is 335 MB, ~1 s to hash); text encoders can be 10 GB
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -55,25 +60,31 @@ def _file_stat(path: Path, content_hash: bool) -> dict[str, Any]:
 
 
 def _weight_files(path: Path) -> list[Path]:
-    from fluxlab.autoencoders import AE_JSON, AE_WEIGHTS, _fluxlab_folder
+    from fluxlab.models.weights.autoencoder_spec import AE_JSON, AE_WEIGHTS, _fluxlab_folder
 
     folder = _fluxlab_folder(path)
     if folder is not None:  # a train-ae run, its ae/ folder or its ae.safetensors
         return [folder / AE_WEIGHTS, folder / AE_JSON]
     if path.is_file():
         return [path]
-    root = path / "vae" if (path / "vae").is_dir() else path  # a diffusers folder: only its VAE matters
+    root = (
+        path / "vae" if (path / "vae").is_dir() else path
+    )  # a diffusers folder: only its VAE matters
     return sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".json", ".bin", ".pt"))
 
 
 def autoencoder_identity(spec: str | None) -> dict[str, Any] | None:
     if spec is None:
         return None
-    if spec.startswith("preset:"):  # random init from a fixed private seed (fluxlab.autoencoders)
+    if spec.startswith(
+        "preset:"
+    ):  # random init from a fixed private seed (fluxlab.models.weights.autoencoder_spec)
         return {"spec": spec}
     path = Path(spec).expanduser()
     if not path.exists():
-        raise ValueError(f"encoding.autoencoder={spec!r} does not exist; train one with `fluxlab train-ae` or fix the path")
+        raise ValueError(
+            f"encoding.autoencoder={spec!r} does not exist; train one with `fluxlab train-ae` or fix the path"
+        )
     return {"spec": spec, "files": [_file_stat(p, content_hash=True) for p in _weight_files(path)]}
 
 
@@ -81,7 +92,9 @@ def text_encoder_identity(spec: str, max_length: int) -> dict[str, Any]:
     out: dict[str, Any] = {"spec": spec, "max_length": max_length}
     path = Path(spec).expanduser()
     if path.is_dir():
-        out["files"] = [_file_stat(p, content_hash=False) for p in sorted(path.glob("text_encoder*/*"))]
+        out["files"] = [
+            _file_stat(p, content_hash=False) for p in sorted(path.glob("text_encoder*/*"))
+        ]
     return out
 
 
@@ -97,8 +110,12 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
         dataset = str(Path(dataset).expanduser().resolve())
     return {
         "dataset": dataset,
-        "split": {"val_fraction": d.val_fraction, "seed": cfg.train.seed, "limit": d.limit,
-                  "openmoji_subset": d.openmoji_subset},
+        "split": {
+            "val_fraction": d.val_fraction,
+            "seed": cfg.train.seed,
+            "limit": d.limit,
+            "openmoji_subset": d.openmoji_subset,
+        },
         "resolution": d.resolution,
         "buckets": [list(b) for b in resolve_buckets(d.buckets, d.resolution)],
         "space": e.space,
@@ -113,8 +130,11 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
 def fingerprint_mismatch(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """One line per differing field: ``autoencoder: stored {...} ≠ now {...}``."""
     keys = sorted(set(stored) | set(current))
-    return [f"{k}: cache has {json.dumps(stored.get(k))[:200]}, config gives {json.dumps(current.get(k))[:200]}"
-            for k in keys if stored.get(k) != current.get(k)]
+    return [
+        f"{k}: cache has {json.dumps(stored.get(k))[:200]}, config gives {json.dumps(current.get(k))[:200]}"
+        for k in keys
+        if stored.get(k) != current.get(k)
+    ]
 
 
 def read_index(cache_dir: str | Path) -> dict[str, Any] | None:
@@ -133,16 +153,24 @@ def check_cache(cfg: Config, need_complete: bool = True) -> dict[str, Any]:
     root = Path(cfg.data.cache_dir or "")
     index = read_index(root)
     if index is None:
-        raise ValueError(f"data.cache_dir={str(root)!r} holds no {INDEX}; build it with `fluxlab cache --config ...` "
-                         "(same config and overrides as training)")
+        raise ValueError(
+            f"data.cache_dir={str(root)!r} holds no {INDEX}; build it with `fluxlab cache --config ...` "
+            "(same config and overrides as training)"
+        )
     if index.get("format") != FORMAT:
-        raise ValueError(f"{root / INDEX} has format {index.get('format')!r}, expected {FORMAT!r}; rebuild the cache")
+        raise ValueError(
+            f"{root / INDEX} has format {index.get('format')!r}, expected {FORMAT!r}; rebuild the cache"
+        )
     diff = fingerprint_mismatch(index["fingerprint"], fingerprint(cfg))
     if diff:
-        raise ValueError(f"data.cache_dir={str(root)!r} was built with other settings; delete it or choose another "
-                         "data.cache_dir, then run `fluxlab cache`. Differences:\n  " + "\n  ".join(diff))
+        raise ValueError(
+            f"data.cache_dir={str(root)!r} was built with other settings; delete it or choose another "
+            "data.cache_dir, then run `fluxlab cache`. Differences:\n  " + "\n  ".join(diff)
+        )
     if need_complete and not index.get("complete"):
-        raise ValueError(f"the cache in {root} is unfinished; run `fluxlab cache` again with the same config to finish it")
+        raise ValueError(
+            f"the cache in {root} is unfinished; run `fluxlab cache` again with the same config to finish it"
+        )
     return index
 
 
@@ -170,8 +198,12 @@ class CachedLatents(Dataset):
         self.root = Path(cache_dir)
         info = index["splits"].get(split)
         if not info or not info["count"]:
-            raise ValueError(f"the cache in {self.root} has no {split!r} examples; raise data.val_fraction and rebuild it "
-                             "or set train.eval_every=0" if split == "val" else f"the cache in {self.root} is empty")
+            raise ValueError(
+                f"the cache in {self.root} has no {split!r} examples; raise data.val_fraction and rebuild it "
+                "or set train.eval_every=0"
+                if split == "val"
+                else f"the cache in {self.root} is empty"
+            )
         self.keys = ["mean", "logvar"] if index["latents"] == "sample" else ["latent"]
         self.buckets: list[tuple[int, int]] = []
         self.latent_hw: list[tuple[int, int]] = []
@@ -200,18 +232,27 @@ class CachedLatents(Dataset):
         return len(self.bucket_of)
 
     def _all(self) -> list[Tensor]:
-        return [t for per_bucket in self.tensors for t in per_bucket.values()] + [self.txt, self.vec]
+        return [t for per_bucket in self.tensors for t in per_bucket.values()] + [
+            self.txt,
+            self.vec,
+        ]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._all())
 
-    def to(self, device: torch.device) -> "CachedLatents":
+    def to(self, device: torch.device) -> CachedLatents:
         """Moves every tensor (and the row table) onto ``device``, in place."""
-        self.tensors = [{k: v.to(device) for k, v in per_bucket.items()} for per_bucket in self.tensors]
-        self.txt, self.vec, self.rows = self.txt.to(device), self.vec.to(device), self.rows.to(device)
+        self.tensors = [
+            {k: v.to(device) for k, v in per_bucket.items()} for per_bucket in self.tensors
+        ]
+        self.txt, self.vec, self.rows = (
+            self.txt.to(device),
+            self.vec.to(device),
+            self.rows.to(device),
+        )
         return self
 
-    def take(self, n: int | None) -> "CachedLatents":
+    def take(self, n: int | None) -> CachedLatents:
         """The first ``n`` examples only (data.val_limit), in place."""
         if n is not None and n < len(self):
             self.bucket_of, self.rows = self.bucket_of[:n], self.rows[:n]
@@ -221,7 +262,13 @@ class CachedLatents(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         b, r = self.bucket_of[i], int(self.rows[i])
         item: dict[str, Any] = {k: self.tensors[b][k][r] for k in self.keys}
-        return {**item, "txt": self.txt[i], "vec": self.vec[i], "caption": self.captions[i], "index": i}
+        return {
+            **item,
+            "txt": self.txt[i],
+            "vec": self.vec[i],
+            "caption": self.captions[i],
+            "index": i,
+        }
 
     def batch(self, indices: list[int]) -> dict[str, Any]:
         """A single-bucket batch gathered in one indexing op per tensor (no per-item collate)."""
@@ -229,13 +276,22 @@ class CachedLatents(Dataset):
         b = self.bucket_of[indices[0]]
         rows = self.rows[idx]
         out: dict[str, Any] = {k: self.tensors[b][k][rows] for k in self.keys}
-        return {**out, "txt": self.txt[idx], "vec": self.vec[idx], "caption": [self.captions[i] for i in indices],
-                "index": idx, "skipped": 0}
+        return {
+            **out,
+            "txt": self.txt[idx],
+            "vec": self.vec[idx],
+            "caption": [self.captions[i] for i in indices],
+            "index": idx,
+            "skipped": 0,
+        }
 
-    def batches(self, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0,
-                world: int = 1) -> Iterator[dict[str, Any]]:
+    def batches(
+        self, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world: int = 1
+    ) -> Iterator[dict[str, Any]]:
         """Training batches forever, single-bucket and shuffled per epoch (see BucketBatchSampler)."""
-        for indices in BucketBatchSampler(self.bucket_of, batch_size, seed, rank, world, start_batch):
+        for indices in BucketBatchSampler(
+            self.bucket_of, batch_size, seed, rank, world, start_batch
+        ):
             yield self.batch(indices)
 
     def eval_batches(self, batch_size: int) -> list[list[int]]:

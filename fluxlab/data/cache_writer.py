@@ -24,11 +24,23 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from fluxlab.config import Config
+from fluxlab.config.schema import Config
 
 from .buckets import bucket_tensor, nearest_bucket, resolve_buckets
-from .cache import (DTYPES, FORMAT, INDEX, META_KEY, TEXT, shard_meta, bucket_dir, cache_splits, fingerprint, fingerprint_mismatch,
-                    read_index, write_json_atomic)
+from .cache import (
+    DTYPES,
+    FORMAT,
+    INDEX,
+    META_KEY,
+    TEXT,
+    bucket_dir,
+    cache_splits,
+    fingerprint,
+    fingerprint_mismatch,
+    read_index,
+    shard_meta,
+    write_json_atomic,
+)
 from .images import BadImageError, load_image
 
 logger = logging.getLogger(__name__)
@@ -44,11 +56,20 @@ class Source:
 
         d = cfg.data
         if d.task != "text_to_image":
-            raise ValueError("fluxlab cache handles data.task=text_to_image; train edit runs without data.cache_dir")
+            raise ValueError(
+                "fluxlab cache handles data.task=text_to_image; train edit runs without data.cache_dir"
+            )
         # The trainer's split rule: "all" when nothing is held out.
         ds_split = split if d.val_fraction > 0 else "all"
-        ds = build_dataset(d.dataset, resolution=d.resolution, split=ds_split, val_fraction=d.val_fraction,
-                           seed=cfg.train.seed, limit=d.limit, openmoji_subset=d.openmoji_subset)
+        ds = build_dataset(
+            d.dataset,
+            resolution=d.resolution,
+            split=ds_split,
+            val_fraction=d.val_fraction,
+            seed=cfg.train.seed,
+            limit=d.limit,
+            openmoji_subset=d.openmoji_subset,
+        )
         self.captions: list[str] = list(ds.captions)
         if isinstance(ds, OpenMoji):
             self.images, self.paths = ds.images, None
@@ -57,8 +78,10 @@ class Source:
             self.images, self.paths = None, list(ds.paths)
             self.names = [str(p) for p in self.paths]
         else:
-            raise ValueError(f"fluxlab cache reads OpenMoji or an image folder, not {type(ds).__name__} "
-                             f"({d.dataset!r}); cache the folder the shards were written from")
+            raise ValueError(
+                f"fluxlab cache reads OpenMoji or an image folder, not {type(ds).__name__} "
+                f"({d.dataset!r}); cache the folder the shards were written from"
+            )
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -132,7 +155,7 @@ class CacheReport:
 
 def build_cache_codec(cfg: Config, device: torch.device) -> nn.Module:
     """The config's codec (pixels, or the frozen autoencoder: bf16 on CUDA, fp32 elsewhere)."""
-    from fluxlab.build import build_codec
+    from fluxlab.pipelines.build import build_codec
 
     return build_codec(cfg, device).eval().requires_grad_(False)
 
@@ -142,14 +165,18 @@ def _encode_latents(codec: nn.Module, images: Tensor, mode: str) -> dict[str, Te
         return {"latent": codec.encode(images).float()}
     ae = getattr(codec, "autoencoder", None)
     if ae is None:
-        raise ValueError("cache.latents=sample needs an autoencoder (encoding.space=latent); pixels have no posterior")
+        raise ValueError(
+            "cache.latents=sample needs an autoencoder (encoding.space=latent); pixels have no posterior"
+        )
     dtype = next(ae.parameters()).dtype
     mean, logvar = ae.encode_moments(images.to(dtype))
     # Stored in the diffusion latent's units: scale·(z − shift) has mean scale·(μ − shift), log-variance
     # logvar + 2·log|scale|, so training draws mean + exp(logvar/2)·ε with no autoencoder at hand.
     scale = float(ae.scale_factor)
-    return {"mean": (scale * (mean.float() - ae.shift_factor)),
-            "logvar": logvar.float() + 2 * math.log(abs(scale))}
+    return {
+        "mean": (scale * (mean.float() - ae.shift_factor)),
+        "logvar": logvar.float() + 2 * math.log(abs(scale)),
+    }
 
 
 def _write_shard(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
@@ -174,17 +201,29 @@ class _Accumulator:
 
     def finish(self, source: Source) -> tuple[dict[str, Tensor], dict[str, str]]:
         if not self.kept:  # every image of the shard was bad: an empty shard still marks it as done
-            return {"index": torch.zeros(0, dtype=torch.long)}, _meta(captions=[], bad=self.bad, names=[])
+            return {"index": torch.zeros(0, dtype=torch.long)}, _meta(
+                captions=[], bad=self.bad, names=[]
+            )
         tensors = {k: torch.cat(v) for k, v in self.parts.items()}
         tensors["index"] = torch.tensor(self.kept, dtype=torch.long)
-        meta = _meta(captions=[source.captions[i] for i in self.kept], bad=self.bad,
-                     names=[source.names[i] for i in self.kept])
+        meta = _meta(
+            captions=[source.captions[i] for i in self.kept],
+            bad=self.bad,
+            names=[source.names[i] for i in self.kept],
+        )
         return tensors, meta
 
 
 @torch.no_grad()
-def _encode_batch(batch: list, source: Source, acc: _Accumulator, codec: nn.Module, encoder: Any, cfg: Config,
-                  device: torch.device) -> None:
+def _encode_batch(
+    batch: list,
+    source: Source,
+    acc: _Accumulator,
+    codec: nn.Module,
+    encoder: Any,
+    cfg: Config,
+    device: torch.device,
+) -> None:
     dtype = DTYPES[cfg.cache.dtype]
     for _, _, _, err in batch:
         if err is not None:
@@ -208,7 +247,9 @@ def _meta(**fields: Any) -> dict[str, str]:
     return {META_KEY: json.dumps(fields, sort_keys=True)}
 
 
-def _plan(source: Source, buckets: list[tuple[int, int]], shard_size: int) -> tuple[list[list[list[int]]], list[str]]:
+def _plan(
+    source: Source, buckets: list[tuple[int, int]], shard_size: int
+) -> tuple[list[list[list[int]]], list[str]]:
     """Per bucket, its shards' example indices; and the images whose header could not be read."""
     members: list[list[int]] = [[] for _ in buckets]
     bad = []
@@ -224,38 +265,60 @@ def _plan(source: Source, buckets: list[tuple[int, int]], shard_size: int) -> tu
     return shards, bad
 
 
-def write_cache(cfg: Config, device: torch.device, codec: nn.Module | None = None, encoder: Any = None,
-                progress: bool = True) -> CacheReport:
+def write_cache(
+    cfg: Config,
+    device: torch.device,
+    codec: nn.Module | None = None,
+    encoder: Any = None,
+    progress: bool = True,
+) -> CacheReport:
     """Encodes (or finishes encoding) data.cache_dir for ``cfg``; returns what this run did."""
-    from fluxlab.text_encoders import build_text_encoder
+    from fluxlab.conditioning.text_encoders import build_text_encoder
 
     if not cfg.data.cache_dir:
-        raise ValueError("set data.cache_dir (e.g. --data.cache_dir=runs/my-cache) to say where the cache goes")
+        raise ValueError(
+            "set data.cache_dir (e.g. --data.cache_dir=runs/my-cache) to say where the cache goes"
+        )
     root = Path(cfg.data.cache_dir)
     fp = fingerprint(cfg)
     index = read_index(root)
     if index is not None:
         diff = fingerprint_mismatch(index.get("fingerprint", {}), fp)
         if diff or index.get("format") != FORMAT:
-            raise ValueError(f"{root} already holds a cache built with other settings; delete it or choose another "
-                             "data.cache_dir. Differences:\n  " + "\n  ".join(diff or ["format"]))
+            raise ValueError(
+                f"{root} already holds a cache built with other settings; delete it or choose another "
+                "data.cache_dir. Differences:\n  " + "\n  ".join(diff or ["format"])
+            )
     root.mkdir(parents=True, exist_ok=True)
-    index = {"format": FORMAT, "fingerprint": fp, "complete": False, "latents": cfg.cache.latents, "splits": {}}
+    index = {
+        "format": FORMAT,
+        "fingerprint": fp,
+        "complete": False,
+        "latents": cfg.cache.latents,
+        "splits": {},
+    }
     write_json_atomic(root / INDEX, index)
     codec = codec if codec is not None else build_cache_codec(cfg, device)
-    encoder = encoder if encoder is not None else build_text_encoder(cfg.encoding.text_encoder,
-                                                                     cfg.encoding.text_max_length, device)
+    encoder = (
+        encoder
+        if encoder is not None
+        else build_text_encoder(cfg.encoding.text_encoder, cfg.encoding.text_max_length, device)
+    )
     buckets = resolve_buckets(cfg.data.buckets, cfg.data.resolution)
     step = codec.downsample * cfg.encoding.patch_size
     for h, w in buckets:
         if h % step or w % step:
-            raise ValueError(f"bucket {h}x{w} is not divisible by {step} (autoencoder {codec.downsample}× × "
-                             f"encoding.patch_size {cfg.encoding.patch_size}); change data.buckets")
+            raise ValueError(
+                f"bucket {h}x{w} is not divisible by {step} (autoencoder {codec.downsample}× × "
+                f"encoding.patch_size {cfg.encoding.patch_size}); change data.buckets"
+            )
     sources, plans, report = {}, {}, CacheReport(root)
     for split in cache_splits(cfg):
         try:
             sources[split] = Source(cfg, split)
-        except ValueError as err:  # an empty held-out split: only validation needs it, and it says so then
+        except (
+            ValueError
+        ) as err:  # an empty held-out split: only validation needs it, and it says so then
             if split != "val":
                 raise
             logger.warning("no val split cached: %s", err)
@@ -273,12 +336,23 @@ def write_cache(cfg: Config, device: torch.device, codec: nn.Module | None = Non
                     pending.append(_Shard(path, sources[split], items, size))
     total = sum(len(s) for p in plans.values() for b in p for s in b)
     work = _PendingImages(pending)
-    loader = DataLoader(work, batch_sampler=work.batches(cfg.cache.batch_size), collate_fn=list,
-                        num_workers=cfg.data.num_workers, generator=torch.Generator())
+    loader = DataLoader(
+        work,
+        batch_sampler=work.batches(cfg.cache.batch_size),
+        collate_fn=list,
+        num_workers=cfg.data.num_workers,
+        generator=torch.Generator(),
+    )
     start = time.perf_counter()
     acc = _Accumulator()
-    with tqdm(total=total, initial=total - len(work), desc=f"cache {root.name}", unit="img", dynamic_ncols=True,
-              disable=not progress) as bar:
+    with tqdm(
+        total=total,
+        initial=total - len(work),
+        desc=f"cache {root.name}",
+        unit="img",
+        dynamic_ncols=True,
+        disable=not progress,
+    ) as bar:
         for batch in loader:
             shard = pending[batch[0][0]]
             _encode_batch(batch, shard.source, acc, codec, encoder, cfg, device)
@@ -292,19 +366,30 @@ def write_cache(cfg: Config, device: torch.device, codec: nn.Module | None = Non
                 acc = _Accumulator()
     report.seconds = time.perf_counter() - start
     _write_text_table(root, cfg, encoder)
-    index["splits"] = {split: _split_entry(root, split, buckets, plan, codec.downsample, report)
-                       for split, plan in plans.items()}
+    index["splits"] = {
+        split: _split_entry(root, split, buckets, plan, codec.downsample, report)
+        for split, plan in plans.items()
+    }
     index["latent"] = {"channels": int(codec.channels), "downsample": int(codec.downsample)}
-    index["text"] = {"context_dim": int(encoder.context_dim), "pooled_dim": int(encoder.pooled_dim),
-                     "max_length": int(encoder.max_length)}
+    index["text"] = {
+        "context_dim": int(encoder.context_dim),
+        "pooled_dim": int(encoder.pooled_dim),
+        "max_length": int(encoder.max_length),
+    }
     index["bad_images"] = report.bad
     index["complete"] = True
     write_json_atomic(root / INDEX, index)
     return report
 
 
-def _split_entry(root: Path, split: str, buckets: list[tuple[int, int]], plan: list[list[list[int]]],
-                 downsample: int, report: CacheReport) -> dict[str, Any]:
+def _split_entry(
+    root: Path,
+    split: str,
+    buckets: list[tuple[int, int]],
+    plan: list[list[list[int]]],
+    downsample: int,
+    report: CacheReport,
+) -> dict[str, Any]:
     entry: dict[str, Any] = {"buckets": {}, "count": 0}
     for size, shards in zip(buckets, plan):
         files, count = [], 0
@@ -319,8 +404,12 @@ def _split_entry(root: Path, split: str, buckets: list[tuple[int, int]], plan: l
                 files.append(rel)
                 count += n
         if count:
-            entry["buckets"][f"{size[0]}x{size[1]}"] = {"size": list(size), "count": count, "shards": files,
-                                                       "latent_hw": [size[0] // downsample, size[1] // downsample]}
+            entry["buckets"][f"{size[0]}x{size[1]}"] = {
+                "size": list(size),
+                "count": count,
+                "shards": files,
+                "latent_hw": [size[0] // downsample, size[1] // downsample],
+            }
         entry["count"] += count
     return entry
 
@@ -330,5 +419,8 @@ def _write_text_table(root: Path, cfg: Config, encoder: Any) -> None:
     sample grids then need no text encoder."""
     captions = sorted(set(cfg.sample.prompts) | {cfg.sample.negative_prompt, ""})
     txt, vec = encoder.encode(captions)
-    _write_shard(root / TEXT, {"txt": txt.to("cpu", DTYPES[cfg.cache.dtype]), "vec": vec.float().cpu()},
-                 _meta(captions=captions))
+    _write_shard(
+        root / TEXT,
+        {"txt": txt.to("cpu", DTYPES[cfg.cache.dtype]), "vec": vec.float().cpu()},
+        _meta(captions=captions),
+    )

@@ -29,7 +29,9 @@ logger = logging.getLogger(__name__)
 
 EDIT_METADATA = "metadata.jsonl"
 _FIELDS = ("condition", "target", "instruction")
-_EXAMPLE = '{"condition": "before/001.png", "target": "after/001.png", "instruction": "make it night"}'
+_EXAMPLE = (
+    '{"condition": "before/001.png", "target": "after/001.png", "instruction": "make it night"}'
+)
 
 
 def read_edit_metadata(path: Path) -> list[tuple[str, str, str]]:
@@ -41,11 +43,23 @@ def read_edit_metadata(path: Path) -> list[tuple[str, str, str]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {lineno} is not valid JSON ({err}); fix or remove that line") from None
-        missing = [k for k in _FIELDS if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+            raise ValueError(
+                f"{path} line {lineno} is not valid JSON ({err}); fix or remove that line"
+            ) from None
+        missing = [
+            k for k in _FIELDS if not isinstance(row, dict) or not isinstance(row.get(k), str)
+        ]
         if missing:
-            raise ValueError(f"{path} line {lineno} lacks {', '.join(missing)} (strings); a row looks like {_EXAMPLE}")
-        rows.append((Path(row["condition"]).as_posix(), Path(row["target"]).as_posix(), row["instruction"].strip()))
+            raise ValueError(
+                f"{path} line {lineno} lacks {', '.join(missing)} (strings); a row looks like {_EXAMPLE}"
+            )
+        rows.append(
+            (
+                Path(row["condition"]).as_posix(),
+                Path(row["target"]).as_posix(),
+                row["instruction"].strip(),
+            )
+        )
     return rows
 
 
@@ -69,7 +83,9 @@ class EditFolder(Dataset):
         check_split(split, val_fraction, f"EditFolder({self.root})")
         meta = self.root / EDIT_METADATA
         if not meta.is_file():
-            raise ValueError(f"edit folder {self.root} has no {EDIT_METADATA}; each line looks like {_EXAMPLE}")
+            raise ValueError(
+                f"edit folder {self.root} has no {EDIT_METADATA}; each line looks like {_EXAMPLE}"
+            )
         every = read_edit_metadata(meta)
         if not every:
             raise ValueError(f"{meta} has no rows; each line looks like {_EXAMPLE}")
@@ -87,7 +103,7 @@ class EditFolder(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def take(self, n: int) -> "EditFolder":
+    def take(self, n: int) -> EditFolder:
         """The first ``n`` pairs only (smoke runs, debugging), in place."""
         self.rows, self.captions = self.rows[:n], self.captions[:n]
         return self

@@ -33,19 +33,39 @@ from .openmoji import emoji_name, load_rendered, openmoji_codes
 from .transforms import uint8_to_tensor
 
 FAMILIES = ("skin_tone", "gender", "hair", "color")
-TONES = {"1F3FB": "light", "1F3FC": "medium-light", "1F3FD": "medium", "1F3FE": "medium-dark", "1F3FF": "dark"}
+TONES = {
+    "1F3FB": "light",
+    "1F3FC": "medium-light",
+    "1F3FD": "medium",
+    "1F3FE": "medium-dark",
+    "1F3FF": "dark",
+}
 HAIR = {"1F9B0": "red hair", "1F9B1": "curly hair", "1F9B3": "white hair", "1F9B2": "bald"}
 ZWJ, VS16 = "200D", "FE0F"
 SIGNS = {"2640": "woman", "2642": "man"}
 PERSON = "1F9D1"
 # Single-codepoint gendered forms and the neutral emoji they vary.
 GENDERED = {
-    "1F468": (PERSON, "man"), "1F469": (PERSON, "woman"),
-    "1F466": ("1F9D2", "boy"), "1F467": ("1F9D2", "girl"),
-    "1F474": ("1F9D3", "old man"), "1F475": ("1F9D3", "old woman"),
+    "1F468": (PERSON, "man"),
+    "1F469": (PERSON, "woman"),
+    "1F466": ("1F9D2", "boy"),
+    "1F467": ("1F9D2", "girl"),
+    "1F474": ("1F9D3", "old man"),
+    "1F475": ("1F9D3", "old woman"),
 }
 COLORS = (
-    "light blue", "red", "orange", "yellow", "green", "blue", "purple", "brown", "black", "white", "pink", "grey",
+    "light blue",
+    "red",
+    "orange",
+    "yellow",
+    "green",
+    "blue",
+    "purple",
+    "brown",
+    "black",
+    "white",
+    "pink",
+    "grey",
 )
 NONE = "none"
 
@@ -55,9 +75,19 @@ def _instruction(family: str, value: str) -> str:
     if family == "skin_tone":
         return "remove the skin tone" if value == NONE else f"give it a {value} skin tone"
     if family == "gender":
-        return "make it gender-neutral" if value == NONE else f"make it {'an' if value[0] in 'aeiou' else 'a'} {value}"
+        return (
+            "make it gender-neutral"
+            if value == NONE
+            else f"make it {'an' if value[0] in 'aeiou' else 'a'} {value}"
+        )
     if family == "hair":
-        return "give it its default hair" if value == NONE else "make it bald" if value == "bald" else f"give it {value}"
+        return (
+            "give it its default hair"
+            if value == NONE
+            else "make it bald"
+            if value == "bald"
+            else f"give it {value}"
+        )
     return f"make it {value}"
 
 
@@ -81,7 +111,9 @@ def _gender_axis(parts: list[str]) -> tuple[str, str] | None:
     after = rest[len(tone) :]
     if head in GENDERED and (not after or after[0] == ZWJ):
         neutral, word = GENDERED[head]
-        if after and neutral != PERSON:  # 👦/👴 + ZWJ … are families and the like, not variants of 🧒/🧓
+        if (
+            after and neutral != PERSON
+        ):  # 👦/👴 + ZWJ … are families and the like, not variants of 🧒/🧓
             return None
         return "-".join([neutral, *tone, *after]), word
     if head in {n for n, _ in GENDERED.values()} and (not after or after[0] == ZWJ):
@@ -140,7 +172,9 @@ def find_edit_pairs(
     names = list(names) if names is not None else [emoji_name(c) for c in codes]
     by_norm = {"-".join(_norm(c)): c for c in codes}
     axes: dict[str, Callable[[list[str]], tuple[str, str] | None]] = {
-        "skin_tone": _tone_axis, "gender": _gender_axis, "hair": _hair_axis,
+        "skin_tone": _tone_axis,
+        "gender": _gender_axis,
+        "hair": _hair_axis,
     }
     color_of = {c: _color_axis(n) for c, n in zip(codes, names)}
     pairs: list[EditPair] = []
@@ -162,12 +196,16 @@ def find_edit_pairs(
                     if src_value == dst_value:
                         continue
                     root = key if family == "color" else _root(_norm(src))
-                    root = by_norm.get(root, root)  # the OpenMoji code itself where the root is an emoji
+                    root = by_norm.get(
+                        root, root
+                    )  # the OpenMoji code itself where the root is an emoji
                     pairs.append(EditPair(src, dst, _instruction(family, dst_value), family, root))
     return sorted(pairs, key=lambda p: (p.root, p.family, p.condition, p.target))
 
 
-def split_pairs(pairs: list[EditPair], split: str, val_fraction: float, seed: int) -> list[EditPair]:
+def split_pairs(
+    pairs: list[EditPair], split: str, val_fraction: float, seed: int
+) -> list[EditPair]:
     """The held-out split by root emoji: every variant of a root is on one side."""
     return [p for p in pairs if keep_for_split(p.root, split, val_fraction, seed)]
 
@@ -193,13 +231,19 @@ class OpenMojiEditPairs(Dataset):
         cache: str | os.PathLike[str] | None = None,
     ) -> None:
         check_split(split, val_fraction, "OpenMoji edit pairs")
-        pairs = split_pairs(find_edit_pairs(openmoji_codes(), families=families), split, val_fraction, seed)
+        pairs = split_pairs(
+            find_edit_pairs(openmoji_codes(), families=families), split, val_fraction, seed
+        )
         if include_roots is not None:
             wanted = set(include_roots)
             pairs = [p for p in pairs if p.root in wanted]
         if limit is not None:
             pairs = pairs[:limit]
-        needed = sorted({p.condition for p in pairs} | {p.target for p in pairs}) if limit or include_roots else None
+        needed = (
+            sorted({p.condition for p in pairs} | {p.target for p in pairs})
+            if limit or include_roots
+            else None
+        )
         target = load_rendered(resolution, needed, cache)
         self._index = {str(c): i for i, c in enumerate(target["codes"])}
         self.images: np.ndarray = target["images"]
@@ -207,13 +251,17 @@ class OpenMojiEditPairs(Dataset):
         if condition_resolution is not None and condition_resolution != resolution:
             cond = load_rendered(condition_resolution, needed, cache)
             if list(cond["codes"]) != list(target["codes"]):
-                raise ValueError("OpenMoji rendered different emoji at the two resolutions; clear the cache")
+                raise ValueError(
+                    "OpenMoji rendered different emoji at the two resolutions; clear the cache"
+                )
             self.condition_images = cond["images"]
         names = {str(c): str(n) for c, n in zip(target["codes"], target["captions"])}
         # Sequences that did not render as one glyph were skipped: so are their pairs.
         self.pairs = [p for p in pairs if p.condition in self._index and p.target in self._index]
         if not self.pairs:
-            raise ValueError(f"OpenMoji edit pairs: the {split!r} split is empty; lower val_fraction or raise limit")
+            raise ValueError(
+                f"OpenMoji edit pairs: the {split!r} split is empty; lower val_fraction or raise limit"
+            )
         self.resolution = resolution
         self.transform = transform
         self.families = list(FAMILIES)
@@ -224,7 +272,11 @@ class OpenMojiEditPairs(Dataset):
         return len(self.pairs)
 
     def _tensor(self, arr: np.ndarray) -> torch.Tensor:
-        return self.transform(Image.fromarray(arr)) if self.transform is not None else uint8_to_tensor(arr)
+        return (
+            self.transform(Image.fromarray(arr))
+            if self.transform is not None
+            else uint8_to_tensor(arr)
+        )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         p = self.pairs[index]
@@ -249,16 +301,28 @@ def build_edit_dataset(
     condition_resolution: int | None = None,
     **_text_to_image_options: Any,
 ) -> Dataset:
-    """"openmoji" → the built-in variant pairs; a folder → :class:`EditFolder` (``metadata.jsonl``).
+    """ "openmoji" → the built-in variant pairs; a folder → :class:`EditFolder` (``metadata.jsonl``).
 
     Takes :func:`fluxlab.data.build_dataset`'s keywords so the trainer can call either; the augmentations
     among them are refused for edits by ``Config.validate`` (they would move the target off the condition).
     """
     if str(name_or_path).lower() == "openmoji":
         return OpenMojiEditPairs(
-            resolution, split, val_fraction, seed, limit=limit, condition_resolution=condition_resolution
+            resolution,
+            split,
+            val_fraction,
+            seed,
+            limit=limit,
+            condition_resolution=condition_resolution,
         )
     from .edit_folder import EditFolder
 
-    folder = EditFolder(name_or_path, resolution, split, val_fraction, seed, condition_resolution=condition_resolution)
+    folder = EditFolder(
+        name_or_path,
+        resolution,
+        split,
+        val_fraction,
+        seed,
+        condition_resolution=condition_resolution,
+    )
     return folder if limit is None else folder.take(limit)

@@ -42,7 +42,9 @@ def read_text(path: Path) -> str:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        logger.warning("caption %s is not valid UTF-8 (%s); undecodable bytes replaced with U+FFFD", path, err)
+        logger.warning(
+            "caption %s is not valid UTF-8 (%s); undecodable bytes replaced with U+FFFD", path, err
+        )
         text = raw.decode("utf-8", errors="replace")
     return text.strip()
 
@@ -56,9 +58,13 @@ def read_metadata(path: Path) -> dict[str, str]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {lineno} is not valid JSON ({err}); fix or remove that line") from None
+            raise ValueError(
+                f"{path} line {lineno} is not valid JSON ({err}); fix or remove that line"
+            ) from None
         if not isinstance(row, dict) or "file_name" not in row:
-            raise ValueError(f'{path} line {lineno} needs a "file_name" key, e.g. {{"file_name": "a.png", "text": "..."}}')
+            raise ValueError(
+                f'{path} line {lineno} needs a "file_name" key, e.g. {{"file_name": "a.png", "text": "..."}}'
+            )
         text = row.get("text", row.get("caption", ""))
         captions[Path(str(row["file_name"])).as_posix()] = "" if text is None else str(text).strip()
     return captions
@@ -84,17 +90,23 @@ class ImageCaptionFolder(Dataset):
     ) -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {self.root} does not exist or is not a directory")
+            raise FileNotFoundError(
+                f"image folder {self.root} does not exist or is not a directory"
+            )
         check_split(split, val_fraction, f"ImageCaptionFolder({self.root})")
         self.transform = transform
         self.max_pixels = max_pixels
         every = find_images(self.root)
         if not every:
             exts = " ".join(sorted(IMAGE_EXTENSIONS))
-            raise ValueError(f"no images ({exts}) found under {self.root}; point the data path at a folder of images")
+            raise ValueError(
+                f"no images ({exts}) found under {self.root}; point the data path at a folder of images"
+            )
         rel = [p.relative_to(self.root) for p in every]
         # Classes come from the whole folder so train and val agree on label numbering.
-        self.classes: list[str] = sorted({r.parts[0] if len(r.parts) > 1 else FLAT_CLASS for r in rel})
+        self.classes: list[str] = sorted(
+            {r.parts[0] if len(r.parts) > 1 else FLAT_CLASS for r in rel}
+        )
         keep = [keep_for_split(r.as_posix(), split, val_fraction, seed) for r in rel]
         self.paths: list[Path] = [p for p, k in zip(every, keep) if k]
         if not self.paths:
@@ -104,7 +116,9 @@ class ImageCaptionFolder(Dataset):
             )
         class_index = {c: i for i, c in enumerate(self.classes)}
         self.labels: list[int] = [
-            class_index[r.parts[0] if len(r.parts) > 1 else FLAT_CLASS] for r, k in zip(rel, keep) if k
+            class_index[r.parts[0] if len(r.parts) > 1 else FLAT_CLASS]
+            for r, k in zip(rel, keep)
+            if k
         ]
         self.captions: list[str] = self._read_captions(caption_ext)
 
@@ -126,7 +140,12 @@ class ImageCaptionFolder(Dataset):
         if missing:
             logger.warning(
                 "%d of %d images under %s have no caption (no %s sidecar or %s row), e.g. %s; using empty captions",
-                len(missing), len(self.paths), self.root, caption_ext, METADATA_FILE, ", ".join(missing[:3]),
+                len(missing),
+                len(self.paths),
+                self.root,
+                caption_ext,
+                METADATA_FILE,
+                ", ".join(missing[:3]),
             )
         self.n_missing_captions = len(missing)
         return captions
@@ -134,7 +153,7 @@ class ImageCaptionFolder(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def take(self, n: int) -> "ImageCaptionFolder":
+    def take(self, n: int) -> ImageCaptionFolder:
         """The first ``n`` examples only (smoke runs, debugging), in place."""
         self.paths, self.labels, self.captions = self.paths[:n], self.labels[:n], self.captions[:n]
         return self
@@ -147,4 +166,9 @@ class ImageCaptionFolder(Dataset):
             # One bad file must not end a long run; collate_skip_bad drops the None and counts it.
             logger.warning("skipping %s", err)
             return None
-        return {"image": self.transform(img), "caption": self.captions[index], "index": index, "label": self.labels[index]}
+        return {
+            "image": self.transform(img),
+            "caption": self.captions[index],
+            "index": index,
+            "label": self.labels[index],
+        }

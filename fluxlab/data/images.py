@@ -85,7 +85,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         return _high_bit_gray_to_l(img).convert("RGB")
     if mode == "P":
-        has_alpha = "transparency" in img.info or img.palette is not None and img.palette.mode == "RGBA"
+        has_alpha = (
+            "transparency" in img.info or img.palette is not None and img.palette.mode == "RGBA"
+        )
         return _on_white(img.convert("RGBA")) if has_alpha else img.convert("RGB")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         return _on_white(img.convert("RGBA"))
@@ -94,7 +96,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(
+    path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> Image.Image:
     """Fully decode `path` to an RGB image with EXIF orientation applied.
 
     Raises BadImageError (a ValueError naming the file) for a missing, empty, truncated,
@@ -105,7 +109,9 @@ def load_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MA
     return _decode(path, None, max_pixels)
 
 
-def decode_image(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(
+    data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> Image.Image:
     """`load_image` for bytes already in memory (a tar member); `name` (e.g. "shard.tar:key.jpg") is
     what a BadImageError reports, so a corrupt sample in a shard is as easy to find as a corrupt file."""
     return _decode(Path(name), io.BytesIO(data), max_pixels)

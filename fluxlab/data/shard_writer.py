@@ -20,7 +20,9 @@ from tqdm.auto import tqdm
 __all__ = ["folder_samples", "openmoji_samples", "write_shards"]
 
 
-def folder_samples(root: str | os.PathLike[str], caption_ext: str = ".txt") -> tuple[int, Iterator[dict[str, Any]]]:
+def folder_samples(
+    root: str | os.PathLike[str], caption_ext: str = ".txt"
+) -> tuple[int, Iterator[dict[str, Any]]]:
     """(count, samples) of an image folder, discovered and captioned exactly as ImageCaptionFolder does.
 
     The image bytes are stored as they are on disk: re-encoding would cost quality (JPEG) or size (PNG)
@@ -28,10 +30,14 @@ def folder_samples(root: str | os.PathLike[str], caption_ext: str = ".txt") -> t
     """
     from .folder import ImageCaptionFolder
 
-    folder = ImageCaptionFolder(root, transform=lambda img: img, caption_ext=caption_ext, split="all")
+    folder = ImageCaptionFolder(
+        root, transform=lambda img: img, caption_ext=caption_ext, split="all"
+    )
 
     def samples() -> Iterator[dict[str, Any]]:
-        for i, (path, caption, label) in enumerate(zip(folder.paths, folder.captions, folder.labels)):
+        for i, (path, caption, label) in enumerate(
+            zip(folder.paths, folder.captions, folder.labels)
+        ):
             rel = path.relative_to(folder.root).as_posix()
             ext = path.suffix.lower().lstrip(".")
             yield {
@@ -39,13 +45,20 @@ def folder_samples(root: str | os.PathLike[str], caption_ext: str = ".txt") -> t
                 ext: path.read_bytes(),
                 "txt": caption,
                 # the folder dataset splits by relative path, so the shards keep the same train/val split
-                "json": {"label": label, "class": folder.classes[label], "source": rel, "split_key": rel},
+                "json": {
+                    "label": label,
+                    "class": folder.classes[label],
+                    "source": rel,
+                    "split_key": rel,
+                },
             }
 
     return len(folder.paths), samples()
 
 
-def openmoji_samples(resolution: int, limit: int | None = None) -> tuple[int, Iterator[dict[str, Any]]]:
+def openmoji_samples(
+    resolution: int, limit: int | None = None
+) -> tuple[int, Iterator[dict[str, Any]]]:
     """(count, samples) of the OpenMoji set rendered at `resolution`, PNG-encoded (lossless)."""
     import re
 
@@ -57,13 +70,18 @@ def openmoji_samples(resolution: int, limit: int | None = None) -> tuple[int, It
         for i in range(len(ds)):
             buf = io.BytesIO()
             Image.fromarray(ds.images[i]).save(buf, format="PNG")
-            tone_free = re.sub(r"-1F3F[B-F]", "", ds.codes[i])  # same split rule as the OpenMoji dataset
+            tone_free = re.sub(
+                r"-1F3F[B-F]", "", ds.codes[i]
+            )  # same split rule as the OpenMoji dataset
             yield {
                 "__key__": f"{i:09d}",
                 "png": buf.getvalue(),
                 "txt": ds.captions[i],
                 "json": {
-                    "label": ds.labels[i], "class": ds.classes[ds.labels[i]], "code": ds.codes[i], "split_key": tone_free,
+                    "label": ds.labels[i],
+                    "class": ds.classes[ds.labels[i]],
+                    "code": ds.codes[i],
+                    "split_key": tone_free,
                 },
             }
 
@@ -87,9 +105,13 @@ def write_shards(
     out.mkdir(parents=True, exist_ok=True)
     stale = sorted(out.glob("[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
     if stale:
-        raise ValueError(f"{out} already holds shards (e.g. {stale[0].name}); write to an empty folder")
+        raise ValueError(
+            f"{out} already holds shards (e.g. {stale[0].name}); write to an empty folder"
+        )
     written: list[Path] = []
-    with wds.ShardWriter(str(out / "%06d.tar"), maxcount=shard_size, maxsize=max_bytes, verbose=0) as sink:
+    with wds.ShardWriter(
+        str(out / "%06d.tar"), maxcount=shard_size, maxsize=max_bytes, verbose=0
+    ) as sink:
         for sample in tqdm(samples, total=total, desc=f"writing shards to {out}", unit="sample"):
             sink.write(sample)
             if not written or written[-1].name != Path(sink.fname).name:

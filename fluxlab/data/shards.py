@@ -64,7 +64,9 @@ def expand_shards(spec: str | os.PathLike[str]) -> list[str]:
         urls.append(str(Path(re.sub(r"^file://?", "", url)).expanduser()))
     if not urls:
         raise ValueError(f"shard spec {str(spec)!r} expands to no shards")
-    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+    missing = [
+        u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()
+    ]
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} of {len(urls)} shards of {str(spec)!r} do not exist, e.g. {missing[0]}; "
@@ -136,7 +138,9 @@ class ShardDataset(IterableDataset):
     ) -> None:
         check_split(split, val_fraction, f"ShardDataset({spec})")
         if shuffle_buffer < 0:
-            raise ValueError(f"data.shuffle_buffer must be >= 0 (0 or 1 = no shuffle), got {shuffle_buffer}")
+            raise ValueError(
+                f"data.shuffle_buffer must be >= 0 (0 or 1 = no shuffle), got {shuffle_buffer}"
+            )
         self.spec = str(spec)
         self.urls = expand_shards(spec)
         self.transform = transform
@@ -171,8 +175,13 @@ class ShardDataset(IterableDataset):
             if not failed:
                 self.broken_shards += 0 if indexing else 1
                 when = "while indexing" if indexing else "while streaming"
-                logger.warning("shard %s is broken (%s %s: %s); skipping the rest of it",
-                               url, type(exn).__name__, when, exn.args[0] if exn.args else exn)
+                logger.warning(
+                    "shard %s is broken (%s %s: %s); skipping the rest of it",
+                    url,
+                    type(exn).__name__,
+                    when,
+                    exn.args[0] if exn.args else exn,
+                )
             failed = True
             return False  # stop reading this shard: after a tar error nothing later in it is trustworthy
 
@@ -203,7 +212,9 @@ class ShardDataset(IterableDataset):
             return self._counts
         counts: list[int] = []
         budget = self.limit
-        bar = tqdm(self.urls, desc="indexing shards", unit="shard", leave=False, disable=len(self.urls) < 8)
+        bar = tqdm(
+            self.urls, desc="indexing shards", unit="shard", leave=False, disable=len(self.urls) < 8
+        )
         for shard in range(len(self.urls)):
             n = 0
             for sample in self._raw(shard, indexing=True) if budget != 0 else ():
@@ -222,7 +233,9 @@ class ShardDataset(IterableDataset):
             bar.update(1)
         bar.close()
         if sum(counts) == 0:
-            raise ValueError(f"shards {self.spec!r} hold no readable samples in the {self.split!r} split")
+            raise ValueError(
+                f"shards {self.spec!r} hold no readable samples in the {self.split!r} split"
+            )
         self._counts = counts
         return counts
 
@@ -245,7 +258,7 @@ class ShardDataset(IterableDataset):
     def __len__(self) -> int:
         return sum(self._ensure_index())
 
-    def take(self, n: int | None) -> "ShardDataset":
+    def take(self, n: int | None) -> ShardDataset:
         """The first `n` samples only (in unshuffled order), in place; None keeps all."""
         if n is None:
             return self
@@ -263,7 +276,9 @@ class ShardDataset(IterableDataset):
     def resume_at(self, samples: int, batch_size: int = 1) -> None:
         """Start the next iteration after `samples` samples, as handed out in batches of `batch_size`."""
         if samples < 0 or batch_size < 1:
-            raise ValueError(f"resume_at needs samples >= 0 and batch_size >= 1, got {samples}, {batch_size}")
+            raise ValueError(
+                f"resume_at needs samples >= 0 and batch_size >= 1, got {samples}, {batch_size}"
+            )
         self.start_sample, self.batch_size = samples, batch_size
 
     def _who(self) -> tuple[int, int, int, int]:
@@ -278,7 +293,9 @@ class ShardDataset(IterableDataset):
         """(shards to read, whether to keep only every slots-th sample, samples this slot gets)."""
         counts = self._ensure_index()
         order = list(range(len(counts)))
-        if self.shuffle_buffer > 1:  # 0/1 means the stored order, shards included (evaluation passes)
+        if (
+            self.shuffle_buffer > 1
+        ):  # 0/1 means the stored order, shards included (evaluation passes)
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         if len(order) >= slots:
             mine = order[slot::slots]
@@ -340,9 +357,18 @@ class ShardDataset(IterableDataset):
             self.bad_samples += 1
             logger.warning("skipping %s", err)
             return None
-        if self.augments:  # crops/flips depend on (seed, epoch, sample) only, so a resumed run matches
-            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+        if (
+            self.augments
+        ):  # crops/flips depend on (seed, epoch, sample) only, so a resumed run matches
+            gen = torch.Generator().manual_seed(
+                (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+            )
             image = self.transform(img, gen)
         else:
             image = self.transform(img)
-        return {"image": image, "caption": sample_caption(sample), "index": index, "label": sample_label(sample)}
+        return {
+            "image": image,
+            "caption": sample_caption(sample),
+            "index": index,
+            "label": sample_label(sample),
+        }

@@ -8,12 +8,13 @@ which is how a resumed run continues exactly where it stopped.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from fluxlab.config import Config
+from fluxlab.config.schema import Config
 from fluxlab.data.samplers import InfiniteBatchSampler
 
 
@@ -24,10 +25,21 @@ def _split(cfg: Config, split: str, augment: bool) -> Dataset:
     if cfg.data.task == "edit":  # (condition, instruction, target) pairs
         from fluxlab.data.edit_pairs import build_edit_dataset as build_dataset
     d = cfg.data
-    extra: dict[str, Any] = {"hflip": d.hflip, "color_jitter": d.color_jitter, "shuffle_buffer": d.shuffle_buffer}
+    extra: dict[str, Any] = {
+        "hflip": d.hflip,
+        "color_jitter": d.color_jitter,
+        "shuffle_buffer": d.shuffle_buffer,
+    }
     return build_dataset(
-        d.dataset, resolution=d.resolution, split=split, val_fraction=d.val_fraction, seed=cfg.train.seed,
-        crop=d.crop, limit=d.limit, openmoji_subset=d.openmoji_subset, **(extra if augment else {}),
+        d.dataset,
+        resolution=d.resolution,
+        split=split,
+        val_fraction=d.val_fraction,
+        seed=cfg.train.seed,
+        crop=d.crop,
+        limit=d.limit,
+        openmoji_subset=d.openmoji_subset,
+        **(extra if augment else {}),
     )
 
 
@@ -42,9 +54,11 @@ def train_dataset(cfg: Config, device: torch.device) -> Any:
     return ds
 
 
-def val_dataset(cfg: Config, device: torch.device, log: Callable[[str], None]) -> tuple[Any, list[str]]:
+def val_dataset(
+    cfg: Config, device: torch.device, log: Callable[[str], None]
+) -> tuple[Any, list[str]]:
     """The held-out split (capped at data.val_limit) and all its captions."""
-    from fluxlab.evaluation import limit_dataset
+    from fluxlab.eval.validation import limit_dataset
 
     d = cfg.data
     if d.cache_dir is not None:
@@ -55,9 +69,13 @@ def val_dataset(cfg: Config, device: torch.device, log: Callable[[str], None]) -
     try:
         ds = _split(cfg, "val", augment=False)
     except ValueError as err:  # e.g. an empty split
-        raise ValueError(f"train.eval_every={cfg.train.eval_every} needs a validation split: {err}") from err
+        raise ValueError(
+            f"train.eval_every={cfg.train.eval_every} needs a validation split: {err}"
+        ) from err
     if len(ds) == 0:
-        raise ValueError("train.eval_every is set but the validation split is empty; raise data.val_fraction")
+        raise ValueError(
+            "train.eval_every is set but the validation split is empty; raise data.val_fraction"
+        )
     log(f"validation: {min(len(ds), d.val_limit or len(ds))} held-out examples × 8 timesteps")
     if isinstance(ds, IterableDataset):  # shards have no indices for a Subset: read fewer instead
         return ds.take(d.val_limit), list(ds.captions)
@@ -77,11 +95,17 @@ def train_batches(
     # generator; that draw would shift every later random augmentation of a resumed run by one.
     seeds = torch.Generator().manual_seed(cfg.train.seed * 100_003 + batches_seen)
     common: dict[str, Any] = dict(
-        num_workers=workers, collate_fn=collate_skip_bad, pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None, generator=seeds,
+        num_workers=workers,
+        collate_fn=collate_skip_bad,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        generator=seeds,
     )
     if isinstance(dataset, IterableDataset):  # WebDataset shards: the order lives in the dataset
         dataset.resume_at(batches_seen * bs, batch_size=bs)
         return iter(DataLoader(dataset, batch_size=bs, **common))
-    sampler = InfiniteBatchSampler(len(dataset), bs, cfg.train.seed, start_batch=batches_seen, rank=rank, world=world)
+    sampler = InfiniteBatchSampler(
+        len(dataset), bs, cfg.train.seed, start_batch=batches_seen, rank=rank, world=world
+    )
     return iter(DataLoader(dataset, batch_sampler=sampler, **common))

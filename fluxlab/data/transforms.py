@@ -65,7 +65,9 @@ class ImageTransform:
         color_jitter: float = 0.0,
     ) -> None:
         if not isinstance(resolution, int) or resolution <= 0:
-            raise ValueError(f"ImageTransform: resolution must be a positive int, got {resolution!r}")
+            raise ValueError(
+                f"ImageTransform: resolution must be a positive int, got {resolution!r}"
+            )
         if crop not in ("center", "random"):
             raise ValueError(f"ImageTransform: crop must be 'center' or 'random', got {crop!r}")
         if not 0.0 <= color_jitter < 1.0:
@@ -114,7 +116,9 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int, max_lines: int) -> list[str]:
+def _wrap(
+    text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int, max_lines: int
+) -> list[str]:
     avg_char = max(1.0, font.getlength("abcdefghijklmnopqrstuvwxyz") / 26)
     chars = max(1, int(width / avg_char))
     lines = textwrap.wrap(text, width=chars, break_long_words=True) or [""]
@@ -126,7 +130,12 @@ def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: 
     return lines
 
 
-def _fit(line: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int, force_ellipsis: bool = False) -> str:
+def _fit(
+    line: str,
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+    width: int,
+    force_ellipsis: bool = False,
+) -> str:
     if not force_ellipsis and font.getlength(line) <= width:
         return line
     body = line.rstrip("…")
@@ -172,5 +181,11 @@ def make_grid(
         grid.paste(to_pil(images[i]).resize((tw, th), Image.Resampling.NEAREST), (x, y))
         if wrapped:
             for j, line in enumerate(wrapped[i]):
-                draw.text((x + tw / 2, y + th + 2 + j * line_h), line, fill="black", font=font, anchor="ma")
+                draw.text(
+                    (x + tw / 2, y + th + 2 + j * line_h),
+                    line,
+                    fill="black",
+                    font=font,
+                    anchor="ma",
+                )
     return grid

@@ -42,10 +42,14 @@ class AutoEncoderParams:
 
     def validate(self) -> None:
         if not self.ch_mult or any(m < 1 for m in self.ch_mult):
-            raise ValueError(f"ch_mult must be a non-empty list of positive ints, got {self.ch_mult}.")
+            raise ValueError(
+                f"ch_mult must be a non-empty list of positive ints, got {self.ch_mult}."
+            )
         for name in ("in_channels", "out_ch", "ch", "num_res_blocks", "z_channels", "resolution"):
             if getattr(self, name) < 1:
-                raise ValueError(f"AutoEncoderParams.{name} must be >= 1, got {getattr(self, name)}.")
+                raise ValueError(
+                    f"AutoEncoderParams.{name} must be >= 1, got {getattr(self, name)}."
+                )
         widths = [self.ch * m for m in self.ch_mult]
         bad = [w for w in widths if w % GROUPS]
         if bad:
@@ -68,16 +72,32 @@ AE_PRESETS: dict[str, AutoEncoderParams] = {
     # Trained from scratch on 64x64 OpenMoji: 8x down to 8x8x16. Its latent statistics are unknown
     # until trained, so scale/shift start as identity; re-estimate them (1/std, mean) afterwards.
     "ae-small": AutoEncoderParams(
-        resolution=64, ch=64, ch_mult=[1, 2, 2, 4], num_res_blocks=1, scale_factor=1.0, shift_factor=0.0
+        resolution=64,
+        ch=64,
+        ch_mult=[1, 2, 2, 4],
+        num_res_blocks=1,
+        scale_factor=1.0,
+        shift_factor=0.0,
     ),
     # Trained by `fluxlab train-ae --config ae-openmoji` (64x64 OpenMoji, ~4 min on one H100/H200):
     # 4x down to 16x16x16, so patch 2 gives Flux 64 tokens of 64 features, like FLUX.1 at 128².
     "ae-openmoji": AutoEncoderParams(
-        resolution=64, ch=64, ch_mult=[1, 2, 4], num_res_blocks=2, scale_factor=1.0, shift_factor=0.0
+        resolution=64,
+        ch=64,
+        ch_mult=[1, 2, 4],
+        num_res_blocks=2,
+        scale_factor=1.0,
+        shift_factor=0.0,
     ),
     # Tests only (seconds on a CPU): 2x down to 4 channels; `preset:ae-tiny` is its seed-0 random init.
     "ae-tiny": AutoEncoderParams(
-        resolution=16, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, scale_factor=1.0, shift_factor=0.0
+        resolution=16,
+        ch=32,
+        ch_mult=[1, 2],
+        num_res_blocks=1,
+        z_channels=4,
+        scale_factor=1.0,
+        shift_factor=0.0,
     ),
     # Tests only: random weights, still 8x down with 16 channels so it plugs into Flux debug presets.
     "ae-debug": AutoEncoderParams(resolution=32, ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1),
@@ -87,11 +107,15 @@ AE_PRESETS: dict[str, AutoEncoderParams] = {
 def ae_params(name: str) -> AutoEncoderParams:
     """A fresh copy of a preset, so callers can edit it without touching `AE_PRESETS`."""
     if name not in AE_PRESETS:
-        raise ValueError(f"unknown autoencoder preset {name!r}; choose one of {sorted(AE_PRESETS)}.")
+        raise ValueError(
+            f"unknown autoencoder preset {name!r}; choose one of {sorted(AE_PRESETS)}."
+        )
     return copy.deepcopy(AE_PRESETS[name])
 
 
-def sample_posterior(mean: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def sample_posterior(
+    mean: Tensor, logvar: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
     noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return mean + torch.exp(0.5 * logvar) * noise
 
@@ -114,7 +138,9 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         # Identity has no parameters, so the state dict only has nin_shortcut where widths change.
         self.nin_shortcut: nn.Module = (
-            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+            nn.Conv2d(in_channels, out_channels, 1)
+            if in_channels != out_channels
+            else nn.Identity()
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -137,7 +163,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         height, width = x.shape[-2:]
         h = self.norm(x)
-        q, k, v = (rearrange(proj(h), "b c h w -> b 1 (h w) c") for proj in (self.q, self.k, self.v))
+        q, k, v = (
+            rearrange(proj(h), "b c h w -> b 1 (h w) c") for proj in (self.q, self.k, self.v)
+        )
         out = F.scaled_dot_product_attention(q, k, v)
         out = rearrange(out, "b 1 (h w) c -> b c h w", h=height, w=width)
         return x + self.proj_out(out)
@@ -211,7 +239,8 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(p.in_channels, p.ch, 3, padding=1)
         ins = [p.ch] + widths[:-1]
         self.down = nn.ModuleList(
-            DownLevel(ins[i], widths[i], p.num_res_blocks, downsample=i != last) for i in range(len(widths))
+            DownLevel(ins[i], widths[i], p.num_res_blocks, downsample=i != last)
+            for i in range(len(widths))
         )
         self.mid = MidBlock(widths[-1])
         self.norm_out = _norm(widths[-1])
@@ -237,7 +266,8 @@ class Decoder(nn.Module):
         # and gets one more resnet than the encoder, as in the pretrained weights.
         ins = widths[1:] + [widths[-1]]
         self.up = nn.ModuleList(
-            UpLevel(ins[i], widths[i], p.num_res_blocks + 1, upsample=i != 0) for i in range(len(widths))
+            UpLevel(ins[i], widths[i], p.num_res_blocks + 1, upsample=i != 0)
+            for i in range(len(widths))
         )
         self.norm_out = _norm(widths[0])
         self.conv_out = nn.Conv2d(widths[0], p.out_ch, 3, padding=1)
@@ -284,7 +314,9 @@ class AutoEncoder(nn.Module):
         mean, logvar = self.encoder(x).chunk(2, dim=1)
         return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
-    def encode(self, x: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+    def encode(
+        self, x: Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Images in [-1, 1] -> diffusion latents scale*(z - shift); z is the posterior mean unless `sample`."""
         mean, logvar = self.encode_moments(x)
         z = sample_posterior(mean, logvar, generator) if sample else mean
@@ -293,8 +325,12 @@ class AutoEncoder(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         """Diffusion latents (as returned by `encode`) -> images, roughly in [-1, 1]."""
         if z.ndim != 4 or z.shape[1] != self.params.z_channels:
-            raise ValueError(f"expected latents shaped (B, {self.params.z_channels}, h, w), got {tuple(z.shape)}.")
+            raise ValueError(
+                f"expected latents shaped (B, {self.params.z_channels}, h, w), got {tuple(z.shape)}."
+            )
         return self.decoder(z / self.scale_factor + self.shift_factor)
 
-    def forward(self, x: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
         return self.decode(self.encode(x, sample=sample, generator=generator))

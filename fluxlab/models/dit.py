@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from fluxlab.attention_backends import scaled_dot_product_attention
+from fluxlab.parallel.attention_kernels import scaled_dot_product_attention
 
 FREQUENCY_EMBEDDING_SIZE = 256
 
@@ -72,13 +72,17 @@ class DiTParams:
                 f"num_classes must be at least 1 (use 1 for an unconditional model), got {self.num_classes}."
             )
         if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}.")
+            raise ValueError(
+                f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}."
+            )
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal features [cos, sin] of t (any real scale) -> [B, dim], computed in float32."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -111,7 +115,9 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(FREQUENCY_EMBEDDING_SIZE, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+            nn.Linear(FREQUENCY_EMBEDDING_SIZE, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
         )
 
     def forward(self, t: Tensor) -> Tensor:
@@ -170,7 +176,9 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
+            c
+        ).chunk(6, dim=1)
         x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
@@ -199,7 +207,9 @@ class DiT(nn.Module):
         self.pos_embed = nn.Parameter(
             torch.zeros(1, params.grid_size**2, hidden), requires_grad=params.pos_embed == "learned"
         )
-        self.blocks = nn.ModuleList(DiTBlock(hidden, params.num_heads, params.mlp_ratio) for _ in range(params.depth))
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden, params.num_heads, params.mlp_ratio) for _ in range(params.depth)
+        )
         self.final_layer = FinalLayer(hidden, p, params.out_channels)
         self.initialize_weights()
 
@@ -214,7 +224,9 @@ class DiT(nn.Module):
         nn.init.zeros_(self.x_embedder.bias)
         if self.params.pos_embed == "sincos":
             if self.pos_embed.device.type != "meta":
-                self.pos_embed.copy_(sincos_2d(self.params.hidden_size, self.params.grid_size)[None])
+                self.pos_embed.copy_(
+                    sincos_2d(self.params.hidden_size, self.params.grid_size)[None]
+                )
         else:
             nn.init.normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
@@ -232,7 +244,11 @@ class DiT(nn.Module):
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """x [B, C, H, W], t [B] in [0, 1], y [B] long (``num_classes`` = no label) -> [B, C_out, H, W]."""
         prm = self.params
-        if x.ndim != 4 or x.shape[1] != prm.in_channels or x.shape[2:] != (prm.input_size, prm.input_size):
+        if (
+            x.ndim != 4
+            or x.shape[1] != prm.in_channels
+            or x.shape[2:] != (prm.input_size, prm.input_size)
+        ):
             raise ValueError(
                 f"DiT expects images [B, {prm.in_channels}, {prm.input_size}, {prm.input_size}], got "
                 f"{tuple(x.shape)}; resize the data or build the model with matching input_size/in_channels."
@@ -247,17 +263,28 @@ class DiT(nn.Module):
             tokens = block(tokens, c)
         out = self.final_layer(tokens, c)
         return rearrange(
-            out, "b (h w) (p q c) -> b c (h p) (w q)", h=prm.grid_size, p=prm.patch_size, q=prm.patch_size
+            out,
+            "b (h w) (p q c) -> b c (h p) (w q)",
+            h=prm.grid_size,
+            p=prm.patch_size,
+            q=prm.patch_size,
         )
 
 
 def _preset(name: str, depth: int, hidden: int, heads: int, patch: int) -> tuple[str, DiTParams]:
-    return f"DiT-{name}/{patch}", DiTParams(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch)
+    return f"DiT-{name}/{patch}", DiTParams(
+        depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch
+    )
 
 
 DIT_PRESETS: dict[str, DiTParams] = dict(
     _preset(name, depth, hidden, heads, patch)
-    for name, depth, hidden, heads in [("S", 12, 384, 6), ("B", 12, 768, 12), ("L", 24, 1024, 16), ("XL", 28, 1152, 16)]
+    for name, depth, hidden, heads in [
+        ("S", 12, 384, 6),
+        ("B", 12, 768, 12),
+        ("L", 24, 1024, 16),
+        ("XL", 28, 1152, 16),
+    ]
     for patch in (2, 4, 8)
 )
 DIT_PRESETS["dit-seed"] = DiTParams(
@@ -280,10 +307,22 @@ DIT_PRESETS["dit-debug"] = DiTParams(
 # dit-tiny is sized for a 2-core CPU; dit-small has 40.6M parameters at 64², matching flux-small's 40.0M
 # on the same data so the DDPM-DiT vs flow-Flux comparison is between models of equal size.
 DIT_PRESETS["dit-tiny"] = DiTParams(
-    input_size=32, patch_size=4, in_channels=3, hidden_size=192, depth=6, num_heads=3, num_classes=10
+    input_size=32,
+    patch_size=4,
+    in_channels=3,
+    hidden_size=192,
+    depth=6,
+    num_heads=3,
+    num_classes=10,
 )
 DIT_PRESETS["dit-small"] = DiTParams(
-    input_size=64, patch_size=4, in_channels=3, hidden_size=384, depth=15, num_heads=6, num_classes=10
+    input_size=64,
+    patch_size=4,
+    in_channels=3,
+    hidden_size=384,
+    depth=15,
+    num_heads=6,
+    num_classes=10,
 )
 # dit-tiny with 2×2 patches, for 16² on a CPU: the same 64 tokens as 32² with 4×4 patches, but each token
 # predicts 12 values instead of 48 (the flow openmoji-cpu preset found 16²/2×2 learns shapes 32²/4×4 does not).

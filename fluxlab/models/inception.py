@@ -27,7 +27,9 @@ _Size = int | tuple[int, int]
 class BasicConv2d(nn.Module):
     """Convolution without bias, then BatchNorm (TensorFlow's epsilon 1e-3), then ReLU."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: _Size, stride: int = 1, padding: _Size = 0) -> None:
+    def __init__(
+        self, in_ch: int, out_ch: int, kernel: _Size, stride: int = 1, padding: _Size = 0
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, bias=False)
         self.bn = nn.BatchNorm2d(out_ch, eps=1e-3)
@@ -99,7 +101,12 @@ class InceptionC(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         d = self.branch7x7dbl_1(x)
-        for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+        for layer in (
+            self.branch7x7dbl_2,
+            self.branch7x7dbl_3,
+            self.branch7x7dbl_4,
+            self.branch7x7dbl_5,
+        ):
             d = layer(d)
         bp = self.branch_pool(_pool_same(x, "avg"))
         return torch.cat([self.branch1x1(x), b7, d, bp], dim=1)
@@ -193,17 +200,32 @@ class FIDInceptionV3(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"FIDInceptionV3 expects RGB images shaped [B, 3, H, W]; got {tuple(images.shape)}.")
+            raise ValueError(
+                f"FIDInceptionV3 expects RGB images shaped [B, 3, H, W]; got {tuple(images.shape)}."
+            )
         x = images.float()
         if self.zero_one_input:
             x = 2.0 * x - 1.0
         if self.resize_input and x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
-            x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+            x = F.interpolate(
+                x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False
+            )
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+        for block in (
+            self.Mixed_5b,
+            self.Mixed_5c,
+            self.Mixed_5d,
+            self.Mixed_6a,
+            self.Mixed_6b,
+            self.Mixed_6c,
+            self.Mixed_6d,
+            self.Mixed_6e,
+            self.Mixed_7a,
+            self.Mixed_7b,
+            self.Mixed_7c,
+        ):
             x = block(x)
         return x.mean(dim=(2, 3))

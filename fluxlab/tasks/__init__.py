@@ -8,32 +8,41 @@ Kontext editing or latent-space training plug in without touching the loop.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from fluxlab.config import Config
+from fluxlab.config.schema import Config
 
 
 class Task(Protocol):
     model: nn.Module
 
-    # ``generator`` is a torch.Generator or per-sample fluxlab.rng.SampleGenerators: draw through fluxlab.rng.
-    def loss(self, model: nn.Module, batch: dict[str, Any], generator: Any) -> tuple[Tensor, Tensor]: ...
+    # ``generator`` is a torch.Generator or per-sample fluxlab.train.rng.SampleGenerators: draw through fluxlab.train.rng.
+    def loss(
+        self, model: nn.Module, batch: dict[str, Any], generator: Any
+    ) -> tuple[Tensor, Tensor]: ...
 
     def sample_images(self, model: nn.Module) -> tuple[Tensor, list[str]]: ...
 
     def description(self) -> dict[str, Any]: ...
 
 
-def build_task(cfg: Config, dataset: Any, device: torch.device, extra_captions: Sequence[str] = ()) -> Task:
+def build_task(
+    cfg: Config, dataset: Any, device: torch.device, extra_captions: Sequence[str] = ()
+) -> Task:
     """The task for a config, built for training on ``dataset`` (and validating on ``extra_captions`` too)."""
-    if cfg.data.cache_dir is not None:  # latents + text embeddings from `fluxlab cache`: no encoders
+    if (
+        cfg.data.cache_dir is not None
+    ):  # latents + text embeddings from `fluxlab cache`: no encoders
         from fluxlab.tasks.cached import CachedTextToImageTask
 
         if cfg.model.arch != "flux" or cfg.data.task != "text_to_image":
-            raise ValueError("data.cache_dir trains text-to-image Flux models; unset it for DiT or edit runs")
+            raise ValueError(
+                "data.cache_dir trains text-to-image Flux models; unset it for DiT or edit runs"
+            )
         return CachedTextToImageTask.for_training(cfg, dataset, device, extra_captions)
     if cfg.data.task == "edit":
         from fluxlab.tasks.edit import EditTask

@@ -9,20 +9,21 @@ first sample grid. Checkpoints describe the same task as on-the-fly training, so
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fluxlab import rng
-from fluxlab.build import build_codec, build_model, model_params
-from fluxlab.config import Config
+from fluxlab.conditioning.tokens import image_ids, pack, text_ids
+from fluxlab.config.schema import Config
 from fluxlab.data.cache import CachedLatents, check_cache, load_text_table
-from fluxlab.ddpm import DDPMObjective
-from fluxlab.latents import image_ids, pack, text_ids
-from fluxlab.models.flux import Flux, FluxParams
-from fluxlab.pipeline import FluxTextToImage, TextEmbedding, autocast_for
-from fluxlab.rng import SampleGenerators
+from fluxlab.diffusion.ddpm import DDPMObjective
+from fluxlab.models.flux.model import Flux, FluxParams
+from fluxlab.pipelines.build import build_codec, build_model, model_params
+from fluxlab.pipelines.text_to_image import FluxTextToImage, TextEmbedding, autocast_for
+from fluxlab.train import rng
+from fluxlab.train.rng import SampleGenerators
 
 
 class CachedTextToImageTask:
@@ -38,24 +39,44 @@ class CachedTextToImageTask:
 
     @classmethod
     def for_training(
-        cls, cfg: Config, dataset: CachedLatents, device: torch.device, extra_captions: Sequence[str] = ()
-    ) -> "CachedTextToImageTask":
+        cls,
+        cfg: Config,
+        dataset: CachedLatents,
+        device: torch.device,
+        extra_captions: Sequence[str] = (),
+    ) -> CachedTextToImageTask:
         index = check_cache(cfg)
         token_dim = index["latent"]["channels"] * cfg.encoding.patch_size**2
-        params = model_params(cfg, token_dim, index["text"]["context_dim"], index["text"]["pooled_dim"])
-        return cls(cfg, build_model(cfg, params, device), params, device)  # from scratch or model.init_from
+        params = model_params(
+            cfg, token_dim, index["text"]["context_dim"], index["text"]["pooled_dim"]
+        )
+        return cls(
+            cfg, build_model(cfg, params, device), params, device
+        )  # from scratch or model.init_from
 
     # ------------------------------------------------------------------------------------------
-    def velocity(self, model: nn.Module, x_t: Tensor, t: Tensor, text: TextEmbedding, grid: tuple[int, int]) -> Tensor:
+    def velocity(
+        self, model: nn.Module, x_t: Tensor, t: Tensor, text: TextEmbedding, grid: tuple[int, int]
+    ) -> Tensor:
         """v(x_t, t) for tokens of a ``grid`` (rows, columns) of latent patches: the batch's bucket."""
         b, device = x_t.shape[0], x_t.device
         with autocast_for(device, self.cfg.train.mixed_precision):
-            out = model(img=x_t, img_ids=image_ids(b, *grid, device=device), txt=text.txt,
-                        txt_ids=text_ids(b, text.txt.shape[1], device=device), timesteps=t, y=text.vec)
+            out = model(
+                img=x_t,
+                img_ids=image_ids(b, *grid, device=device),
+                txt=text.txt,
+                txt_ids=text_ids(b, text.txt.shape[1], device=device),
+                timesteps=t,
+                y=text.vec,
+            )
         return out.float()
 
-    def latents(self, batch: dict[str, Any], generator: torch.Generator | SampleGenerators | None,
-                measure: bool) -> Tensor:
+    def latents(
+        self,
+        batch: dict[str, Any],
+        generator: torch.Generator | SampleGenerators | None,
+        measure: bool,
+    ) -> Tensor:
         """The batch's latents [B, C, h, w]; with stored posteriors a fresh sample (the mean when measuring)."""
         if "latent" in batch:
             return batch["latent"].to(self.device, torch.float32, non_blocking=True)
@@ -89,8 +110,13 @@ class CachedTextToImageTask:
         if callable(noise):
             noise = noise(x0.shape)
         text = TextEmbedding(txt, vec)
-        return self.objective.loss(lambda x_t, t_: self.velocity(model, x_t, t_, text, grid), x0,
-                                   generator=generator, t=t, noise=noise)
+        return self.objective.loss(
+            lambda x_t, t_: self.velocity(model, x_t, t_, text, grid),
+            x0,
+            generator=generator,
+            t=t,
+            noise=noise,
+        )
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -98,31 +124,54 @@ class CachedTextToImageTask:
         """The sampling pipeline, its autoencoder loaded on first use (sample grids only)."""
         if self._pipe is None:
             codec = build_codec(self.cfg, self.device)
-            self._pipe = FluxTextToImage(self.model, codec, self.cfg.data.resolution, self.cfg.encoding.patch_size,
-                                         mixed_precision=self.cfg.train.mixed_precision)
+            self._pipe = FluxTextToImage(
+                self.model,
+                codec,
+                self.cfg.data.resolution,
+                self.cfg.encoding.patch_size,
+                mixed_precision=self.cfg.train.mixed_precision,
+            )
         return self._pipe
 
     def embed(self, prompts: list[str]) -> TextEmbedding:
         """Cached embeddings of ``prompts``; ones the cache lacks (the config's prompts changed since) are encoded."""
         missing = [p for p in prompts if p not in self.text]
         if missing:
-            from fluxlab.text_encoders import build_text_encoder
+            from fluxlab.conditioning.text_encoders import build_text_encoder
 
-            warnings.warn(f"{len(missing)} sample prompt(s) are not in the cache (e.g. {missing[0]!r}); loading the "
-                          "text encoder to embed them", stacklevel=2)
-            encoder = build_text_encoder(self.cfg.encoding.text_encoder, self.cfg.encoding.text_max_length, self.device)
+            warnings.warn(
+                f"{len(missing)} sample prompt(s) are not in the cache (e.g. {missing[0]!r}); loading the "
+                "text encoder to embed them",
+                stacklevel=2,
+            )
+            encoder = build_text_encoder(
+                self.cfg.encoding.text_encoder, self.cfg.encoding.text_max_length, self.device
+            )
             txt, vec = encoder.encode(missing)
-            self.text.update({p: (txt[i].float().cpu(), vec[i].float().cpu()) for i, p in enumerate(missing)})
+            self.text.update(
+                {p: (txt[i].float().cpu(), vec[i].float().cpu()) for i, p in enumerate(missing)}
+            )
             del encoder
-        return TextEmbedding(torch.stack([self.text[p][0] for p in prompts]),
-                             torch.stack([self.text[p][1] for p in prompts]))
+        return TextEmbedding(
+            torch.stack([self.text[p][0] for p in prompts]),
+            torch.stack([self.text[p][1] for p in prompts]),
+        )
 
     def sample_images(self, model: nn.Module) -> tuple[Tensor, list[str]]:
         s = self.cfg.sample
         images = self.pipe.generate(
-            self.embed(list(s.prompts)), self.embed([s.negative_prompt]), steps=s.steps, guidance=s.guidance,
-            distilled_guidance=s.distilled_guidance, shift=s.shift, sampler=s.sampler, seed=s.seed, model=model,
-            ddpm=self.objective if isinstance(self.objective, DDPMObjective) else None, eta=s.eta, spacing=s.spacing,
+            self.embed(list(s.prompts)),
+            self.embed([s.negative_prompt]),
+            steps=s.steps,
+            guidance=s.guidance,
+            distilled_guidance=s.distilled_guidance,
+            shift=s.shift,
+            sampler=s.sampler,
+            seed=s.seed,
+            model=model,
+            ddpm=self.objective if isinstance(self.objective, DDPMObjective) else None,
+            eta=s.eta,
+            spacing=s.spacing,
         )
         return images, list(s.prompts)
 

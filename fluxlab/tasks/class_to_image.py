@@ -16,50 +16,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fluxlab import rng
-from fluxlab.config import Config
-from fluxlab.ddpm import DDPMObjective, DDPMSchedule, ddpm_generate
-from fluxlab.models.dit import DIT_PRESETS, DiT, DiTParams
-from fluxlab.objectives import RectifiedFlow
-from fluxlab.pipeline import autocast_for
-from fluxlab.sampling import euler, get_schedule, heun
-
-_FLUX_ONLY = ("depth_single_blocks", "axes_dim", "guidance_embed")
-
-
-def dit_params(cfg: Config, num_classes: int) -> DiTParams:
-    """The DiT for a config: ``model.preset`` from DIT_PRESETS, sized to the data, with model overrides."""
-    m = cfg.model
-    if m.preset not in DIT_PRESETS:
-        raise ValueError(f"model.preset={m.preset!r} is not a DiT preset; choose one of {sorted(DIT_PRESETS)}")
-    if cfg.encoding.space != "pixel":
-        raise ValueError("model.arch='dit' trains on pixels here; set encoding.space=pixel")
-    base = DIT_PRESETS[m.preset]
-    if cfg.encoding.patch_size != base.patch_size:
-        raise ValueError(
-            f"model.preset={m.preset!r} uses {base.patch_size}×{base.patch_size} patches but "
-            f"encoding.patch_size={cfg.encoding.patch_size}; set --encoding.patch_size={base.patch_size} "
-            "or pick the DiT preset with the patch you want (e.g. DiT-S/4)"
-        )
-    flux_only = [k for k in _FLUX_ONLY if getattr(m, k) is not None]
-    if flux_only:
-        raise ValueError(f"model.{flux_only[0]} is a Flux setting; a DiT has no such field")
-    sizes = {"hidden_size": m.hidden_size, "num_heads": m.num_heads, "depth": m.depth, "mlp_ratio": m.mlp_ratio}
-    return dataclasses.replace(
-        base,
-        input_size=cfg.data.resolution,
-        in_channels=3,
-        num_classes=num_classes,
-        class_dropout_prob=0.0,  # the task drops labels itself, with the trainer's generator
-        learn_sigma=False,
-        **{k: v for k, v in sizes.items() if v is not None},
-    )
+from fluxlab.config.model_params import dit_params
+from fluxlab.config.schema import Config
+from fluxlab.diffusion.ddpm import DDPMObjective, DDPMSchedule, ddpm_generate
+from fluxlab.diffusion.flow import RectifiedFlow
+from fluxlab.diffusion.samplers import euler, get_schedule, heun
+from fluxlab.models.dit import DiT, DiTParams
+from fluxlab.pipelines.text_to_image import autocast_for
+from fluxlab.train import rng
 
 
 def make_objective(cfg: Config) -> RectifiedFlow | DDPMObjective:
     o = cfg.objective
     if o.kind == "flow":
-        return RectifiedFlow(t_sampler=o.t_sampler, logit_mean=o.logit_mean, logit_std=o.logit_std, shift=o.shift)
+        return RectifiedFlow(
+            t_sampler=o.t_sampler, logit_mean=o.logit_mean, logit_std=o.logit_std, shift=o.shift
+        )
     return DDPMObjective(DDPMSchedule(o.beta_schedule), o.prediction, o.loss, o.min_snr_gamma)
 
 
@@ -86,23 +58,27 @@ class ClassToImageTask:
         # sample.prompts name the grid's classes; prompts naming none (the text-to-image defaults, or
         # an empty list) mean one image per class.
         known = [p for p in prompts if p in self.classes]
-        self.sample_classes = class_indices(prompts, self.classes) if known else list(range(len(self.classes)))
+        self.sample_classes = (
+            class_indices(prompts, self.classes) if known else list(range(len(self.classes)))
+        )
 
     @classmethod
-    def for_training(cls, cfg: Config, dataset: Any, device: torch.device) -> "ClassToImageTask":
+    def for_training(cls, cfg: Config, dataset: Any, device: torch.device) -> ClassToImageTask:
         classes = getattr(dataset, "classes", None)
         if not classes:
-            raise ValueError(f"data.dataset={cfg.data.dataset!r} has no classes; class_to_image needs labelled data")
+            raise ValueError(
+                f"data.dataset={cfg.data.dataset!r} has no classes; class_to_image needs labelled data"
+            )
         model = DiT(dit_params(cfg, len(classes))).to(device)
         return cls(cfg, model, list(classes))
 
     @classmethod
     def from_checkpoint(
         cls, checkpoint: str | Path, device: torch.device, ema: bool = True
-    ) -> tuple["ClassToImageTask", Path]:
+    ) -> tuple[ClassToImageTask, Path]:
         """Rebuilds the trained task from a run or checkpoint folder (EMA weights by default)."""
-        from fluxlab.checkpoint import load_weights, read_description, resolve_checkpoint
-        from fluxlab.config import config_from_dict
+        from fluxlab.config.schema import config_from_dict
+        from fluxlab.train.checkpoint import load_weights, read_description, resolve_checkpoint
 
         path = resolve_checkpoint(checkpoint)
         desc = read_description(path)
@@ -116,13 +92,17 @@ class ClassToImageTask:
         with autocast_for(x.device, self.cfg.train.mixed_precision):
             return model(x, t, labels).float()
 
-    def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def loss(
+        self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
         device = next(model.parameters()).device
         x0 = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device)
         drop = rng.rand(labels.shape[0], generator, device) < self.cfg.data.caption_dropout
         labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
-        return self.objective.loss(lambda x_t, t: self._predict(model, x_t, t, labels), x0, generator=generator)
+        return self.objective.loss(
+            lambda x_t, t: self._predict(model, x_t, t, labels), x0, generator=generator
+        )
 
     @torch.no_grad()
     def generate(
@@ -153,19 +133,32 @@ class ClassToImageTask:
             if guidance == 1.0:
                 return self._predict(model, x, t, y)
             # One forward over [cond; uncond] rather than two.
-            cond, uncond = self._predict(model, torch.cat([x, x]), torch.cat([t, t]), y_both).chunk(2)
+            cond, uncond = self._predict(model, torch.cat([x, x]), torch.cat([t, t]), y_both).chunk(
+                2
+            )
             return uncond + guidance * (cond - uncond)
 
         if isinstance(self.objective, DDPMObjective):
             x = ddpm_generate(
-                predict, noise, self.objective, sampler, steps,
-                eta=eta, spacing=spacing, generator=gen, progress=progress,  # type: ignore[arg-type]
+                predict,
+                noise,
+                self.objective,
+                sampler,
+                steps,
+                eta=eta,
+                spacing=spacing,
+                generator=gen,
+                progress=progress,  # type: ignore[arg-type]
             )
         else:
             integrate = {"euler": euler, "heun": heun}.get(sampler)
             if integrate is None:
-                raise ValueError(f"sampler {sampler!r} does not sample a flow model; choose euler or heun")
-            x = integrate(predict, noise, get_schedule(steps, p.grid_size**2, shift=shift), progress=progress)
+                raise ValueError(
+                    f"sampler {sampler!r} does not sample a flow model; choose euler or heun"
+                )
+            x = integrate(
+                predict, noise, get_schedule(steps, p.grid_size**2, shift=shift), progress=progress
+            )
         return x.clamp(-1, 1).float().cpu()
 
     def sample_images(self, model: nn.Module) -> tuple[Tensor, list[str]]:
@@ -184,4 +177,8 @@ class ClassToImageTask:
         return images, [self.classes[i] for i in self.sample_classes]
 
     def description(self) -> dict[str, Any]:
-        return {"task": "class_to_image", "model_params": dataclasses.asdict(self.params), "classes": self.classes}
+        return {
+            "task": "class_to_image",
+            "model_params": dataclasses.asdict(self.params),
+            "classes": self.classes,
+        }

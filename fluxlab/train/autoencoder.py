@@ -1,0 +1,396 @@
+"""``fluxlab train-ae``: a FLUX-style KL autoencoder trained from scratch, then its latent scale/shift.
+
+Loss = recon (L1/L2) + kl_weight · KL/(C·H·W) [+ perceptual_weight · Inception-LPIPS]. At the end the
+latents' statistics over training images give shift = mean(z) and scale = 1/std(z − shift) (what BFL and
+diffusers store as shift_factor/scaling_factor), so a Flux trained on ``scale·(z − shift)`` sees ~unit
+variance. The run folder gets ``ae/ae.safetensors`` + ``ae/ae.json`` (``load_autoencoder`` reads either the
+run or ``ae/``), ``metrics.json``, ``log.jsonl``, ``tb/``, ``samples/recon_*.png`` and resumable checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from fluxlab.config.autoencoder import ae_params_from_config, validate_ae
+from fluxlab.config.schema import Config
+from fluxlab.models.autoencoder import AutoEncoder, kl_divergence, sample_posterior
+from fluxlab.models.weights.autoencoder_spec import save_autoencoder
+from fluxlab.pipelines.build import resolve_device
+from fluxlab.pipelines.text_to_image import autocast_for
+from fluxlab.train.checkpoint import latest_checkpoint, save_checkpoint
+
+
+def psnr(reconstruction: Tensor, target: Tensor) -> Tensor:
+    """Per-image PSNR in dB of images in [-1, 1], measured on the [0, 1] scale (peak 1), as is usual."""
+    mse = ((reconstruction.float().clamp(-1, 1) - target.float()) / 2).square().mean(dim=(1, 2, 3))
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def latent_statistics(latents: Iterator[Tensor]) -> tuple[float, float]:
+    """(shift, scale) = (mean, 1/std) over every element of the latents, accumulated in float64."""
+    n, total, total_sq = 0, 0.0, 0.0
+    for z in latents:
+        z = z.double()
+        n, total, total_sq = (
+            n + z.numel(),
+            total + z.sum().item(),
+            total_sq + z.square().sum().item(),
+        )
+    if n < 2:
+        raise ValueError("latent statistics need at least one image; raise ae.stats_images")
+    mean = total / n
+    var = max(total_sq / n - mean * mean, 0.0) * n / (n - 1)
+    if not math.isfinite(var) or var <= 0:
+        raise ValueError(
+            f"the latents have variance {var}; the autoencoder collapsed (lower ae.lr?)"
+        )
+    return mean, 1.0 / math.sqrt(var)
+
+
+class AETrainer:
+    def __init__(self, cfg: Config, resume: bool = False, quiet: bool = False):
+        from fluxlab.data import build_dataset
+
+        validate_ae(cfg)
+        self.cfg, self.quiet = cfg, quiet
+        a, d = cfg.ae, cfg.data
+        self.run_dir = Path(cfg.train.output_dir)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.device = resolve_device(cfg.train.device)
+        torch.manual_seed(cfg.train.seed)
+        common = dict(
+            resolution=d.resolution,
+            val_fraction=d.val_fraction,
+            seed=cfg.train.seed,
+            crop=d.crop,
+            limit=d.limit,
+            openmoji_subset=d.openmoji_subset,
+        )
+        self.dataset = build_dataset(
+            d.dataset, split="train", hflip=d.hflip, color_jitter=d.color_jitter, **common
+        )
+        self.val_dataset = build_dataset(d.dataset, split="val", **common)
+        if len(self.dataset) < a.batch_size or len(self.val_dataset) == 0:
+            raise ValueError(
+                f"data.dataset={d.dataset!r} has {len(self.dataset)} training and "
+                f"{len(self.val_dataset)} held-out images; need ≥ ae.batch_size={a.batch_size} and ≥ 1"
+            )
+        self.params = ae_params_from_config(cfg)
+        self.model = AutoEncoder(self.params).to(self.device)
+        self.perceptual = None
+        if a.perceptual_weight > 0:
+            from fluxlab.eval.perceptual import load_perceptual
+
+            self.perceptual = load_perceptual().to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=a.lr,
+            betas=(a.beta1, a.beta2),
+            weight_decay=a.weight_decay,
+            fused=self.device.type == "cuda",
+        )
+        warm = max(1, a.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm)
+        )
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed + 1)
+        self.step, self.batches_seen, self.writer = 0, 0, None
+        n = sum(p.numel() for p in self.model.parameters())
+        self._log(
+            f"autoencoder: {a.preset} {self.params.downsample_factor}× down to {self.params.z_channels} "
+            f"channels, {n / 1e6:.2f}M parameters on {self.device}; {len(self.dataset)} train / "
+            f"{len(self.val_dataset)} held-out images"
+        )
+        if resume:
+            self._resume()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(self.run_dir / "config.json")
+
+    def _log(self, msg: str) -> None:
+        if not self.quiet:
+            tqdm.write(msg)
+
+    # ------------------------------------------------------------------------------------------ data
+    def _batches(self) -> Iterator[Tensor]:
+        from fluxlab.data import collate_skip_bad
+        from fluxlab.train.trainer import InfiniteBatchSampler
+
+        sampler = InfiniteBatchSampler(
+            len(self.dataset),
+            self.cfg.ae.batch_size,
+            self.cfg.train.seed,
+            start_batch=self.batches_seen,
+        )
+        workers = self.cfg.data.num_workers
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate_skip_bad,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(self.cfg.train.seed + self.batches_seen),
+        )
+        for batch in loader:
+            self.batches_seen += 1
+            if batch is not None:  # None: every image of the batch was unreadable
+                yield batch["image"].to(self.device, non_blocking=True)
+
+    def _images(self, dataset: Any, limit: int) -> Iterator[Tensor]:
+        """The first ``limit`` images of ``dataset`` in order, in batches: the same ones at every evaluation."""
+        from fluxlab.data import collate_skip_bad
+
+        indices = list(range(min(limit, len(dataset))))
+        loader = DataLoader(
+            torch.utils.data.Subset(dataset, indices),
+            batch_size=self.cfg.ae.batch_size,
+            num_workers=self.cfg.data.num_workers,
+            collate_fn=collate_skip_bad,
+        )
+        for batch in loader:
+            if batch is not None:
+                yield batch["image"].to(self.device)
+
+    # ------------------------------------------------------------------------------------------ loss
+    def loss(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        a = self.cfg.ae
+        with autocast_for(self.device, self.cfg.train.mixed_precision):
+            mean, logvar = self.model.encode_moments(images)
+            z = sample_posterior(mean.float(), logvar.float(), self.generator)
+            rec = self.model.decoder(z).float()
+        err = rec - images
+        recon = err.abs().mean() if a.recon_loss == "l1" else err.square().mean()
+        kl = kl_divergence(mean.float(), logvar.float()).mean() / images[0].numel()
+        loss = recon + a.kl_weight * kl
+        parts = {
+            "recon": recon.detach(),
+            "kl": kl.detach(),
+            "psnr": psnr(rec.detach(), images).mean(),
+        }
+        if self.perceptual is not None:
+            with autocast_for(self.device, self.cfg.train.mixed_precision):
+                perceptual = self.perceptual(rec, images).float().mean()
+            loss = loss + a.perceptual_weight * perceptual
+            parts["perceptual"] = perceptual.detach()
+        return loss, parts
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor) -> Tensor:
+        """Posterior mean → decoder, as the diffusion pipeline uses it (encode(sample=False) → decode)."""
+        with autocast_for(self.device, self.cfg.train.mixed_precision):
+            mean, _ = self.model.encode_moments(images)
+            return self.model.decoder(mean).float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def evaluate(self, name: str) -> float:
+        """Mean held-out PSNR; writes originals over reconstructions to samples/recon_{name}.png."""
+        from fluxlab.data import make_grid
+
+        self.model.eval()
+        values, shown = [], None
+        for images in self._images(self.val_dataset, self.cfg.ae.val_images):
+            rec = self.reconstruct(images)
+            values.append(psnr(rec, images).cpu())
+            if shown is None:
+                shown = (images[:8].cpu(), rec[:8].cpu())
+        self.model.train()
+        value = torch.cat(values).mean().item()
+        assert shown is not None
+        grid = make_grid(torch.cat(shown), nrow=shown[0].shape[0])
+        out = self.run_dir / "samples" / f"recon_{name}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(out)
+        if self.writer is not None:
+            self.writer.add_scalar("psnr/val", value, self.step)
+            self.writer.add_image("reconstructions", np.asarray(grid), self.step, dataformats="HWC")
+        return value
+
+    # ------------------------------------------------------------------------------------------ state
+    def save(self) -> Path:
+        state = {
+            "step": self.step,
+            "batches_seen": self.batches_seen,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        desc = {
+            "config": self.cfg.to_dict(),
+            "format": "fluxlab-v1",
+            "task": "autoencoder",
+            "ae_params": asdict(self.params),
+        }
+        return save_checkpoint(
+            self.run_dir,
+            self.step,
+            self.model.state_dict(),
+            None,
+            desc,
+            state,
+            keep_last=self.cfg.train.keep_last,
+        )
+
+    def _resume(self) -> None:
+        from safetensors.torch import load_file
+
+        path = latest_checkpoint(self.run_dir, need_train_state=True)
+        if path is None:
+            self._log(f"--resume: no checkpoint in {self.run_dir}, starting from scratch")
+            return
+        self.model.load_state_dict(
+            load_file(path / "model.safetensors", device=str(self.device)), strict=True
+        )
+        state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.batches_seen = state["step"], state["batches_seen"]
+        log = self.run_dir / "log.jsonl"  # lines past the checkpoint belong to the run that died
+        if log.is_file():
+            kept = [
+                ln
+                for ln in log.read_text().splitlines()
+                if ln.strip().startswith("{") and json.loads(ln).get("step", 0) <= self.step
+            ]
+            log.write_text("".join(ln + "\n" for ln in kept))
+        self._log(f"resumed from {path} at step {self.step}")
+
+    def _write_log(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------------------------------ loop
+    def train(self) -> Path:
+        """Trains to ae.steps or ae.max_minutes, then measures scale/shift and writes ``ae/``; returns it."""
+        cfg, a = self.cfg, self.cfg.ae
+        if cfg.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        start = time.monotonic()
+        sums: dict[str, float] = {}
+        count, val_psnr = 0, None
+        batches = self._batches()
+        self.model.train()
+        bar = tqdm(
+            total=a.steps,
+            initial=self.step,
+            desc="train-ae",
+            dynamic_ncols=True,
+            disable=self.quiet,
+        )
+        while self.step < a.steps:
+            images = next(batches)
+            loss, parts = self.loss(images)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.grad_clip)
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                self.optimizer.zero_grad(set_to_none=True)
+                warnings.warn(
+                    f"step {self.step}: non-finite loss or gradient, step skipped", stacklevel=2
+                )
+                continue
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            bar.update(1)
+            for k, v in {"loss": loss.detach(), **parts}.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            count += 1
+            out_of_time = (
+                a.max_minutes is not None and time.monotonic() - start > 60 * a.max_minutes
+            )
+            finished = self.step >= a.steps or out_of_time
+            if a.eval_every and self.step % a.eval_every == 0 and not finished:
+                val_psnr = self.evaluate(f"step_{self.step:07d}")
+            if self.step % cfg.train.log_every == 0 or finished or val_psnr is not None:
+                means = {k: v / count for k, v in sums.items()}
+                lr = self.scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{means['loss']:.4f}", psnr=f"{means['psnr']:.2f}")
+                record = {
+                    "step": self.step,
+                    **means,
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                    "seconds": round(time.monotonic() - start, 2),
+                }
+                if val_psnr is not None:
+                    record["psnr_val"] = val_psnr
+                self._write_log(record)
+                if self.writer is not None:
+                    for k, v in means.items():
+                        self.writer.add_scalar(f"{k}/train", v, self.step)
+                    self.writer.add_scalar("lr", lr, self.step)
+                sums, count, val_psnr = {}, 0, None
+            if self.step % cfg.train.checkpoint_every == 0 or finished:
+                self.save()
+            if out_of_time:
+                self._log(f"ae.max_minutes={a.max_minutes} reached at step {self.step}")
+                break
+        bar.close()
+        return self.finish(time.monotonic() - start)
+
+    def finish(self, seconds: float) -> Path:
+        """Final held-out PSNR and grid, latent scale/shift, then ``ae/`` and ``metrics.json``."""
+        if latest_checkpoint(self.run_dir) is None:
+            self.save()
+        psnr_val = self.evaluate("final")
+        self.model.eval()
+
+        def latents() -> Iterator[Tensor]:
+            bar = tqdm(
+                total=min(self.cfg.ae.stats_images, len(self.dataset)),
+                desc="latent stats",
+                disable=self.quiet,
+                dynamic_ncols=True,
+            )
+            with torch.no_grad():
+                for images in self._images(self.dataset, self.cfg.ae.stats_images):
+                    # The posterior mean: what LatentCodec.encode hands to the diffusion model.
+                    with autocast_for(self.device, self.cfg.train.mixed_precision):
+                        yield self.model.encode_moments(images)[0].float()
+                    bar.update(images.shape[0])
+            bar.close()
+
+        shift, scale = latent_statistics(latents())
+        self.params.shift_factor, self.params.scale_factor = shift, scale
+        info = {
+            "psnr_val": psnr_val,
+            "step": self.step,
+            "preset": self.cfg.ae.preset,
+            "dataset": self.cfg.data.dataset,
+            "train_seconds": round(seconds, 1),
+        }
+        folder = save_autoencoder(self.model, self.run_dir / "ae", extra=info)
+        metrics = {
+            **info,
+            "scale_factor": scale,
+            "shift_factor": shift,
+            "z_channels": self.params.z_channels,
+            "downsample_factor": self.params.downsample_factor,
+        }
+        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        self._write_log(
+            {"step": self.step, "psnr_val": psnr_val, "scale_factor": scale, "shift_factor": shift}
+        )
+        if self.writer is not None:
+            self.writer.close()
+        self._log(f"held-out PSNR {psnr_val:.2f} dB; latent shift {shift:.4f}, scale {scale:.4f}")
+        return folder
