@@ -86,6 +86,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     import warnings
 
     from fluxlab.data import build_dataset, make_grid
+    from fluxlab.data.common import cache_dir
     from fluxlab.eval.metrics import (
         extract_features,
         feature_statistics,
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         resolve_extractor,
         to_uint8,
     )
-    from fluxlab.pipelines.build import cache_dir, load_for_sampling, resolve_device
+    from fluxlab.pipelines.build import load_for_sampling, resolve_device
 
     if (args.checkpoint is None) == (args.generated is None):
         raise ValueError(

@@ -178,7 +178,7 @@ def folder_images(folder: str | Path, batch_size: int = 64) -> tuple[list[Path],
     return files, batches()
 
 
-def fingerprint(*parts: Any) -> str:
+def stats_key(*parts: Any) -> str:
     """A short stable hash of JSON-able parts (cache keys for reference statistics)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -285,10 +285,10 @@ def reference_features(
         stats = [
             (str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns) for f in files
         ]
-        key = fingerprint(extractor_id, str(Path(folder).resolve()), stats)
+        key = stats_key(extractor_id, str(Path(folder).resolve()), stats)
         total = len(files)
     else:
-        key = fingerprint(extractor_id, dataset_key)
+        key = stats_key(extractor_id, dataset_key)
         batches, total = dataset_images(dataset), len(dataset)
     path = cache / f"ref-{key}.npz" if cache is not None else None
     if path is not None and (cached := load_features(path)) is not None:

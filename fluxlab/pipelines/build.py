@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -16,11 +15,6 @@ from fluxlab.models.weights.autoencoder_spec import load_autoencoder
 from fluxlab.models.weights.pretrained import load_flux
 from fluxlab.pipelines.text_to_image import FluxTextToImage, LatentCodec, PixelCodec, TextEmbedding
 from fluxlab.train.checkpoint import load_weights, read_description, resolve_checkpoint
-
-
-def cache_dir() -> Path:
-    """Where derived data (rendered datasets, text embeddings) is kept between runs."""
-    return Path(os.environ.get("FLUXLAB_CACHE", Path.home() / ".cache" / "fluxlab"))
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from fluxlab.conditioning.kontext import ConditionTokens
 from fluxlab.config.schema import Config
+from fluxlab.data.common import cache_dir
 from fluxlab.diffusion.ddpm import DDPMObjective
 from fluxlab.diffusion.flow import RectifiedFlow
 from fluxlab.models.flux.model import FluxParams
@@ -18,7 +19,6 @@ from fluxlab.pipelines.build import (
     build_codec,
     build_model,
     build_pipeline,
-    cache_dir,
     encode_prompts,
     model_params,
     token_dim,
