@@ -1,4 +1,4 @@
-"""The package's shape: sub-packages only at the top, and no import cycle among fluxlab's modules."""
+"""The package's shape: sub-packages only at the top, no import cycle among fluxlab's modules."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def _type_checking_only(node: ast.AST) -> bool:
 
 
 def imported_modules(path: Path, known: set[str]) -> set[str]:
-    """fluxlab modules ``path`` imports anywhere (functions included), except under ``if TYPE_CHECKING``."""
+    """fluxlab modules ``path`` imports anywhere (functions included), except under ``if
+    TYPE_CHECKING``."""
 
     def owner(name: str) -> str:
         while name and name not in known:

@@ -1,4 +1,5 @@
-"""``fluxlab cache``: encode a dataset once into data.cache_dir (latents + text embeddings, docs/latent.md)."""
+"""``fluxlab cache``: encode a dataset once into data.cache_dir (latents + text embeddings,
+docs/latent.md)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "cache",
         help="encode a dataset into latent + text-embedding shards (data.cache_dir)",
-        description="Encode the config's dataset with its autoencoder and text encoder into safetensors shards "
-        "under data.cache_dir; rerun the same command to resume an interrupted run. Training with the same "
-        "config then reads the shards and builds no encoder.",
+        description="Encode the config's dataset with its autoencoder and text encoder into "
+        "safetensors shards under data.cache_dir; rerun the same command to resume an interrupted "
+        "run. Training with the same config then reads the shards and builds no encoder.",
     )
     p.add_argument(
         "--config", required=True, help="preset name (e.g. openmoji-latent-gpu) or a YAML file"
@@ -31,12 +32,13 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = load_config(args.config, overrides)
     report = write_cache(cfg, resolve_device(args.device))
     print(
-        f"cache: {report.cache_dir} ({report.written_shards} shards written, {report.reused_shards} kept from "
-        f"an earlier run)"
+        f"cache: {report.cache_dir} ({report.written_shards} shards written, "
+        f"{report.reused_shards} kept from an earlier run)"
     )
     if report.encoded:
         print(
-            f"encoded {report.encoded} images in {report.seconds:.1f}s: {report.images_per_s:.1f} images/s"
+            f"encoded {report.encoded} images in {report.seconds:.1f}s: {report.images_per_s:.1f} "
+            "images/s"
         )
     if report.bad:
         print(f"skipped {len(report.bad)} unreadable images:")

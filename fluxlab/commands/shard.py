@@ -1,4 +1,5 @@
-"""``fluxlab shard``: write WebDataset tar shards from an image folder with captions or from OpenMoji."""
+"""``fluxlab shard``: write WebDataset tar shards from an image folder with captions or from
+OpenMoji."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             total, samples = min(total, args.limit), itertools.islice(samples, args.limit)
     paths = write_shards(samples, args.output, shard_size=args.shard_size, total=total)
     print(
-        f"wrote {total} samples in {len(paths)} shards; train on them with --data.dataset='{shard_pattern(paths)}'"
+        f"wrote {total} samples in {len(paths)} shards; train on them with "
+        f"--data.dataset='{shard_pattern(paths)}'"
     )
     return 0

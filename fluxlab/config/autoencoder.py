@@ -1,8 +1,9 @@
 """Checks and loading for ``fluxlab train-ae`` (its ``ae`` section is ``schema.AEConfig``).
 
 An AE run reuses the ``data`` section (dataset, resolution, val_fraction, limit, ...) and ``train``
-(output_dir, seed, device, mixed_precision, log_every, checkpoint_every, keep_last, tensorboard, threads);
-everything about the autoencoder and its optimisation lives here, so a Flux run's optim section is untouched.
+(output_dir, seed, device, mixed_precision, log_every, checkpoint_every, keep_last, tensorboard,
+threads); everything about the autoencoder and its optimisation lives here, so a Flux run's optim
+section is untouched.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from fluxlab.models.autoencoder import AutoEncoderParams, ae_params
 
 
 def ae_params_from_config(cfg: Config) -> AutoEncoderParams:
-    """The preset's architecture with the overrides, at data.resolution, scale 1 / shift 0 until measured."""
+    """The preset's architecture with the overrides, at data.resolution, scale 1 / shift 0 until
+    measured."""
     a = cfg.ae
     base = ae_params(a.preset)
     overrides = {
@@ -57,18 +59,21 @@ def validate_ae(cfg: Config) -> None:
         )
     if not 0 < cfg.data.val_fraction < 1:
         raise ValueError(
-            f"data.val_fraction={cfg.data.val_fraction}: train-ae measures PSNR on held-out images; use e.g. 0.05"
+            f"data.val_fraction={cfg.data.val_fraction}: train-ae measures PSNR on held-out "
+            "images; use e.g. 0.05"
         )
     if cfg.data.task != "text_to_image":
         raise ValueError("train-ae reads plain images: set data.task=text_to_image")
     if cfg.data.resolution % params.downsample_factor:
         raise ValueError(
-            f"data.resolution={cfg.data.resolution} must be a multiple of {params.downsample_factor}"
+            f"data.resolution={cfg.data.resolution} must be a multiple of "
+            f"{params.downsample_factor}"
         )
 
 
 def load_ae_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
-    """An AE preset (``ae-tiny``, ``ae-openmoji``) or a YAML file (``base:`` may name one), then overrides."""
+    """An AE preset (``ae-tiny``, ``ae-openmoji``) or a YAML file (``base:`` may name one), then
+    overrides."""
     data = config_data(name_or_path, AE_TRAIN_PRESETS, overrides)
     cfg = config_from_dict(data)
     validate_ae(cfg)

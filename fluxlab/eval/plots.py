@@ -1,4 +1,4 @@
-"""Pictures of a run's ``log.jsonl``: the loss curve and the loss per t-bin (matplotlib, optional)."""
+"""Pictures of a run's ``log.jsonl``: loss curve and loss per t-bin (matplotlib, optional)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 raise ValueError(
-                    f"{path}:{n} is not a JSON line (a run killed mid-write leaves at most the last one)"
-                )
+                    f"{path}:{n} is not a JSON line (a run killed mid-write leaves at most the "
+                    "last one)"
+                ) from None
     if not rows:
         raise ValueError(f"{path} holds no log records yet")
     return rows

@@ -1,10 +1,12 @@
-"""FID/KID maths against closed forms, high-precision arithmetic and the reference packages; FID Inception shape.
+"""FID/KID maths against closed forms, high-precision arithmetic and the reference packages; FID
+Inception shape.
 
-pytorch-fid and torch-fidelity (test-only, installed with ``pip install --no-deps``) import torchvision at their
-package top level. The ``pytorch_fid`` and ``fidelity`` fixtures import only the submodules we call, with the
-package ``__init__`` skipped (a bare package module placed in sys.modules) and torchvision or the heavy sibling
-modules stubbed; ``_isolated_modules`` then removes the stubbed packages again, so no stub outlives the import. Tests
-that need a reference package skip when it is absent.
+pytorch-fid and torch-fidelity (test-only, installed with ``pip install --no-deps``) import
+torchvision at their package top level. The ``pytorch_fid`` and ``fidelity`` fixtures import only
+the submodules we call, with the package ``__init__`` skipped (a bare package module placed in
+sys.modules) and torchvision or the heavy sibling modules stubbed; ``_isolated_modules`` then
+removes the stubbed packages again, so no stub outlives the import. Tests that need a reference
+package skip when it is absent.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from fluxlab.eval.metrics import (
 )
 from fluxlab.models.inception import FIDInceptionV3
 
-# Hand-checked against torch-fidelity's FeatureExtractorInceptionV3 (and torchvision's inception_v3 with
-# aux_logits=False, num_classes=1008): 21,785,568 in the trunk + 2048·1008 + 1008 in fc.
+# Hand-checked against torch-fidelity's FeatureExtractorInceptionV3 (and torchvision's inception_v3
+# with aux_logits=False, num_classes=1008): 21,785,568 in the trunk + 2048·1008 + 1008 in fc.
 FID_INCEPTION_PARAMS = 23_850_960
 
 
@@ -66,8 +68,9 @@ def _isolated_modules(stubs: dict[str, types.ModuleType]) -> Iterator[None]:
     try:
         yield
     finally:
-        # Drop the stubbed packages and everything imported under them; keep other new imports (scipy and the
-        # like hold C extensions that cannot be loaded twice in one process, so forgetting them breaks later tests).
+        # Drop the stubbed packages and everything imported under them; keep other new imports
+        # (scipy and the like hold C extensions that cannot be loaded twice in one process, so
+        # forgetting them breaks later tests).
         roots = {name.split(".")[0] for name in stubs}
         for name in set(sys.modules) - set(saved):
             if name.split(".")[0] in roots:
@@ -83,7 +86,8 @@ def _torchvision_stubs() -> dict[str, types.ModuleType]:
 
 @pytest.fixture(scope="module")
 def pytorch_fid() -> types.ModuleType:
-    # fid_score reads InceptionV3.BLOCK_INDEX_BY_DIM at import time (for its argparse choices), nothing more.
+    # fid_score reads InceptionV3.BLOCK_INDEX_BY_DIM at import time (for its argparse choices),
+    # nothing more.
     inception_stub = types.ModuleType("pytorch_fid.inception")
     inception_stub.InceptionV3 = type("InceptionV3", (), {"BLOCK_INDEX_BY_DIM": {2048: 3}})  # type: ignore[attr-defined]
     stubs = {"pytorch_fid": _bare_package("pytorch_fid"), "pytorch_fid.inception": inception_stub}
@@ -93,7 +97,8 @@ def pytorch_fid() -> types.ModuleType:
 
 @pytest.fixture(scope="module")
 def fidelity() -> dict[str, types.ModuleType]:
-    # torch_fidelity.utils pulls in datasets, registry and torchvision; the metric functions we call never use it.
+    # torch_fidelity.utils pulls in datasets, registry and torchvision; the metric functions we call
+    # never use it.
     stubs = {
         "torch_fidelity": _bare_package("torch_fidelity"),
         "torch_fidelity.utils": _permissive_stub("torch_fidelity.utils"),
@@ -108,7 +113,7 @@ def _random_spd(rng: np.random.Generator, d: int, rank: int | None = None) -> np
     return a @ a.T / d + (0 if rank else 0.1 * np.eye(d))
 
 
-# ------------------------------------------------------------------------------------------ Fréchet distance
+# --------------------------------------------------------------------------------- Fréchet distance
 
 
 def test_frechet_commuting_covariances_match_closed_form() -> None:
@@ -137,11 +142,12 @@ def test_frechet_non_commuting_matches_high_precision(rank: int | None) -> None:
     a, b = mpmath.matrix(s1.tolist()), mpmath.matrix(s2.tolist())
     with mpmath.workdps(40):
         if rank is None:
-            # A route independent of ours: Denman-Beavers square root of the (non-symmetric) product.
+            # A route independent of ours: Denman-Beavers square root of the (non-symmetric)
+            # product.
             tr_covmean = mpmath.re(sum(mpmath.sqrtm(a * b)[i, i] for i in range(d)))
         else:
-            # Singular products defeat the iteration (pytorch-fid's eps retry exists for this reason), so take
-            # the eigen route, in 40 digits: eigenvalues of s1^1/2 s2 s1^1/2.
+            # Singular products defeat the iteration (pytorch-fid's eps retry exists for this
+            # reason), so take the eigen route, in 40 digits: eigenvalues of s1^1/2 s2 s1^1/2.
             vals, vecs = mpmath.eigsy(a)
             root = vecs * mpmath.diag([mpmath.sqrt(max(v, 0)) for v in vals]) * vecs.T
             tr_covmean = sum(mpmath.sqrt(max(v, 0)) for v in mpmath.eigsy(root * b * root)[0])
@@ -224,7 +230,8 @@ def test_kid_matches_torch_fidelity(fidelity: dict[str, types.ModuleType]) -> No
         verbose=False,
     )
     assert mean > 1e-3 and std > 0  # a genuine difference, spread over subsets
-    # Same subsets, both in float64 (torch-fidelity keeps the tensors' dtype): far inside the 1e-4 we need.
+    # Same subsets, both in float64 (torch-fidelity keeps the tensors' dtype): far inside the 1e-4
+    # we need.
     assert mean == pytest.approx(ref["kernel_inception_distance_mean"], rel=1e-8, abs=1e-12)
     assert std == pytest.approx(ref["kernel_inception_distance_std"], rel=1e-8, abs=1e-12)
 
@@ -239,7 +246,7 @@ def test_kid_clips_subset_size_and_rejects_tiny_sets() -> None:
         kernel_inception_distance(x, y[:1])
 
 
-# ------------------------------------------------------------------------------------------ statistics files
+# --------------------------------------------------------------------------------- statistics files
 
 
 def test_statistics_round_trip_through_npz(tmp_path: Path) -> None:
@@ -262,15 +269,16 @@ def test_statistics_round_trip_through_npz(tmp_path: Path) -> None:
         load_statistics(tmp_path / "missing.npz")
 
 
-# ------------------------------------------------------------------------------------------ FID Inception
+# ------------------------------------------------------------------------------------ FID Inception
 
 
 @pytest.fixture(scope="module")
 def inception() -> FIDInceptionV3:
     torch.manual_seed(0)
     model = FIDInceptionV3()
-    # Variance-preserving weights and non-trivial BatchNorm statistics keep pool3 features O(1) (the default
-    # init shrinks them to ~1e-8), so that a wrong branch order or pool kind shows in the comparison below.
+    # Variance-preserving weights and non-trivial BatchNorm statistics keep pool3 features O(1) (the
+    # default init shrinks them to ~1e-8), so that a wrong branch order or pool kind shows in the
+    # comparison below.
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
@@ -327,7 +335,8 @@ def test_inception_matches_torch_fidelity_architecture(
     theirs = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     assert ours == theirs
     assert sum(p.numel() for p in reference.parameters()) == FID_INCEPTION_PARAMS
-    # At 299x299 nothing is resized; torch-fidelity maps uint8 by (x - 128)/128, so give ours the same floats.
+    # At 299x299 nothing is resized; torch-fidelity maps uint8 by (x - 128)/128, so give ours the
+    # same floats.
     images = torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8)
     with torch.inference_mode():
         (expected,) = reference(images)
@@ -336,7 +345,7 @@ def test_inception_matches_torch_fidelity_architecture(
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-# ------------------------------------------------------------------------------------------ loading extractors
+# ------------------------------------------------------------------------------- loading extractors
 
 
 def test_missing_weights_error_names_the_file(
