@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from fluxlab.config.files import read_config_file
 from fluxlab.config.model_params import dit_params
 from fluxlab.config.presets import PRESETS
 from fluxlab.models.flux.presets import flux_params
@@ -82,8 +84,12 @@ class DataConfig:
     # Precomputed latents + text embeddings (`fluxlab cache`); when set, training reads them and builds no
     # encoder. None = encode on the fly.
     cache_dir: str | None = None
-    # Aspect-ratio buckets as [H, W] pixel sizes; each image goes to the nearest aspect. None = [[res, res]].
+    # Aspect-ratio buckets as [H, W] pixel sizes; each image goes to the nearest aspect.
+    # None = [[res, res]].
     buckets: list[list[int]] | None = None
+    # Images with more pixels are skipped as possible decompression bombs (PIL's own default);
+    # null lifts the limit for trusted data.
+    max_pixels: int | None = 89_478_485
 
 
 @dataclass(kw_only=True)
@@ -324,8 +330,7 @@ class Config:
             raise ValueError(
                 "train.eval_every needs a held-out split: set data.val_fraction > 0 (e.g. 0.05)"
             )
-        if self.optim.lr <= 0:
-            raise ValueError(f"optim.lr={self.optim.lr} must be positive")
+        self._validate_numbers()
         if self.data.task == "edit":
             if self.model.arch != "flux" or self.objective.kind != "flow":
                 raise ValueError(
@@ -372,6 +377,22 @@ class Config:
         self.parallel.validate(
             world=self.parallel.replicate
         )  # the world-free checks; the trainer re-checks
+
+    def _validate_numbers(self) -> None:
+        """Values that would otherwise fail late or train on garbage without an error."""
+        if not (math.isfinite(self.optim.lr) and self.optim.lr > 0):
+            raise ValueError(f"optim.lr={self.optim.lr} must be a positive, finite number")
+        if not (math.isfinite(self.optim.grad_clip) and self.optim.grad_clip > 0):
+            raise ValueError(
+                f"optim.grad_clip={self.optim.grad_clip} must be a positive, finite number: "
+                "gradients are rescaled to at most this norm, so 0 would zero them and a negative "
+                "value flip them; a large value such as 1e9 leaves them unclipped"
+            )
+        if self.sample.steps < 1:
+            raise ValueError(f"sample.steps={self.sample.steps} must be at least 1")
+        for name, value in (("data.limit", self.data.limit), ("data.max_pixels", self.data.max_pixels)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be at least 1, or null for no limit")
 
     def _validate_latent(self) -> None:
         """encoding.space='latent': an autoencoder is named and its downsampling fits the resolution."""
@@ -457,14 +478,19 @@ def _check_value(path: str, tp: Any, value: Any) -> Any:
                 pass
         raise ValueError(f"{path}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ValueError(f"{path}: expected a number, got {value!r}")
+        if number is None:
+            raise ValueError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ValueError(f"{path}={value!r}: expected a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -537,10 +563,7 @@ def config_data(
             raise ValueError(
                 f"--config {name_or_path!r} is neither a preset ({', '.join(sorted(presets))}) nor a file"
             )
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML/JSON: {e}") from None
+        data = read_config_file(path) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the config must be a mapping of sections")
         base = data.pop("base", None)
