@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Sampler
 
-from .transforms import pil_to_tensor
+from fluxlab.data.transforms import pil_to_tensor
 
 
 def check_buckets(

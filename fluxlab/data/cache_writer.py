@@ -24,10 +24,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from fluxlab.conditioning.text_encoders import build_text_encoder
 from fluxlab.config.schema import Config
-
-from .buckets import bucket_tensor, nearest_bucket, resolve_buckets
-from .cache import (
+from fluxlab.data import build_dataset
+from fluxlab.data.buckets import bucket_tensor, nearest_bucket, resolve_buckets
+from fluxlab.data.cache import (
     DTYPES,
     FORMAT,
     INDEX,
@@ -41,7 +42,10 @@ from .cache import (
     shard_meta,
     write_json_atomic,
 )
-from .images import BadImageError, load_image
+from fluxlab.data.folder import ImageCaptionFolder
+from fluxlab.data.images import BadImageError, load_image
+from fluxlab.data.openmoji import OpenMoji
+from fluxlab.pipelines.build import build_codec
 
 logger = logging.getLogger(__name__)
 
@@ -50,27 +54,23 @@ class Source:
     """Raw images of one split with their captions: what buckets need (the datasets return fixed squares)."""
 
     def __init__(self, cfg: Config, split: str) -> None:
-        from fluxlab.data import build_dataset
-        from fluxlab.data.folder import ImageCaptionFolder
-        from fluxlab.data.openmoji import OpenMoji
-
         d = cfg.data
         if d.task != "text_to_image":
             raise ValueError(
                 "fluxlab cache handles data.task=text_to_image; train edit runs without data.cache_dir"
             )
-        # The trainer's split rule: "all" when nothing is held out.
-        ds_split = split if d.val_fraction > 0 else "all"
         ds = build_dataset(
             d.dataset,
             resolution=d.resolution,
-            split=ds_split,
+            split=split,  # the trainer's rule: with val_fraction=0, "train" holds every example
             val_fraction=d.val_fraction,
             seed=cfg.train.seed,
             limit=d.limit,
             openmoji_subset=d.openmoji_subset,
+            max_pixels=d.max_pixels,
         )
         self.captions: list[str] = list(ds.captions)
+        self.max_pixels = d.max_pixels
         if isinstance(ds, OpenMoji):
             self.images, self.paths = ds.images, None
             self.names = [f"openmoji:{c}" for c in ds.codes]
@@ -99,7 +99,9 @@ class Source:
         return (w, h) if rotated else (h, w)
 
     def load(self, i: int) -> Image.Image:
-        return Image.fromarray(self.images[i]) if self.paths is None else load_image(self.paths[i])
+        if self.paths is None:
+            return Image.fromarray(self.images[i])
+        return load_image(self.paths[i], max_pixels=self.max_pixels)
 
 
 @dataclass
@@ -155,8 +157,6 @@ class CacheReport:
 
 def build_cache_codec(cfg: Config, device: torch.device) -> nn.Module:
     """The config's codec (pixels, or the frozen autoencoder: bf16 on CUDA, fp32 elsewhere)."""
-    from fluxlab.pipelines.build import build_codec
-
     return build_codec(cfg, device).eval().requires_grad_(False)
 
 
@@ -273,8 +273,6 @@ def write_cache(
     progress: bool = True,
 ) -> CacheReport:
     """Encodes (or finishes encoding) data.cache_dir for ``cfg``; returns what this run did."""
-    from fluxlab.conditioning.text_encoders import build_text_encoder
-
     if not cfg.data.cache_dir:
         raise ValueError(
             "set data.cache_dir (e.g. --data.cache_dir=runs/my-cache) to say where the cache goes"

@@ -20,10 +20,10 @@ from typing import Any, Literal
 
 from torch.utils.data import Dataset
 
-from .common import check_split, keep_for_split
-from .folder import read_text
-from .images import DEFAULT_MAX_PIXELS, BadImageError, load_image
-from .transforms import ImageTransform
+from fluxlab.data.common import check_limit, check_split, keep_for_split
+from fluxlab.data.folder import read_text
+from fluxlab.data.images import DEFAULT_MAX_PIXELS, BadImageError, load_image
+from fluxlab.data.transforms import ImageTransform
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class EditFolder(Dataset):
 
     def take(self, n: int) -> EditFolder:
         """The first ``n`` pairs only (smoke runs, debugging), in place."""
+        check_limit(n)
         self.rows, self.captions = self.rows[:n], self.captions[:n]
         return self
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
+
+from fluxlab.data.folder import ImageCaptionFolder
+from fluxlab.data.openmoji import OpenMoji
 
 __all__ = ["folder_samples", "openmoji_samples", "write_shards"]
 
@@ -28,8 +32,6 @@ def folder_samples(
     The image bytes are stored as they are on disk: re-encoding would cost quality (JPEG) or size (PNG)
     and a corrupt file is better found, named and skipped by the reader like any other bad sample.
     """
-    from .folder import ImageCaptionFolder
-
     folder = ImageCaptionFolder(
         root, transform=lambda img: img, caption_ext=caption_ext, split="all"
     )
@@ -60,10 +62,6 @@ def openmoji_samples(
     resolution: int, limit: int | None = None
 ) -> tuple[int, Iterator[dict[str, Any]]]:
     """(count, samples) of the OpenMoji set rendered at `resolution`, PNG-encoded (lossless)."""
-    import re
-
-    from .openmoji import OpenMoji
-
     ds = OpenMoji(resolution, split="all", limit=limit)
 
     def samples() -> Iterator[dict[str, Any]]:

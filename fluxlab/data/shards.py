@@ -32,8 +32,8 @@ from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from .common import check_split, keep_for_split
-from .images import DEFAULT_MAX_PIXELS, BadImageError, decode_image
+from fluxlab.data.common import check_limit, check_split, keep_for_split
+from fluxlab.data.images import DEFAULT_MAX_PIXELS, BadImageError, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ class ShardDataset(IterableDataset):
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         check_split(split, val_fraction, f"ShardDataset({spec})")
+        check_limit(limit)
         if shuffle_buffer < 0:
             raise ValueError(
                 f"data.shuffle_buffer must be >= 0 (0 or 1 = no shuffle), got {shuffle_buffer}"
@@ -262,6 +263,7 @@ class ShardDataset(IterableDataset):
         """The first `n` samples only (in unshuffled order), in place; None keeps all."""
         if n is None:
             return self
+        check_limit(n)
         self.limit = n if self.limit is None else min(n, self.limit)
         if self._counts is not None:  # trim the index instead of reading the shards again
             budget, counts = self.limit, []
