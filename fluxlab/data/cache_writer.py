@@ -1,8 +1,9 @@
-"""``fluxlab cache``: encode a dataset once into the latent cache (layout in ``fluxlab/data/cache.py``).
+"""``fluxlab cache``: encode a dataset once into the latent cache (layout in ``data/cache.py``).
 
-The plan (which example goes to which bucket and shard) is a pure function of the config, so a rerun
-after an interruption recomputes it, keeps every finished shard (each written to a temporary name and
-renamed, so a shard either exists whole or not at all) and continues at the first missing one.
+The plan (which example goes to which bucket and shard) is a pure function of the config, so a
+rerun after an interruption recomputes it, keeps every finished shard (each written to a temporary
+name and renamed, so a shard either exists whole or not at all) and continues at the first missing
+one.
 """
 
 from __future__ import annotations
@@ -51,13 +52,14 @@ logger = logging.getLogger(__name__)
 
 
 class Source:
-    """Raw images of one split with their captions: what buckets need (the datasets return fixed squares)."""
+    """Raw images of one split with their captions: what buckets need (datasets return squares)."""
 
     def __init__(self, cfg: Config, split: str) -> None:
         d = cfg.data
         if d.task != "text_to_image":
             raise ValueError(
-                "fluxlab cache handles data.task=text_to_image; train edit runs without data.cache_dir"
+                "fluxlab cache handles data.task=text_to_image; "
+                "train edit runs without data.cache_dir"
             )
         ds = build_dataset(
             d.dataset,
@@ -113,8 +115,11 @@ class _Shard:
 
 
 class _PendingImages(Dataset):
-    """Every image of the unfinished shards, shard after shard: one DataLoader (its workers start once) feeds
-    the whole run, with batches cut at shard boundaries."""
+    """Every image of the unfinished shards, shard after shard.
+
+    One DataLoader (its workers start once) feeds the whole run, with batches cut at shard
+    boundaries.
+    """
 
     def __init__(self, shards: list[_Shard]) -> None:
         self.where = [(s, i) for s, shard in enumerate(shards) for i in shard.items]
@@ -166,12 +171,14 @@ def _encode_latents(codec: nn.Module, images: Tensor, mode: str) -> dict[str, Te
     ae = getattr(codec, "autoencoder", None)
     if ae is None:
         raise ValueError(
-            "cache.latents=sample needs an autoencoder (encoding.space=latent); pixels have no posterior"
+            "cache.latents=sample needs an autoencoder (encoding.space=latent); "
+            "pixels have no posterior"
         )
     dtype = next(ae.parameters()).dtype
     mean, logvar = ae.encode_moments(images.to(dtype))
-    # Stored in the diffusion latent's units: scale·(z − shift) has mean scale·(μ − shift), log-variance
-    # logvar + 2·log|scale|, so training draws mean + exp(logvar/2)·ε with no autoencoder at hand.
+    # Stored in the diffusion latent's units: scale·(z − shift) has mean scale·(μ − shift) and
+    # log-variance logvar + 2·log|scale|, so training draws mean + exp(logvar/2)·ε with no
+    # autoencoder at hand.
     scale = float(ae.scale_factor)
     return {
         "mean": (scale * (mean.float() - ae.shift_factor)),
@@ -243,7 +250,7 @@ def _encode_batch(
 
 
 def _meta(**fields: Any) -> dict[str, str]:
-    # One key: safetensors writes a metadata map in hash order, which would make reruns differ byte-wise.
+    # One key: safetensors writes a metadata map in hash order, so reruns would differ byte-wise.
     return {META_KEY: json.dumps(fields, sort_keys=True)}
 
 
@@ -284,8 +291,8 @@ def write_cache(
         diff = fingerprint_mismatch(index.get("fingerprint", {}), fp)
         if diff or index.get("format") != FORMAT:
             raise ValueError(
-                f"{root} already holds a cache built with other settings; delete it or choose another "
-                "data.cache_dir. Differences:\n  " + "\n  ".join(diff or ["format"])
+                f"{root} already holds a cache built with other settings; delete it or choose "
+                "another data.cache_dir. Differences:\n  " + "\n  ".join(diff or ["format"])
             )
     root.mkdir(parents=True, exist_ok=True)
     index = {
@@ -396,7 +403,7 @@ def _split_entry(
             with safe_open(str(root / rel), framework="pt") as f:
                 meta = shard_meta(f)
                 n = len(meta["captions"])
-                # read back rather than kept in memory: shards of an interrupted earlier run count too
+                # read back, not kept in memory: shards of an interrupted earlier run count too
                 report.bad += [b for b in meta["bad"] if b not in report.bad]
             if n:
                 files.append(rel)
@@ -413,8 +420,8 @@ def _split_entry(
 
 
 def _write_text_table(root: Path, cfg: Config, encoder: Any) -> None:
-    """Embeddings of the sample prompts, the negative prompt and "" (caption dropout): training and its
-    sample grids then need no text encoder."""
+    """Embeddings of the sample prompts, the negative prompt and "" (caption dropout): training
+    and its sample grids then need no text encoder."""
     captions = sorted(set(cfg.sample.prompts) | {cfg.sample.negative_prompt, ""})
     txt, vec = encoder.encode(captions)
     _write_shard(

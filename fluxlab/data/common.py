@@ -1,4 +1,5 @@
-"""Pieces shared by the datasets: the split rule, the cache folder and the bad-sample-tolerant collate."""
+"""Pieces shared by the datasets: the split rule, limits, the cache folder and the collate that
+drops bad samples."""
 
 from __future__ import annotations
 

@@ -5,14 +5,15 @@ The built-in set pairs OpenMoji variants that differ along one axis, in both dir
 * skin tone: an emoji without a tone ↔ each of its five tones, and tone ↔ tone
   ("give it a dark skin tone", "remove the skin tone");
 * gender: person ↔ man ↔ woman, in both Unicode spellings (ZWJ + ♀/♂ sign after a role such as
-  police officer, or 🧑/👨/👩 at the head of a ZWJ sequence such as health worker), plus child ↔ boy/girl
-  and older person ↔ old man/woman ("make it a woman", "make it gender-neutral");
+  police officer, or 🧑/👨/👩 at the head of a ZWJ sequence such as health worker), plus
+  child ↔ boy/girl and older person ↔ old man/woman ("make it a woman", "make it gender-neutral");
 * hair: the default ↔ red, curly, white hair and bald ("give it curly hair");
 * color: emoji whose names differ only by a leading color word (hearts, circles, squares, books,
   apples, chess pieces: "make it blue").
 
-Each pair has a *root* (the emoji with every varied axis reset, e.g. "waving hand" for "waving hand:
-dark skin tone"), and the held-out split is drawn by root: no variant of a held-out emoji is trained on.
+Each pair has a *root* (the emoji with every varied axis reset, e.g. "waving hand" for "waving
+hand: dark skin tone"), and the held-out split is drawn by root: no variant of a held-out emoji is
+trained on.
 """
 
 from __future__ import annotations
@@ -166,8 +167,8 @@ def find_edit_pairs(
 ) -> list[EditPair]:
     """Every ordered pair of ``codes`` that differ along exactly one family's axis, sorted by root.
 
-    A group needs its neutral member (no tone, no gender, default hair) among ``codes``: otherwise the
-    "variants" would be look-alikes such as families that differ in one member.
+    A group needs its neutral member (no tone, no gender, default hair) among ``codes``: otherwise
+    the "variants" would be look-alikes such as families that differ in one member.
     """
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
@@ -214,10 +215,12 @@ def split_pairs(
 
 
 class OpenMojiEditPairs(Dataset):
-    """OpenMoji variant pairs as ``{"image": target, "condition": source, "caption": instruction, ...}``.
+    """OpenMoji variant pairs as ``{"image": target, "condition": source, "caption": instruction,
+    ...}``.
 
-    ``limit`` keeps the first N pairs of the split (sorted by root, so a few whole families) and renders
-    only their emoji; ``condition_resolution`` renders the condition at another size than the target.
+    ``limit`` keeps the first N pairs of the split (sorted by root, so a few whole families) and
+    renders only their emoji; ``condition_resolution`` renders the condition at another size than
+    the target.
     """
 
     def __init__(
@@ -265,7 +268,8 @@ class OpenMojiEditPairs(Dataset):
         self.pairs = [p for p in pairs if p.condition in self._index and p.target in self._index]
         if not self.pairs:
             raise ValueError(
-                f"OpenMoji edit pairs: the {split!r} split is empty; lower val_fraction or raise limit"
+                f"OpenMoji edit pairs: the {split!r} split is empty; "
+                "lower val_fraction or raise limit"
             )
         self.resolution = resolution
         self.transform = transform
@@ -307,10 +311,11 @@ def build_edit_dataset(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     **_text_to_image_options: Any,
 ) -> Dataset:
-    """ "openmoji" → the built-in variant pairs; a folder → :class:`EditFolder` (``metadata.jsonl``).
+    """ "openmoji" → the built-in variant pairs; a folder → :class:`EditFolder` (metadata.jsonl).
 
-    Takes :func:`fluxlab.data.build_dataset`'s keywords so the trainer can call either; the augmentations
-    among them are refused for edits by ``Config.validate`` (they would move the target off the condition).
+    Takes :func:`fluxlab.data.build_dataset`'s keywords so the trainer can call either; the
+    augmentations among them are refused for edits by ``Config.validate`` (they would move the
+    target off the condition).
     """
     if str(name_or_path).lower() == "openmoji":
         return OpenMojiEditPairs(

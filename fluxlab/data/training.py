@@ -1,9 +1,9 @@
-"""What the trainer reads: the training and held-out datasets of a config, and the batch iterator over them.
+"""What the trainer reads: a config's training and held-out datasets and the batches over them.
 
-Three sources share one interface: the latent cache written by ``fluxlab cache`` (single-bucket batches
-gathered in memory), WebDataset shards (the order lives in the dataset) and map-style datasets (OpenMoji,
-image folders, edit pairs) read through ``InfiniteBatchSampler``. Every iterator can start at any batch,
-which is how a resumed run continues exactly where it stopped.
+Three sources share one interface: the latent cache written by ``fluxlab cache`` (single-bucket
+batches gathered in memory), WebDataset shards (the order lives in the dataset) and map-style
+datasets (OpenMoji, image folders, edit pairs) read through ``InfiniteBatchSampler``. Every iterator
+can start at any batch, which is how a resumed run continues exactly where it stopped.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Bad settings and config files, each refused before any work with a message naming it (issue 23)."""
+"""Bad settings and config files: each refused before any work, by a message naming it."""
 
 from __future__ import annotations
 

@@ -50,7 +50,8 @@ def test_a_symlink_loop_counts_each_image_once(
     (tmp_path / "a" / "up").symlink_to(tmp_path, target_is_directory=True)
     with caplog.at_level(logging.WARNING):
         found = find_images(tmp_path)
-    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/00.png", "a/01.png", "a/02.png"]
+    names = [p.relative_to(tmp_path).as_posix() for p in found]
+    assert names == ["a/00.png", "a/01.png", "a/02.png"]
     assert "1 folders under" in caplog.text and "a/up" in caplog.text
 
 
@@ -185,8 +186,12 @@ def test_val_fraction_zero_splits_folders_over_ranks(tmp_path: Path) -> None:
     )
     ds = train_dataset(cfg, CPU)
     per_rank = [
-        [int(i) for b in itertools.islice(train_batches(ds, cfg, 0, r, 2, CPU), 2) for i in b["index"]]
-        for r in range(2)
+        [
+            int(i)
+            for batch in itertools.islice(train_batches(ds, cfg, 0, rank, 2, CPU), 2)
+            for i in batch["index"]
+        ]
+        for rank in range(2)
     ]
     assert not set(per_rank[0]) & set(per_rank[1])
     assert sorted(per_rank[0] + per_rank[1]) == list(range(8))

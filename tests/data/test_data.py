@@ -21,9 +21,10 @@ from fluxlab.data import (
     collate_skip_bad,
     load_image,
     make_grid,
+    openmoji_names,
+    openmoji_render,
     to_pil,
 )
-from fluxlab.data import openmoji_names, openmoji_render
 from fluxlab.data.common import in_val
 
 
@@ -260,7 +261,8 @@ def test_emoji_names_and_groups() -> None:
     }
     for code, (name, group) in cases.items():
         assert (openmoji_names.emoji_name(code), openmoji_names.emoji_group(code)) == (name, group)
-    assert openmoji_names.emoji_name("2654") == "white chess king"  # non-emoji: unicodedata fallback
+    # not an emoji: the unicodedata name
+    assert openmoji_names.emoji_name("2654") == "white chess king"
 
 
 def _color_fraction(img: torch.Tensor, rgb_test) -> float:

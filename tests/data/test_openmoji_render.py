@@ -1,4 +1,4 @@
-"""OpenMoji from its SVGs: the full set, the same pixels everywhere (checked by checksum), cached."""
+"""OpenMoji from its SVGs: the full set, the same pixels everywhere (by checksum), cached."""
 
 from __future__ import annotations
 
