@@ -49,9 +49,8 @@ def cache_splits(cfg: Config) -> list[str]:
 def _file_stat(path: Path, content_hash: bool) -> dict[str, Any]:
     st = path.stat()
     out: dict[str, Any] = {"file": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-    if (
-        content_hash
-    ):  # autoencoders are small (FLUX's is 335 MB, ~1 s to hash); text encoders can be 10 GB
+    # Hashed where asked: autoencoders are small (FLUX's is 335 MB), text encoders can be 10 GB.
+    if content_hash:
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -66,9 +65,8 @@ def _weight_files(path: Path) -> list[Path]:
         return [folder / AE_WEIGHTS, folder / AE_JSON]
     if path.is_file():
         return [path]
-    root = (
-        path / "vae" if (path / "vae").is_dir() else path
-    )  # a diffusers folder: only its VAE matters
+    # a diffusers folder: only its VAE matters
+    root = path / "vae" if (path / "vae").is_dir() else path
     return sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".json", ".bin", ".pt"))
 
 

@@ -200,9 +200,8 @@ def find_edit_pairs(
                     if src_value == dst_value:
                         continue
                     root = key if family == "color" else _root(_norm(src))
-                    root = by_norm.get(
-                        root, root
-                    )  # the OpenMoji code itself where the root is an emoji
+                    # the OpenMoji code itself where the root is an emoji
+                    root = by_norm.get(root, root)
                     pairs.append(EditPair(src, dst, _instruction(family, dst_value), family, root))
     return sorted(pairs, key=lambda p: (p.root, p.family, p.condition, p.target))
 

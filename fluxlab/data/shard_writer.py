@@ -71,9 +71,8 @@ def openmoji_samples(
         for i in range(len(ds)):
             buf = io.BytesIO()
             Image.fromarray(ds.images[i]).save(buf, format="PNG")
-            tone_free = re.sub(
-                r"-1F3F[B-F]", "", ds.codes[i]
-            )  # same split rule as the OpenMoji dataset
+            # the OpenMoji dataset's split rule: skin-tone variants share their emoji's side
+            tone_free = re.sub(r"-1F3F[B-F]", "", ds.codes[i])
             yield {
                 "__key__": f"{i:09d}",
                 "png": buf.getvalue(),
