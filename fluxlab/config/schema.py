@@ -1,13 +1,14 @@
 """Run configuration: nested keyword-only dataclasses, named presets, and ``--a.b=value`` overrides.
 
-A run is fully described by one ``Config``; the resolved config is written beside every run and inside
-every checkpoint, so ``fluxlab sample`` and ``--resume`` rebuild exactly what was trained.
+A run is fully described by one ``Config``; the resolved config is written beside every run and
+inside every checkpoint, so ``fluxlab sample`` and ``--resume`` rebuild exactly what was trained.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,9 +17,12 @@ from typing import Any, Literal
 
 import yaml
 
+from fluxlab.config.files import read_config_file
 from fluxlab.config.model_params import dit_params
 from fluxlab.config.presets import PRESETS
+from fluxlab.data.buckets import check_buckets
 from fluxlab.models.flux.presets import flux_params
+from fluxlab.models.weights.autoencoder_spec import describe
 
 # The stand-in for a local FLUX.1-dev folder in the flux-dev-finetune preset; must be overridden.
 FLUX_DEV_PLACEHOLDER = "FLUX_DEV_PLACEHOLDER"
@@ -36,9 +40,8 @@ class ModelConfig:
     axes_dim: list[int] | None = None
     mlp_ratio: float | None = None
     guidance_embed: bool | None = None
-    init_from: str | None = (
-        None  # a fluxlab checkpoint, BFL .safetensors or diffusers folder to start from
-    )
+    # A fluxlab checkpoint, BFL .safetensors or diffusers folder to start from.
+    init_from: str | None = None
 
     def flux_overrides(self) -> dict[str, Any]:
         """The Flux fields this config sets over its preset (None keeps the preset's value)."""
@@ -55,7 +58,8 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    # "openmoji", a folder of images with captions, or WebDataset shards ("data/{000000..000127}.tar")
+    # "openmoji", a folder of images with captions, or WebDataset shards
+    # ("data/{000000..000127}.tar").
     dataset: str = "openmoji"
     resolution: int = 32
     val_fraction: float = 0.05
@@ -63,35 +67,38 @@ class DataConfig:
     hflip: bool = False
     color_jitter: float = 0.0
     num_workers: int = 0
-    caption_dropout: float = (
-        0.1  # condition dropout for CFG: the caption, or the class label of a DiT
-    )
-    limit: int | None = None  # use only the first N examples (debugging, tests)
-    val_limit: int | None = (
-        256  # validation loss uses at most this many held-out examples (× 8 timesteps)
-    )
-    # OpenMoji only: "base" drops skin-tone variants and private-use extras (~2,000 of ~4,500 emoji),
-    # which lets a CPU-sized budget spend its steps on distinct shapes.
+    # Condition dropout for CFG: the caption, or the class label of a DiT.
+    caption_dropout: float = 0.1
+    limit: int | None = None  # use only the first N examples (debugging, tests); ≥ 1 or null
+    # Validation loss uses at most this many held-out examples (× 8 timesteps).
+    val_limit: int | None = 256
+    # OpenMoji only: "base" drops skin-tone variants and private-use extras (~2,000 of 4,495
+    # emoji), which lets a CPU-sized budget spend its steps on distinct shapes.
     openmoji_subset: Literal["all", "base"] = "all"
-    shuffle_buffer: int = (
-        1000  # shards only: samples held per loader worker for shuffling (0 = stream order)
-    )
-    # "edit": Kontext-style (condition image, instruction, target) pairs; "openmoji" then means its variant
-    # pairs (skin tone, gender, hair, color) and a folder needs a metadata.jsonl of such rows.
+    # Shards only: samples held per loader worker for shuffling (0 = stream order).
+    shuffle_buffer: int = 1000
+    # "edit": Kontext-style (condition image, instruction, target) pairs; "openmoji" then means its
+    # variant pairs (skin tone, gender, hair, color) and a folder needs a metadata.jsonl of such
+    # rows.
     task: Literal["text_to_image", "edit"] = "text_to_image"
-    # Precomputed latents + text embeddings (`fluxlab cache`); when set, training reads them and builds no
-    # encoder. None = encode on the fly.
+    # Precomputed latents + text embeddings (`fluxlab cache`); when set, training reads them and
+    # builds no encoder. None = encode on the fly.
     cache_dir: str | None = None
-    # Aspect-ratio buckets as [H, W] pixel sizes; each image goes to the nearest aspect. None = [[res, res]].
+    # Aspect-ratio buckets as [H, W] pixel sizes; each image goes to the nearest aspect.
+    # None = [[res, res]].
     buckets: list[list[int]] | None = None
+    # Images with more pixels are skipped as possible decompression bombs (PIL's own default);
+    # null lifts the limit for trusted data.
+    max_pixels: int | None = 89_478_485
 
 
 @dataclass(kw_only=True)
 class EncodingConfig:
     space: Literal["pixel", "latent"] = "pixel"
     patch_size: int = 4  # pixel space: p×p RGB patches per token; latent space: 2
-    # Latent space only: a `fluxlab train-ae` run or its ae/ folder, a BFL ae.safetensors, a diffusers
-    # FLUX/AutoencoderKL folder, or preset:NAME (random weights, tests). See fluxlab/models/weights/autoencoder_spec.py.
+    # Latent space only: a `fluxlab train-ae` run or its ae/ folder, a BFL ae.safetensors, a
+    # diffusers FLUX/AutoencoderKL folder, or preset:NAME (random weights, tests); see
+    # fluxlab/models/weights/autoencoder_spec.py.
     autoencoder: str | None = None
     text_encoder: str = "minilm"  # "minilm" or a local FLUX folder (tokenizer/, text_encoder/, ...)
     text_max_length: int = 16
@@ -134,13 +141,15 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine"] = "constant"
+    # Gradients are rescaled to at most this global norm; > 0 (1e9 leaves them unclipped).
     grad_clip: float = 1.0
     batch_size: int = 32
     grad_accum: int = 1
     steps: int = 1000
     ema_decay: float = 0.999
-    # bf16 matmul weights as the model's parameters, fp32 masters in the optimizer (fluxlab.train.master_weights): the
-    # same arithmetic as autocast + AdamW without its per-step weight and gradient casts (~5% faster on an H200).
+    # bf16 matmul weights as the model's parameters, fp32 masters in the optimizer
+    # (fluxlab.train.master_weights): the same arithmetic as autocast + AdamW without its per-step
+    # weight and gradient casts (docs/performance.md).
     # auto: on wherever it applies (bf16 mixed precision in one process, without DDP/FSDP).
     master_weights: Literal["auto", "on", "off"] = "auto"
 
@@ -157,7 +166,8 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 500
     checkpoint_every: int = 1000
-    eval_every: int = 0  # validation loss at 8 fixed timesteps every N steps (0 = off); needs data.val_fraction > 0
+    # Validation loss at 8 fixed timesteps every N steps (0 = off); needs data.val_fraction > 0.
+    eval_every: int = 0
     keep_last: int = 3
     max_nonfinite_steps: int = (
         10  # stop after this many steps in a row with a NaN/inf loss or gradient
@@ -168,8 +178,9 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class ParallelConfig:
-    # auto: DDP when torchrun starts several processes, else none. fsdp: FSDP2 (per-block fully_shard);
-    # hsdp: FSDP2 over a 2-D mesh, replicated across `replicate` groups and sharded within each (docs/distributed.md).
+    # auto: DDP when torchrun starts several processes, else none. fsdp: FSDP2 (per-block
+    # fully_shard); hsdp: FSDP2 over a 2-D mesh, replicated across `replicate` groups and sharded
+    # within each (docs/distributed.md).
     mode: Literal["auto", "none", "ddp", "fsdp", "hsdp"] = "auto"
     replicate: int = (
         1  # hsdp only: number of replica groups; world size / replicate ranks shard each replica
@@ -181,21 +192,25 @@ class ParallelConfig:
     compile_backend: str = "inductor"  # "aot_eager" needs no C compiler (tests, debugging)
 
     def validate(self, world: int) -> None:
-        """Checks against the launch's world size (known only inside the process, so not in Config.validate)."""
+        """Checks against the launch's world size (known only inside the process, so not in
+        Config.validate)."""
         if self.replicate < 1:
             raise ValueError(f"parallel.replicate={self.replicate} must be at least 1")
         if self.mode == "hsdp" and world % self.replicate:
             raise ValueError(
-                f"parallel.replicate={self.replicate} does not divide the world size {world}: HSDP needs "
-                "world = replicate × shard size; pick a divisor or use parallel.mode=fsdp"
+                f"parallel.replicate={self.replicate} does not divide the world size {world}: "
+                "HSDP needs world = replicate × shard size; "
+                "pick a divisor or use parallel.mode=fsdp"
             )
         if self.mode != "hsdp" and self.replicate != 1:
             raise ValueError(
-                f"parallel.replicate={self.replicate} applies to parallel.mode=hsdp only; remove it or set the mode"
+                f"parallel.replicate={self.replicate} applies to parallel.mode=hsdp only; "
+                "remove it or set the mode"
             )
         if not self.compile_backend:
             raise ValueError(
-                "parallel.compile_backend must name a torch.compile backend (inductor, aot_eager, eager)"
+                "parallel.compile_backend must name a torch.compile backend "
+                "(inductor, aot_eager, eager)"
             )
 
 
@@ -233,8 +248,9 @@ class AEConfig:
     ch_mult: list[int] | None = None
     num_res_blocks: int | None = None
     z_channels: int | None = None
-    # Loss = recon + kl_weight · KL / (C·H·W) + perceptual_weight · LPIPS-like(Inception). Dividing the summed
-    # KL by the pixel count keeps kl_weight on LDM's scale (1e-6 there, against a recon loss summed over pixels).
+    # Loss = recon + kl_weight · KL / (C·H·W) + perceptual_weight · LPIPS-like(Inception). Dividing
+    # the summed KL by the pixel count keeps kl_weight on LDM's scale (1e-6 there, against a recon
+    # loss summed over pixels).
     recon_loss: Literal["l1", "l2"] = "l1"
     kl_weight: float = 1e-6
     perceptual_weight: float = (
@@ -249,7 +265,8 @@ class AEConfig:
     batch_size: int = 32
     steps: int = 2000
     max_minutes: float | None = None  # stop (and save the AE) after this much training time
-    eval_every: int = 500  # held-out PSNR + reconstruction grid every N steps (and always at the end); 0 = end only
+    # Held-out PSNR + reconstruction grid every N steps (and always at the end); 0 = end only.
+    eval_every: int = 500
     val_images: int = 256  # held-out images for PSNR
     stats_images: int = 1024  # training images the latent scale/shift are measured on
 
@@ -288,9 +305,10 @@ class Config:
         ]
         if placeholders:
             raise ValueError(
-                f"{', '.join(placeholders)} still say {FLUX_DEV_PLACEHOLDER}: point them at your local FLUX.1-dev "
-                "folder (transformer/, vae/, text_encoder*/, tokenizer*/), e.g. --model.init_from=/data/FLUX.1-dev "
-                "--encoding.autoencoder=/data/FLUX.1-dev --encoding.text_encoder=/data/FLUX.1-dev"
+                f"{', '.join(placeholders)} still say {FLUX_DEV_PLACEHOLDER}: point them at your "
+                "local FLUX.1-dev folder (transformer/, vae/, text_encoder*/, tokenizer*/), e.g. "
+                "--model.init_from=/data/FLUX.1-dev --encoding.autoencoder=/data/FLUX.1-dev "
+                "--encoding.text_encoder=/data/FLUX.1-dev"
             )
         res, p = self.data.resolution, self.encoding.patch_size
         if res <= 0 or p <= 0:
@@ -318,27 +336,27 @@ class Config:
             )
         if self.train.max_nonfinite_steps < 1 or self.train.keep_last < 0:
             raise ValueError(
-                "train.max_nonfinite_steps must be ≥ 1 and train.keep_last ≥ 0 (0 keeps every checkpoint)"
+                "train.max_nonfinite_steps must be ≥ 1 and train.keep_last ≥ 0 "
+                "(0 keeps every checkpoint)"
             )
         if self.train.eval_every and self.data.val_fraction == 0:
             raise ValueError(
                 "train.eval_every needs a held-out split: set data.val_fraction > 0 (e.g. 0.05)"
             )
-        if self.optim.lr <= 0:
-            raise ValueError(f"optim.lr={self.optim.lr} must be positive")
+        self._validate_numbers()
         if self.data.task == "edit":
             if self.model.arch != "flux" or self.objective.kind != "flow":
                 raise ValueError(
-                    "data.task='edit' trains a Kontext-style Flux: set model.arch=flux, objective.kind=flow"
+                    "data.task='edit' trains a Kontext-style Flux: "
+                    "set model.arch=flux, objective.kind=flow"
                 )
             if self.data.hflip or self.data.color_jitter > 0 or self.data.crop != "center":
                 raise ValueError(
-                    "data.task='edit' needs data.hflip=false, data.color_jitter=0 and data.crop=center: "
-                    "augmenting the target apart from its condition would teach the wrong edit"
+                    "data.task='edit' needs data.hflip=false, data.color_jitter=0 and "
+                    "data.crop=center: augmenting the target apart from its condition would teach "
+                    "the wrong edit"
                 )
         if self.data.buckets is not None:
-            from fluxlab.data.buckets import check_buckets
-
             check_buckets(self.data.buckets, "data.buckets")
         if self.cache.shard_size < 1 or self.cache.batch_size < 1:
             raise ValueError("cache.shard_size and cache.batch_size must be at least 1")
@@ -346,52 +364,71 @@ class Config:
             self.data.hflip or self.data.color_jitter > 0 or self.data.crop != "center"
         ):
             raise ValueError(
-                "data.cache_dir holds latents of un-augmented, center-cropped images: set data.hflip=false, "
-                "data.color_jitter=0 and data.crop=center, or train without data.cache_dir"
+                "data.cache_dir holds latents of un-augmented, center-cropped images: set "
+                "data.hflip=false, data.color_jitter=0 and data.crop=center, or train without "
+                "data.cache_dir"
             )
         if self.model.arch == "flux":
             # raises on an unknown preset, heads not dividing the width, RoPE axes off
             flux_params(self.model.preset, **self.model.flux_overrides())
         if self.model.arch == "dit":
-            dit_params(
-                self, num_classes=1
-            ).validate()  # unknown preset, patch vs resolution, heads vs width
+            # raises on an unknown preset, patch vs resolution, heads vs width
+            dit_params(self, num_classes=1).validate()
         flow_samplers, ddpm_samplers = ("euler", "heun"), ("ddim", "ddpm")
         wanted = flow_samplers if self.objective.kind == "flow" else ddpm_samplers
         if self.sample.sampler not in wanted:
             raise ValueError(
-                f"sample.sampler={self.sample.sampler!r} does not sample objective.kind={self.objective.kind!r}; "
-                f"use one of {list(wanted)}"
+                f"sample.sampler={self.sample.sampler!r} does not sample "
+                f"objective.kind={self.objective.kind!r}; use one of {list(wanted)}"
             )
         if self.objective.min_snr_gamma is not None and self.objective.min_snr_gamma <= 0:
             raise ValueError(
-                f"objective.min_snr_gamma={self.objective.min_snr_gamma} must be positive (5 is usual)"
+                f"objective.min_snr_gamma={self.objective.min_snr_gamma} must be positive "
+                "(5 is usual)"
             )
         if self.sample.eta < 0:
             raise ValueError(f"sample.eta={self.sample.eta} must be at least 0")
-        self.parallel.validate(
-            world=self.parallel.replicate
-        )  # the world-free checks; the trainer re-checks
+        # the world-free checks; the trainer re-checks with the launch's world size
+        self.parallel.validate(world=self.parallel.replicate)
+
+    def _validate_numbers(self) -> None:
+        """Values that would otherwise fail late or train on garbage without an error."""
+        if not (math.isfinite(self.optim.lr) and self.optim.lr > 0):
+            raise ValueError(f"optim.lr={self.optim.lr} must be a positive, finite number")
+        if not (math.isfinite(self.optim.grad_clip) and self.optim.grad_clip > 0):
+            raise ValueError(
+                f"optim.grad_clip={self.optim.grad_clip} must be a positive, finite number: "
+                "gradients are rescaled to at most this norm, so 0 would zero them and a negative "
+                "value flip them; a large value such as 1e9 leaves them unclipped"
+            )
+        if self.sample.steps < 1:
+            raise ValueError(f"sample.steps={self.sample.steps} must be at least 1")
+        limits = (("data.limit", self.data.limit), ("data.max_pixels", self.data.max_pixels))
+        for name, value in limits:
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be at least 1, or null for no limit")
 
     def _validate_latent(self) -> None:
-        """encoding.space='latent': an autoencoder is named and its downsampling fits the resolution."""
-        from fluxlab.models.weights.autoencoder_spec import describe
-
+        """encoding.space='latent': an autoencoder is named and its downsampling fits the
+        resolution."""
         spec = self.encoding.autoencoder
         if not spec:
             raise ValueError(
-                "encoding.space='latent' needs encoding.autoencoder: a `fluxlab train-ae` run folder, a BFL "
-                "ae.safetensors, a diffusers FLUX folder, or preset:ae-tiny for a smoke test"
+                "encoding.space='latent' needs encoding.autoencoder: a `fluxlab train-ae` run "
+                "folder, a BFL ae.safetensors, a diffusers FLUX folder, or preset:ae-tiny for a "
+                "smoke test"
             )
         if self.model.arch != "flux":
             raise ValueError(
-                "encoding.space='latent' is wired for model.arch=flux only; set encoding.space=pixel"
+                "encoding.space='latent' is wired for model.arch=flux only; "
+                "set encoding.space=pixel"
             )
         f, p, res = describe(spec).downsample_factor, self.encoding.patch_size, self.data.resolution
         if res % (f * p):
             raise ValueError(
-                f"data.resolution={res} is not divisible by {f * p} (the autoencoder's {f}× downsampling × "
-                f"encoding.patch_size={p}); pick a resolution that is a multiple of {f * p}"
+                f"data.resolution={res} is not divisible by {f * p} (the autoencoder's {f}× "
+                f"downsampling × encoding.patch_size={p}); pick a resolution that is a multiple of "
+                f"{f * p}"
             )
 
 
@@ -457,14 +494,19 @@ def _check_value(path: str, tp: Any, value: Any) -> Any:
                 pass
         raise ValueError(f"{path}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ValueError(f"{path}: expected a number, got {value!r}")
+        if number is None:
+            raise ValueError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ValueError(f"{path}={value!r}: expected a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -484,9 +526,8 @@ def _build(cls: type, data: Any, path: str = "") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"section '{path}'" if path else "the config"
-        raise ValueError(
-            f"unknown key {path + '.' if path else ''}{unknown[0]} in {where}; known keys: {sorted(names)}"
-        )
+        key = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise ValueError(f"unknown key {key} in {where}; known keys: {sorted(names)}")
     kwargs = {k: _check_value(f"{path}.{k}" if path else k, hints[k], v) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -527,20 +568,19 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def config_data(
     name_or_path: str, presets: dict[str, dict[str, Any]], overrides: list[str] | None = None
 ) -> dict[str, Any]:
-    """The raw sections of a preset of ``presets`` or of a YAML/JSON file (which may say ``base: PRESET``),
-    with ``--a.b=v`` overrides merged in; shared by ``fluxlab train`` and ``fluxlab train-ae``."""
+    """The raw sections of a preset of ``presets`` or of a YAML/JSON file (which may say
+    ``base: PRESET``), with ``--a.b=v`` overrides merged in; shared by ``fluxlab train`` and
+    ``fluxlab train-ae``."""
     if name_or_path in presets:
         data: dict[str, Any] = presets[name_or_path]
     else:
         path = Path(name_or_path)
         if not path.is_file():
             raise ValueError(
-                f"--config {name_or_path!r} is neither a preset ({', '.join(sorted(presets))}) nor a file"
+                f"--config {name_or_path!r} is neither a preset "
+                f"({', '.join(sorted(presets))}) nor a file"
             )
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML/JSON: {e}") from None
+        data = read_config_file(path) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the config must be a mapping of sections")
         base = data.pop("base", None)
@@ -556,7 +596,8 @@ def config_data(
 
 
 def check_step_intervals(train: TrainConfig, keys: tuple[str, ...]) -> None:
-    """Every-N-steps settings must be ≥ 1: a 0 would pass unnoticed until ``step % 0`` fails mid-run."""
+    """Every-N-steps settings must be ≥ 1: a 0 would pass unnoticed until ``step % 0`` fails
+    mid-run."""
     for key in keys:
         if getattr(train, key) < 1:
             raise ValueError(
@@ -565,7 +606,8 @@ def check_step_intervals(train: TrainConfig, keys: tuple[str, ...]) -> None:
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
-    """A preset name or a YAML/JSON file (which may say ``base: PRESET``), then overrides; validated."""
+    """A preset name or a YAML/JSON file (which may say ``base: PRESET``), then overrides;
+    validated."""
     data = config_data(name_or_path, PRESETS, overrides)
     cfg = config_from_dict(data)
     cfg.validate()

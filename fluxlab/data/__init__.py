@@ -8,13 +8,13 @@ from typing import Literal
 
 from torch.utils.data import Dataset
 
-from .common import cache_dir, collate_skip_bad
-from .folder import IMAGE_EXTENSIONS, ImageCaptionFolder
-from .images import DEFAULT_MAX_PIXELS, BadImageError, load_image
-from .openmoji import GROUPS as OPENMOJI_GROUPS
-from .openmoji import OpenMoji, base_codes
-from .shards import ShardDataset, is_shard_spec
-from .transforms import ImageTransform, make_grid, to_pil
+from fluxlab.data.common import cache_dir, check_limit, collate_skip_bad
+from fluxlab.data.folder import IMAGE_EXTENSIONS, ImageCaptionFolder
+from fluxlab.data.images import DEFAULT_MAX_PIXELS, BadImageError, load_image
+from fluxlab.data.openmoji import OpenMoji, base_codes
+from fluxlab.data.openmoji_names import GROUPS as OPENMOJI_GROUPS
+from fluxlab.data.shards import ShardDataset, is_shard_spec
+from fluxlab.data.transforms import ImageTransform, make_grid, to_pil
 
 __all__ = [
     "BadImageError",
@@ -47,14 +47,17 @@ def build_dataset(
     limit: int | None = None,
     openmoji_subset: str = "all",
     shuffle_buffer: int = 1000,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Dataset:
     """ "openmoji" -> the embedded OpenMoji set; WebDataset shards ("data/{000000..000127}.tar",
     "pipe:..." URLs) -> a streaming ShardDataset; anything else is an image folder path.
 
     Augmentation (random crop, flip, jitter) applies only to the train split; val and all are
     deterministic so validation losses are comparable between runs. OpenMoji renders are already
-    square at `resolution`, so only flips/jitter can change them.
+    square at `resolution`, so only flips/jitter can change them. `max_pixels` caps decoded image
+    size (a guard against decompression bombs; None lifts it).
     """
+    check_limit(limit)
     augment = split == "train"
     transform = ImageTransform(
         resolution,
@@ -77,6 +80,7 @@ def build_dataset(
             epochs=None if train else 1,
             rank=None if train else 0,
             world=None if train else 1,
+            max_pixels=max_pixels,
         )
     if str(name_or_path).lower() == "openmoji":
         needs_transform = augment and (hflip or color_jitter > 0)
@@ -96,6 +100,12 @@ def build_dataset(
             f"dataset {str(name_or_path)!r} is neither 'openmoji' nor an existing folder"
         )
     folder = ImageCaptionFolder(
-        path, transform, caption_ext=caption_ext, split=split, val_fraction=val_fraction, seed=seed
+        path,
+        transform,
+        caption_ext=caption_ext,
+        split=split,
+        val_fraction=val_fraction,
+        seed=seed,
+        max_pixels=max_pixels,
     )
     return folder if limit is None else folder.take(limit)

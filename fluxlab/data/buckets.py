@@ -1,9 +1,10 @@
-"""Aspect-ratio buckets: each image goes to the [H, W] resolution nearest its aspect, and every batch
-comes from one bucket (tokens of one batch must share a grid).
+"""Aspect-ratio buckets: each image goes to the [H, W] resolution nearest its aspect, and every
+batch comes from one bucket (tokens of one batch must share a grid).
 
-The batch order is a pure function of (seed, epoch): one permutation of all examples per epoch is dealt
-into per-bucket batches as it is walked, so buckets interleave in proportion to their size, and with a
-single bucket the batches are exactly the chunks of that permutation (the trainer's plain sampler).
+The batch order is a pure function of (seed, epoch): one permutation of all examples per epoch is
+dealt into per-bucket batches as it is walked, so buckets interleave in proportion to their size,
+and with a single bucket the batches are exactly the chunks of that permutation (the trainer's plain
+sampler).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Sampler
 
-from .transforms import pil_to_tensor
+from fluxlab.data.transforms import pil_to_tensor
 
 
 def check_buckets(
@@ -48,8 +49,8 @@ def bucket_name(size: tuple[int, int]) -> str:
 
 
 def nearest_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> int:
-    """Index of the bucket whose aspect is nearest in log space (so 2:1 and 1:2 are equally far from 1:1);
-    ties go to the larger bucket, which crops the least detail away."""
+    """Index of the bucket whose aspect is nearest in log space (so 2:1 and 1:2 are equally far from
+    1:1); ties go to the larger bucket, which crops the least detail away."""
     aspect = math.log(height / width)
     return min(
         range(len(buckets)),
@@ -78,13 +79,14 @@ def bucket_tensor(img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
 
 
 class BucketBatchSampler(Sampler[list[int]]):
-    """Single-bucket batches of indices: shuffled, deterministic per (seed, epoch), sharded over ranks.
+    """Single-bucket batches of indices, shuffled per (seed, epoch) and sharded over ranks.
 
-    ``bucket_of[i]`` is example i's bucket. Per epoch every example is in exactly one batch (the last
-    batch of a bucket may be short) unless ``drop_last``; with ``world`` ranks the epoch's batch list is
-    cut to a multiple of ``world`` (dropping at most world − 1 batches, different ones each epoch) and
-    rank r takes every world-th batch, so all ranks run the same number of steps. ``epochs=None`` iterates
-    forever from batch ``start_batch`` of this rank (a resumed run replays the same order).
+    ``bucket_of[i]`` is example i's bucket. Per epoch every example is in exactly one batch (the
+    last batch of a bucket may be short) unless ``drop_last``; with ``world`` ranks the epoch's
+    batch list is cut to a multiple of ``world`` (dropping at most world − 1 batches, different ones
+    each epoch) and rank r takes every world-th batch, so all ranks run the same number of steps.
+    ``epochs=None`` iterates forever from batch ``start_batch`` of this rank (a resumed run replays
+    the same order).
     """
 
     def __init__(
@@ -112,8 +114,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.batches_per_epoch = (full + partial) // world  # per rank
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"{self.n} examples in buckets of sizes {counts} give no batch of {batch_size} for each of "
-                f"{world} process(es); lower optim.batch_size or add data"
+                f"{self.n} examples in buckets of sizes {counts} give no batch of {batch_size} "
+                f"for each of {world} process(es); lower optim.batch_size or add data"
             )
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:

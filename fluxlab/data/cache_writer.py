@@ -1,8 +1,9 @@
-"""``fluxlab cache``: encode a dataset once into the latent cache (layout in ``fluxlab/data/cache.py``).
+"""``fluxlab cache``: encode a dataset once into the latent cache (layout in ``data/cache.py``).
 
-The plan (which example goes to which bucket and shard) is a pure function of the config, so a rerun
-after an interruption recomputes it, keeps every finished shard (each written to a temporary name and
-renamed, so a shard either exists whole or not at all) and continues at the first missing one.
+The plan (which example goes to which bucket and shard) is a pure function of the config, so a
+rerun after an interruption recomputes it, keeps every finished shard (each written to a temporary
+name and renamed, so a shard either exists whole or not at all) and continues at the first missing
+one.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from fluxlab.conditioning.text_encoders import build_text_encoder
 from fluxlab.config.schema import Config
-
-from .buckets import bucket_tensor, nearest_bucket, resolve_buckets
-from .cache import (
+from fluxlab.data import build_dataset
+from fluxlab.data.buckets import bucket_tensor, nearest_bucket, resolve_buckets
+from fluxlab.data.cache import (
     DTYPES,
     FORMAT,
     INDEX,
@@ -41,36 +43,36 @@ from .cache import (
     shard_meta,
     write_json_atomic,
 )
-from .images import BadImageError, load_image
+from fluxlab.data.folder import ImageCaptionFolder
+from fluxlab.data.images import BadImageError, load_image
+from fluxlab.data.openmoji import OpenMoji
+from fluxlab.pipelines.build import build_codec
 
 logger = logging.getLogger(__name__)
 
 
 class Source:
-    """Raw images of one split with their captions: what buckets need (the datasets return fixed squares)."""
+    """Raw images of one split with their captions: what buckets need (datasets return squares)."""
 
     def __init__(self, cfg: Config, split: str) -> None:
-        from fluxlab.data import build_dataset
-        from fluxlab.data.folder import ImageCaptionFolder
-        from fluxlab.data.openmoji import OpenMoji
-
         d = cfg.data
         if d.task != "text_to_image":
             raise ValueError(
-                "fluxlab cache handles data.task=text_to_image; train edit runs without data.cache_dir"
+                "fluxlab cache handles data.task=text_to_image; "
+                "train edit runs without data.cache_dir"
             )
-        # The trainer's split rule: "all" when nothing is held out.
-        ds_split = split if d.val_fraction > 0 else "all"
         ds = build_dataset(
             d.dataset,
             resolution=d.resolution,
-            split=ds_split,
+            split=split,  # the trainer's rule: with val_fraction=0, "train" holds every example
             val_fraction=d.val_fraction,
             seed=cfg.train.seed,
             limit=d.limit,
             openmoji_subset=d.openmoji_subset,
+            max_pixels=d.max_pixels,
         )
         self.captions: list[str] = list(ds.captions)
+        self.max_pixels = d.max_pixels
         if isinstance(ds, OpenMoji):
             self.images, self.paths = ds.images, None
             self.names = [f"openmoji:{c}" for c in ds.codes]
@@ -99,7 +101,9 @@ class Source:
         return (w, h) if rotated else (h, w)
 
     def load(self, i: int) -> Image.Image:
-        return Image.fromarray(self.images[i]) if self.paths is None else load_image(self.paths[i])
+        if self.paths is None:
+            return Image.fromarray(self.images[i])
+        return load_image(self.paths[i], max_pixels=self.max_pixels)
 
 
 @dataclass
@@ -111,8 +115,11 @@ class _Shard:
 
 
 class _PendingImages(Dataset):
-    """Every image of the unfinished shards, shard after shard: one DataLoader (its workers start once) feeds
-    the whole run, with batches cut at shard boundaries."""
+    """Every image of the unfinished shards, shard after shard.
+
+    One DataLoader (its workers start once) feeds the whole run, with batches cut at shard
+    boundaries.
+    """
 
     def __init__(self, shards: list[_Shard]) -> None:
         self.where = [(s, i) for s, shard in enumerate(shards) for i in shard.items]
@@ -155,8 +162,6 @@ class CacheReport:
 
 def build_cache_codec(cfg: Config, device: torch.device) -> nn.Module:
     """The config's codec (pixels, or the frozen autoencoder: bf16 on CUDA, fp32 elsewhere)."""
-    from fluxlab.pipelines.build import build_codec
-
     return build_codec(cfg, device).eval().requires_grad_(False)
 
 
@@ -166,12 +171,14 @@ def _encode_latents(codec: nn.Module, images: Tensor, mode: str) -> dict[str, Te
     ae = getattr(codec, "autoencoder", None)
     if ae is None:
         raise ValueError(
-            "cache.latents=sample needs an autoencoder (encoding.space=latent); pixels have no posterior"
+            "cache.latents=sample needs an autoencoder (encoding.space=latent); "
+            "pixels have no posterior"
         )
     dtype = next(ae.parameters()).dtype
     mean, logvar = ae.encode_moments(images.to(dtype))
-    # Stored in the diffusion latent's units: scale·(z − shift) has mean scale·(μ − shift), log-variance
-    # logvar + 2·log|scale|, so training draws mean + exp(logvar/2)·ε with no autoencoder at hand.
+    # Stored in the diffusion latent's units: scale·(z − shift) has mean scale·(μ − shift) and
+    # log-variance logvar + 2·log|scale|, so training draws mean + exp(logvar/2)·ε with no
+    # autoencoder at hand.
     scale = float(ae.scale_factor)
     return {
         "mean": (scale * (mean.float() - ae.shift_factor)),
@@ -243,7 +250,7 @@ def _encode_batch(
 
 
 def _meta(**fields: Any) -> dict[str, str]:
-    # One key: safetensors writes a metadata map in hash order, which would make reruns differ byte-wise.
+    # One key: safetensors writes a metadata map in hash order, so reruns would differ byte-wise.
     return {META_KEY: json.dumps(fields, sort_keys=True)}
 
 
@@ -273,8 +280,6 @@ def write_cache(
     progress: bool = True,
 ) -> CacheReport:
     """Encodes (or finishes encoding) data.cache_dir for ``cfg``; returns what this run did."""
-    from fluxlab.conditioning.text_encoders import build_text_encoder
-
     if not cfg.data.cache_dir:
         raise ValueError(
             "set data.cache_dir (e.g. --data.cache_dir=runs/my-cache) to say where the cache goes"
@@ -286,8 +291,8 @@ def write_cache(
         diff = fingerprint_mismatch(index.get("fingerprint", {}), fp)
         if diff or index.get("format") != FORMAT:
             raise ValueError(
-                f"{root} already holds a cache built with other settings; delete it or choose another "
-                "data.cache_dir. Differences:\n  " + "\n  ".join(diff or ["format"])
+                f"{root} already holds a cache built with other settings; delete it or choose "
+                "another data.cache_dir. Differences:\n  " + "\n  ".join(diff or ["format"])
             )
     root.mkdir(parents=True, exist_ok=True)
     index = {
@@ -398,7 +403,7 @@ def _split_entry(
             with safe_open(str(root / rel), framework="pt") as f:
                 meta = shard_meta(f)
                 n = len(meta["captions"])
-                # read back rather than kept in memory: shards of an interrupted earlier run count too
+                # read back, not kept in memory: shards of an interrupted earlier run count too
                 report.bad += [b for b in meta["bad"] if b not in report.bad]
             if n:
                 files.append(rel)
@@ -415,8 +420,8 @@ def _split_entry(
 
 
 def _write_text_table(root: Path, cfg: Config, encoder: Any) -> None:
-    """Embeddings of the sample prompts, the negative prompt and "" (caption dropout): training and its
-    sample grids then need no text encoder."""
+    """Embeddings of the sample prompts, the negative prompt and "" (caption dropout): training
+    and its sample grids then need no text encoder."""
     captions = sorted(set(cfg.sample.prompts) | {cfg.sample.negative_prompt, ""})
     txt, vec = encoder.encode(captions)
     _write_shard(

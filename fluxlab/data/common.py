@@ -1,4 +1,5 @@
-"""Pieces shared by the datasets: the split rule, the cache folder and the bad-sample-tolerant collate."""
+"""Pieces shared by the datasets: the split rule, limits, the cache folder and the collate that
+drops bad samples."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ def check_split(split: str, val_fraction: float, where: str) -> None:
         raise ValueError(f"{where}: split must be one of {SPLITS}, got {split!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"{where}: val_fraction must be in [0, 1), got {val_fraction}")
+
+
+def check_limit(limit: int | None, setting: str = "data.limit") -> None:
+    """A limit on the number of examples is None (all) or at least 1."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"{setting}={limit!r} must be at least 1, or null to use every example")
 
 
 def in_val(key: str, val_fraction: float, seed: int) -> bool:

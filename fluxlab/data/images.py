@@ -1,4 +1,4 @@
-"""Decode any image file on disk into an 8-bit RGB PIL image, or fail loudly with the file's name."""
+"""Decode any image file into an 8-bit RGB PIL image, or fail loudly with the file's name."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from PIL import Image, ImageOps
 # PIL's own default (~89.5 M pixels, a 1024x1024x24-bit bomb at 256:1 compression).
 DEFAULT_MAX_PIXELS = 89_478_485
 
+RAISE_LIMIT_HINT = "if the file is trusted, raise data.max_pixels (null lifts the limit)"
+
 _GLOBAL_LIMIT_LOCK = threading.Lock()
 
 
@@ -30,7 +32,7 @@ class BadImageError(ValueError):
 
 def _open_full(path: Path, max_pixels: int | None, source: BinaryIO | None = None) -> Image.Image:
     # PIL raises its own DecompressionBombError above 2x its global limit; that global is shared by
-    # every thread, so it is only lifted (under a lock) when the caller explicitly allows larger images.
+    # every thread, so it is only lifted (under a lock) when the caller allows larger images.
     lift = max_pixels is None or (
         Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS
     )
@@ -52,7 +54,7 @@ def _open_full(path: Path, max_pixels: int | None, source: BinaryIO | None = Non
         raise BadImageError(
             path,
             f"{img.width}x{img.height} = {n_pixels} pixels exceeds max_pixels={max_pixels} "
-            "(possible decompression bomb); raise max_pixels if the file is trusted",
+            f"(possible decompression bomb); {RAISE_LIMIT_HINT}",
         )
     # Decode every byte now so a truncated file fails here, not later inside a resize.
     img.load()
@@ -112,8 +114,11 @@ def load_image(
 def decode_image(
     data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> Image.Image:
-    """`load_image` for bytes already in memory (a tar member); `name` (e.g. "shard.tar:key.jpg") is
-    what a BadImageError reports, so a corrupt sample in a shard is as easy to find as a corrupt file."""
+    """`load_image` for bytes already in memory (a tar member).
+
+    `name` (e.g. "shard.tar:key.jpg") is what a BadImageError reports, so a corrupt sample in a
+    shard is as easy to find as a corrupt file.
+    """
     return _decode(Path(name), io.BytesIO(data), max_pixels)
 
 
@@ -128,7 +133,7 @@ def _decode(path: Path, source: io.BytesIO | None, max_pixels: int | None) -> Im
     except FileNotFoundError:
         raise BadImageError(path, "file does not exist") from None
     except Image.DecompressionBombError as err:
-        raise BadImageError(path, f"{err}; raise max_pixels if the file is trusted") from None
+        raise BadImageError(path, f"{err}; {RAISE_LIMIT_HINT}") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError) as err:
         # PIL plugins signal corruption with a zoo of exception types; all mean "not decodable".
         raise BadImageError(path, f"{type(err).__name__}: {err}") from None

@@ -1,14 +1,17 @@
-"""Write WebDataset tar shards from an image folder (original file bytes) or from OpenMoji (PNG renders).
+"""Write WebDataset tar shards from an image folder (original file bytes) or from OpenMoji (PNG
+renders).
 
-A sample is `<key>.<image ext>` + `<key>.txt` (caption) + `<key>.json` ({"label", "class", "source" or
-"code", "split_key"}). The label lives in the JSON rather than a `.cls` member (which ShardDataset also
-reads) because every tar member costs a 512-byte header and ~0.1 ms of tarfile parsing per sample.
+A sample is `<key>.<image ext>` + `<key>.txt` (caption) + `<key>.json` ({"label", "class", "source"
+or "code", "split_key"}). The label lives in the JSON rather than a `.cls` member (which
+ShardDataset also reads) because every tar member costs a 512-byte header and ~0.1 ms of tarfile
+parsing per sample.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,19 +20,21 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
+from fluxlab.data.folder import ImageCaptionFolder
+from fluxlab.data.openmoji import OpenMoji
+
 __all__ = ["folder_samples", "openmoji_samples", "write_shards"]
 
 
 def folder_samples(
     root: str | os.PathLike[str], caption_ext: str = ".txt"
 ) -> tuple[int, Iterator[dict[str, Any]]]:
-    """(count, samples) of an image folder, discovered and captioned exactly as ImageCaptionFolder does.
+    """(count, samples) of an image folder, found and captioned exactly as ImageCaptionFolder does.
 
-    The image bytes are stored as they are on disk: re-encoding would cost quality (JPEG) or size (PNG)
-    and a corrupt file is better found, named and skipped by the reader like any other bad sample.
+    The image bytes are stored as they are on disk: re-encoding would cost quality (JPEG) or size
+    (PNG) and a corrupt file is better found, named and skipped by the reader like any other bad
+    sample.
     """
-    from .folder import ImageCaptionFolder
-
     folder = ImageCaptionFolder(
         root, transform=lambda img: img, caption_ext=caption_ext, split="all"
     )
@@ -44,7 +49,7 @@ def folder_samples(
                 "__key__": f"{i:09d}",
                 ext: path.read_bytes(),
                 "txt": caption,
-                # the folder dataset splits by relative path, so the shards keep the same train/val split
+                # the folder dataset splits by relative path: the shards keep its train/val split
                 "json": {
                     "label": label,
                     "class": folder.classes[label],
@@ -60,19 +65,14 @@ def openmoji_samples(
     resolution: int, limit: int | None = None
 ) -> tuple[int, Iterator[dict[str, Any]]]:
     """(count, samples) of the OpenMoji set rendered at `resolution`, PNG-encoded (lossless)."""
-    import re
-
-    from .openmoji import OpenMoji
-
     ds = OpenMoji(resolution, split="all", limit=limit)
 
     def samples() -> Iterator[dict[str, Any]]:
         for i in range(len(ds)):
             buf = io.BytesIO()
             Image.fromarray(ds.images[i]).save(buf, format="PNG")
-            tone_free = re.sub(
-                r"-1F3F[B-F]", "", ds.codes[i]
-            )  # same split rule as the OpenMoji dataset
+            # the OpenMoji dataset's split rule: skin-tone variants share their emoji's side
+            tone_free = re.sub(r"-1F3F[B-F]", "", ds.codes[i])
             yield {
                 "__key__": f"{i:09d}",
                 "png": buf.getvalue(),
@@ -97,7 +97,8 @@ def write_shards(
 ) -> list[Path]:
     """Write `samples` into `output/000000.tar`, `000001.tar`, ...; returns the shard paths.
 
-    A shard closes at `shard_size` samples or `max_bytes`; ~1 GB shards stream well from object storage.
+    A shard closes at `shard_size` samples or `max_bytes`; ~1 GB shards stream well from object
+    storage.
     """
     if shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1, got {shard_size}")

@@ -1,17 +1,17 @@
 """WebDataset tar shards as a streaming dataset: split over ranks × workers, shuffled, resumable.
 
-The order is a pure function of (seed, epoch, slot), where a slot is one (rank, dataloader worker):
-each epoch the shard list is permuted by (seed, epoch) and dealt to the slots (whole shards when there
-are at least as many shards as slots, else every slot reads all shards and keeps every S-th sample),
-then each slot shuffles its stream through a buffer seeded by (seed, epoch, slot). So every sample is
-seen exactly once per epoch across ranks × workers, and a reader restarted at sample k replays the
-same stream from sample k (+1 in 1-based counting) on.
+The order is a pure function of (seed, epoch, slot), where a slot is one (rank, dataloader
+worker): each epoch the shard list is permuted by (seed, epoch) and dealt to the slots (whole
+shards when there are at least as many shards as slots, else every slot reads all shards and keeps
+every S-th sample), then each slot shuffles its stream through a buffer seeded by (seed, epoch,
+slot). So every sample is seen exactly once per epoch across ranks × workers, and a reader
+restarted at sample k replays the same stream from sample k (+1 in 1-based counting) on.
 
-Construction is cheap; the first use of ``captions``/``len()``/iteration reads every shard once without
-decoding images (the *index pass*): it yields each shard's sample count (whole epochs are skipped on
-resume without reading them), the captions (the text-to-image task encodes all of them once) and the
-class names. That pass costs one sequential read of the data, which is fine up to a few hundred GB on
-local disk; beyond that, encode captions per batch instead.
+Construction is cheap; the first use of ``captions``/``len()``/iteration reads every shard once
+without decoding images (the *index pass*): it yields each shard's sample count (whole epochs are
+skipped on resume without reading them), the captions (the text-to-image task encodes all of them
+once) and the class names. That pass costs one sequential read of the data, which is fine up to a
+few hundred GB on local disk; beyond that, encode captions per batch instead.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from .common import check_split, keep_for_split
-from .images import DEFAULT_MAX_PIXELS, BadImageError, decode_image
+from fluxlab.data.common import check_limit, check_split, keep_for_split
+from fluxlab.data.images import DEFAULT_MAX_PIXELS, BadImageError, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ _BRACES = re.compile(r"\{\d+\.\.\d+\}")
 
 
 def is_shard_spec(spec: str | os.PathLike[str]) -> bool:
-    """Whether a `data.dataset` value names WebDataset shards: a `pipe:` URL, a path ending in .tar or
-    a brace range like `data/{00000..00127}.tar`; several specs may be joined with `::`."""
+    """Whether a `data.dataset` value names WebDataset shards: a `pipe:` URL, a path ending in
+    .tar or a brace range like `data/{00000..00127}.tar`; several may be joined with `::`."""
     text = str(spec)
     if text.startswith("pipe:"):
         return True
@@ -69,8 +69,8 @@ def expand_shards(spec: str | os.PathLike[str]) -> list[str]:
     ]
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} of {len(urls)} shards of {str(spec)!r} do not exist, e.g. {missing[0]}; "
-            "check the path and the brace range"
+            f"{len(missing)} of {len(urls)} shards of {str(spec)!r} do not exist, "
+            f"e.g. {missing[0]}; check the path and the brace range"
         )
     return urls
 
@@ -103,7 +103,7 @@ def sample_label(sample: dict[str, Any]) -> int:
 
 
 def worker_skip(start: int, batch_size: int, worker: int, workers: int) -> int:
-    """Samples the stream of worker `worker` already produced when the loader handed out `start` samples.
+    """Samples worker `worker`'s stream had produced when the loader handed out `start` samples.
 
     A DataLoader over an IterableDataset takes batch j from worker j % workers, so the loader's
     sample stream is the workers' batches interleaved round-robin.
@@ -114,12 +114,12 @@ def worker_skip(start: int, batch_size: int, worker: int, workers: int) -> int:
 
 
 class ShardDataset(IterableDataset):
-    """Items {"image", "caption", "index", "label"} (or None for an undecodable sample) from tar shards.
+    """Items {"image", "caption", "index", "label"} from tar shards, or None for an undecodable one.
 
     `index` is the sample's position in the unshuffled order (shards as listed), so
     ``captions[index] == item["caption"]``. `rank`/`world` default to torchrun's RANK/WORLD_SIZE;
-    `epochs=None` streams forever. `resume_at(k, batch_size)` makes the next iteration start after the
-    first k samples the DataLoader (with that batch size) would have produced.
+    `epochs=None` streams forever. `resume_at(k, batch_size)` makes the next iteration start after
+    the first k samples the DataLoader (with that batch size) would have produced.
     """
 
     def __init__(
@@ -137,6 +137,7 @@ class ShardDataset(IterableDataset):
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         check_split(split, val_fraction, f"ShardDataset({spec})")
+        check_limit(limit)
         if shuffle_buffer < 0:
             raise ValueError(
                 f"data.shuffle_buffer must be >= 0 (0 or 1 = no shuffle), got {shuffle_buffer}"
@@ -154,7 +155,7 @@ class ShardDataset(IterableDataset):
             or getattr(transform, "color_jitter", 0.0) > 0
         )
         self.start_sample, self.batch_size = 0, 1
-        # Tallies of this process (each DataLoader worker keeps its own; the warnings name every case).
+        # Tallies of this process (each loader worker keeps its own; the warnings name every case).
         self.bad_samples = 0
         self.broken_shards = 0
         self._counts: list[int] | None = None
@@ -164,9 +165,12 @@ class ShardDataset(IterableDataset):
 
     # ------------------------------------------------------------------ reading raw samples
     def _raw(self, shard: int, indexing: bool = False) -> Iterator[dict[str, Any]]:
-        """Undecoded samples of one shard that belong to the split; a tar error ends the shard with a
-        warning naming it (webdataset's handler mechanism) instead of ending the run. Breaks are
-        counted while streaming only, so the index pass does not count each one twice."""
+        """Undecoded samples of one shard that belong to the split.
+
+        A tar error ends the shard with a warning naming it (webdataset's handler mechanism)
+        instead of ending the run. Breaks are counted while streaming only, so the index pass does
+        not count each one twice.
+        """
         url = self.urls[shard]
         failed = False
 
@@ -183,7 +187,7 @@ class ShardDataset(IterableDataset):
                     exn.args[0] if exn.args else exn,
                 )
             failed = True
-            return False  # stop reading this shard: after a tar error nothing later in it is trustworthy
+            return False  # stop this shard: after a tar error nothing later in it is trustworthy
 
         try:
             stream = wds.gopen(url, "rb")
@@ -262,6 +266,7 @@ class ShardDataset(IterableDataset):
         """The first `n` samples only (in unshuffled order), in place; None keeps all."""
         if n is None:
             return self
+        check_limit(n)
         self.limit = n if self.limit is None else min(n, self.limit)
         if self._counts is not None:  # trim the index instead of reading the shards again
             budget, counts = self.limit, []
@@ -274,7 +279,7 @@ class ShardDataset(IterableDataset):
 
     # ------------------------------------------------------------------ order
     def resume_at(self, samples: int, batch_size: int = 1) -> None:
-        """Start the next iteration after `samples` samples, as handed out in batches of `batch_size`."""
+        """Start the next iteration after `samples` samples, handed out in `batch_size` batches."""
         if samples < 0 or batch_size < 1:
             raise ValueError(
                 f"resume_at needs samples >= 0 and batch_size >= 1, got {samples}, {batch_size}"
@@ -325,8 +330,8 @@ class ShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any] | None]:
         rank, world, worker, workers = self._who()
-        # A restarted DataLoader asks worker 0 first, but the next batch belongs to the stream of the
-        # worker whose turn it was: rotate the roles so the interleaved order carries on unchanged.
+        # A restarted DataLoader asks worker 0 first, but the next batch belongs to the stream of
+        # the worker whose turn it was: rotate the roles so the interleaved order carries on.
         role = (worker + self.start_sample // self.batch_size) % workers
         slots, slot = world * workers, rank * workers + role
         skip = worker_skip(self.start_sample, self.batch_size, role, workers)

@@ -1,9 +1,9 @@
-"""What the trainer reads: the training and held-out datasets of a config, and the batch iterator over them.
+"""What the trainer reads: a config's training and held-out datasets and the batches over them.
 
-Three sources share one interface: the latent cache written by ``fluxlab cache`` (single-bucket batches
-gathered in memory), WebDataset shards (the order lives in the dataset) and map-style datasets (OpenMoji,
-image folders, edit pairs) read through ``InfiniteBatchSampler``. Every iterator can start at any batch,
-which is how a resumed run continues exactly where it stopped.
+Three sources share one interface: the latent cache written by ``fluxlab cache`` (single-bucket
+batches gathered in memory), WebDataset shards (the order lives in the dataset) and map-style
+datasets (OpenMoji, image folders, edit pairs) read through ``InfiniteBatchSampler``. Every iterator
+can start at any batch, which is how a resumed run continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -15,22 +15,24 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from fluxlab.config.schema import Config
+from fluxlab.data import build_dataset, collate_skip_bad
+from fluxlab.data.cache import open_cache
+from fluxlab.data.edit_pairs import build_edit_dataset
 from fluxlab.data.samplers import InfiniteBatchSampler
+from fluxlab.eval.validation import limit_dataset
 
 
 def _split(cfg: Config, split: str, augment: bool) -> Dataset:
     """The OpenMoji/folder/shards split, or the edit-pair split for ``data.task=edit``."""
-    from fluxlab.data import build_dataset
-
-    if cfg.data.task == "edit":  # (condition, instruction, target) pairs
-        from fluxlab.data.edit_pairs import build_edit_dataset as build_dataset
+    # edit: (condition, instruction, target) pairs
+    build = build_edit_dataset if cfg.data.task == "edit" else build_dataset
     d = cfg.data
     extra: dict[str, Any] = {
         "hflip": d.hflip,
         "color_jitter": d.color_jitter,
         "shuffle_buffer": d.shuffle_buffer,
     }
-    return build_dataset(
+    return build(
         d.dataset,
         resolution=d.resolution,
         split=split,
@@ -39,16 +41,17 @@ def _split(cfg: Config, split: str, augment: bool) -> Dataset:
         crop=d.crop,
         limit=d.limit,
         openmoji_subset=d.openmoji_subset,
+        max_pixels=d.max_pixels,
         **(extra if augment else {}),
     )
 
 
 def train_dataset(cfg: Config, device: torch.device) -> Any:
+    """The training split; with data.val_fraction=0 it holds every example, read exactly as a
+    training split is (augmented, shuffled, dealt over ranks)."""
     if cfg.data.cache_dir is not None:  # latents + text embeddings written by `fluxlab cache`
-        from fluxlab.data.cache import open_cache
-
         return open_cache(cfg, "train", device)
-    ds = _split(cfg, "train" if cfg.data.val_fraction > 0 else "all", augment=True)
+    ds = _split(cfg, "train", augment=True)
     if len(ds) == 0:
         raise ValueError(f"data.dataset={cfg.data.dataset!r} has no training examples")
     return ds
@@ -58,12 +61,8 @@ def val_dataset(
     cfg: Config, device: torch.device, log: Callable[[str], None]
 ) -> tuple[Any, list[str]]:
     """The held-out split (capped at data.val_limit) and all its captions."""
-    from fluxlab.eval.validation import limit_dataset
-
     d = cfg.data
     if d.cache_dir is not None:
-        from fluxlab.data.cache import open_cache
-
         cached = open_cache(cfg, "val", device).take(d.val_limit)
         return cached, list(cached.captions)
     try:
@@ -86,8 +85,6 @@ def train_batches(
     dataset: Any, cfg: Config, batches_seen: int, rank: int, world: int, device: torch.device
 ) -> Iterator[dict[str, Any]]:
     """This rank's batches from batch ``batches_seen`` on."""
-    from fluxlab.data import collate_skip_bad
-
     bs, workers = cfg.optim.batch_size, cfg.data.num_workers
     if hasattr(dataset, "batches"):  # the latent cache: single-bucket batches gathered in memory
         return dataset.batches(bs, cfg.train.seed, batches_seen, rank, world)

@@ -3,7 +3,8 @@ import pytest
 from fluxlab.config.presets import PRESETS
 from fluxlab.config.schema import load_config, parse_overrides
 
-# Presets over files the user makes or downloads first: they must fail with a message naming the field.
+# Presets over files the user makes or downloads first: they must fail with a message naming the
+# field.
 NEEDS_FILES = {
     "openmoji-latent-gpu": "encoding.autoencoder='runs/ae-openmoji'",
     "flux-dev-finetune": "model.init_from, encoding.autoencoder, encoding.text_encoder",
@@ -57,7 +58,8 @@ def test_wrong_type_is_named() -> None:
 
 @pytest.mark.parametrize("key", ["log_every", "sample_every", "checkpoint_every"])
 def test_step_intervals_below_one_are_named(key: str) -> None:
-    # 0 would otherwise pass validation and stop training with a ZeroDivisionError after the first step.
+    # 0 would otherwise pass validation and stop training with a ZeroDivisionError after the first
+    # step.
     with pytest.raises(ValueError, match=f"train.{key}=0"):
         load_config("debug", [f"--train.{key}=0"])
 

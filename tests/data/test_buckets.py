@@ -1,4 +1,4 @@
-"""Aspect-ratio buckets: assignment, resize + crop, and single-bucket batches seen once per epoch."""
+"""Aspect-ratio buckets: assignment, resize + crop, single-bucket batches seen once per epoch."""
 
 from itertools import islice
 

@@ -1,4 +1,4 @@
-"""The latent cache: round trip, resume, fingerprint, bad images, training from it, and bench-cache."""
+"""The latent cache: round trip, resume, fingerprint, bad images, training from it, bench-cache."""
 
 import json
 from pathlib import Path
@@ -164,7 +164,8 @@ def test_training_from_the_cache_matches_on_the_fly(cached, tmp_path, monkeypatc
         ),
         quiet=True,
     )
-    # Same initial weights without copying: autoencoder and text encoder builds leave the global RNG alone.
+    # Same initial weights without copying: autoencoder and text encoder builds leave the global
+    # RNG alone.
     for a, b in zip(fast.model.state_dict().values(), slow.model.state_dict().values()):
         assert torch.equal(a, b)
     fast.train()
@@ -176,9 +177,10 @@ def test_training_from_the_cache_matches_on_the_fly(cached, tmp_path, monkeypatc
         ]
         for run in ("cached", "fly")
     ]
-    # Same batches, caption dropout, t and noise. Not asserted bitwise: the on-the-fly caption table stores text
-    # tokens in float16 (fluxlab.conditioning.text_cache) while latent-debug caches float32. (Within a few steps of the
-    # adaLN-Zero init the text barely reaches the output, and the losses come out identical here.)
+    # Same batches, caption dropout, t and noise. Not asserted bitwise: the on-the-fly caption table
+    # stores text tokens in float16 (fluxlab.conditioning.text_cache) while latent-debug caches
+    # float32. (Within a few steps of the adaLN-Zero init the text barely reaches the output, and
+    # the losses come out identical here.)
     assert all(torch.isfinite(torch.tensor(x)).all() for x in losses)
     torch.testing.assert_close(
         torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-4, atol=1e-6

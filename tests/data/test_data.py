@@ -21,9 +21,10 @@ from fluxlab.data import (
     collate_skip_bad,
     load_image,
     make_grid,
+    openmoji_names,
+    openmoji_render,
     to_pil,
 )
-from fluxlab.data import openmoji as openmoji_mod
 from fluxlab.data.common import in_val
 
 
@@ -259,10 +260,9 @@ def test_emoji_names_and_groups() -> None:
         "E0AD": ("openmoji extra e0ad", "extras"),
     }
     for code, (name, group) in cases.items():
-        assert (openmoji_mod.emoji_name(code), openmoji_mod.emoji_group(code)) == (name, group), (
-            code
-        )
-    assert openmoji_mod.emoji_name("2654") == "white chess king"  # non-emoji: unicodedata fallback
+        assert (openmoji_names.emoji_name(code), openmoji_names.emoji_group(code)) == (name, group)
+    # not an emoji: the unicodedata name
+    assert openmoji_names.emoji_name("2654") == "white chess king"
 
 
 def _color_fraction(img: torch.Tensor, rgb_test) -> float:
@@ -296,7 +296,7 @@ def test_openmoji_render_captions_colours_and_cache(
     def no_render(*args: object, **kwargs: object) -> None:
         raise AssertionError("second load must come from the cache")
 
-    monkeypatch.setattr(openmoji_mod, "_render_all", no_render)
+    monkeypatch.setattr(openmoji_render, "render_all", no_render)
     start = time.perf_counter()
     again = OpenMoji(32, include=include)
     assert time.perf_counter() - start < 1.0

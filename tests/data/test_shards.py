@@ -1,4 +1,5 @@
-"""WebDataset shards: written by `fluxlab shard`, read back exactly, split over ranks × workers, resumable."""
+"""WebDataset shards: written by `fluxlab shard`, read back exactly, split over ranks × workers,
+resumable."""
 
 import io
 import itertools
