@@ -59,9 +59,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
     from fluxlab.conditioning.text_encoders import build_text_encoder
     from fluxlab.data import make_grid
+    from fluxlab.diffusion.objectives import objective_from_config
     from fluxlab.pipelines.build import encode_prompts, load_for_sampling, resolve_device
     from fluxlab.pipelines.text_to_image import TextEmbedding
-    from fluxlab.tasks.class_to_image import make_objective
 
     if args.num < 1 or args.batch_size < 1:
         raise ValueError("--num and --batch-size must be at least 1")
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                 sampler=args.sampler or s.sampler,
                 seed=args.seed + start,
                 progress=True,
-                ddpm=make_objective(cfg) if cfg.objective.kind == "ddpm" else None,
+                ddpm=objective_from_config(cfg) if cfg.objective.kind == "ddpm" else None,
                 eta=args.eta if args.eta is not None else s.eta,
                 spacing=args.spacing or s.spacing,
             )
