@@ -23,7 +23,7 @@ from fluxlab.data.cache import CachedLatents, check_cache, load_text_table
 from fluxlab.diffusion.ddpm import DDPMObjective
 from fluxlab.diffusion.objectives import objective_from_config
 from fluxlab.models.flux.model import Flux, FluxParams
-from fluxlab.pipelines.build import build_model, build_pipeline, model_params
+from fluxlab.pipelines.build import build_codec, build_model, build_pipeline, model_params
 from fluxlab.pipelines.text_to_image import FluxTextToImage, TextEmbedding, autocast_for
 from fluxlab.train import rng
 from fluxlab.train.rng import SampleGenerators
@@ -128,7 +128,8 @@ class CachedTextToImageTask:
     def pipe(self) -> FluxTextToImage:
         """The sampling pipeline, its autoencoder loaded on first use (sample grids only)."""
         if self._pipe is None:
-            self._pipe = build_pipeline(self.cfg, self.params, self.device, model=self.model)
+            codec = build_codec(self.cfg, self.device)
+            self._pipe = build_pipeline(self.cfg, self.params, self.device, codec, self.model)
         return self._pipe
 
     def embed(self, prompts: list[str]) -> TextEmbedding:
