@@ -1,15 +1,20 @@
 """``fluxlab edit``: edit an image by instruction with a Kontext-style checkpoint.
 
-``--checkpoint`` is a fluxlab run (or one of its checkpoints) trained with ``data.task=edit``, or a
-FLUX.1 Kontext-dev folder in the diffusers layout (``transformer/``, ``vae/``, ``tokenizer*/``,
-``text_encoder*/``). Kontext-dev is guidance-distilled: there ``--guidance`` is the embedded guidance
-(2.5 by default) and classifier-free guidance is off; for fluxlab models it is the CFG scale.
+``--checkpoint`` is a fluxlab run (or one of its checkpoints) trained with ``data.task=edit``, or
+a FLUX.1 Kontext-dev folder in the diffusers layout (``transformer/``, ``vae/``, ``tokenizer*/``,
+``text_encoder*/``). Kontext-dev is guidance-distilled: there ``--guidance`` is the embedded
+guidance (2.5 by default) and classifier-free guidance is off; for fluxlab models it is the CFG
+scale.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 ACCEPTS_OVERRIDES = False
 KONTEXT_STEPS, KONTEXT_GUIDANCE = 28, 2.5
@@ -62,10 +67,12 @@ def _is_pretrained_folder(path: Path) -> bool:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
+    # Imported here, as in every command: `fluxlab --help` should not load torch.
     from fluxlab.conditioning.kontext import encode_condition
     from fluxlab.conditioning.text_encoders import build_text_encoder
     from fluxlab.data import load_image, to_pil
     from fluxlab.data.transforms import ImageTransform
+    from fluxlab.pipelines.batches import generate_in_batches
     from fluxlab.pipelines.build import (
         encode_prompts,
         load_for_sampling,
@@ -117,17 +124,21 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     cond_size = args.condition_size or pipe.resolution
     image = ImageTransform(cond_size)(load_image(args.image))[None].to(device)
     condition = encode_condition(pipe.codec, image, pipe.patch_size)
-    edited = pipe.generate(
-        text,
-        negative,
-        steps=steps,
-        guidance=cfg_scale,
-        distilled_guidance=distilled,
-        shift=shift,
-        seed=args.seed,
-        progress=True,
-        condition=condition,
-    )
+
+    def generate_batch(items: slice, seed: int, progress: bool) -> torch.Tensor:
+        return pipe.generate(
+            text[items],
+            negative,
+            steps=steps,
+            guidance=cfg_scale,
+            distilled_guidance=distilled,
+            shift=shift,
+            seed=seed,
+            progress=progress,
+            condition=condition[items],
+        )
+
+    edited = generate_in_batches(generate_batch, 1, batch_size=1, seed=args.seed)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     to_pil(edited[0]).save(out)

@@ -1,10 +1,16 @@
-"""``fluxlab eval``: FID and KID of generated images against a reference set, and a captioned sample grid."""
+"""``fluxlab eval``: FID and KID of generated images against a reference set, and a captioned
+sample grid."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 ACCEPTS_OVERRIDES = False
 
@@ -83,10 +89,12 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    import warnings
-
+    # Imported here, as in every command: `fluxlab --help` should not load torch.
+    from fluxlab.conditioning.text_encoders import build_text_encoder
     from fluxlab.data import build_dataset, make_grid
     from fluxlab.data.common import cache_dir
+    from fluxlab.diffusion.ddpm import DDPMObjective
+    from fluxlab.diffusion.objectives import objective_from_config
     from fluxlab.eval.metrics import (
         extract_features,
         feature_statistics,
@@ -95,13 +103,13 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     )
     from fluxlab.eval.validation import (
         folder_images,
-        generate,
         limit_dataset,
         reference_features,
         resolve_extractor,
         to_uint8,
     )
-    from fluxlab.pipelines.build import load_for_sampling, resolve_device
+    from fluxlab.pipelines.batches import generate_in_batches
+    from fluxlab.pipelines.build import encode_prompts, load_for_sampling, resolve_device
 
     if (args.checkpoint is None) == (args.generated is None):
         raise ValueError(
@@ -159,8 +167,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             **split_settings,
         }
         print(
-            f"reference: {args.reference_dataset} {args.reference_split} split, {len(ref_dataset)} images "
-            f"at {resolution}px"
+            f"reference: {args.reference_dataset} {args.reference_split} split, "
+            f"{len(ref_dataset)} images at {resolution}px"
         )
 
     if pipe is not None:
@@ -171,26 +179,34 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                 )
             prompts = [ref_dataset[i]["caption"] for i in range(len(ref_dataset))]
         prompts = [p for p in prompts for _ in range(args.num)]
-        from fluxlab.conditioning.text_encoders import build_text_encoder
-
         encoder = build_text_encoder(
             cfg.encoding.text_encoder, cfg.encoding.text_max_length, device
         )
         s = cfg.sample
-        images = generate(
-            pipe,
-            encoder,
-            prompts,
-            negative_prompt=s.negative_prompt,
-            steps=args.steps or s.steps,
-            guidance=args.guidance if args.guidance is not None else s.guidance,
-            distilled_guidance=s.distilled_guidance,
-            shift=s.shift,
-            sampler=args.sampler or s.sampler,
-            seed=args.seed,
-            batch_size=args.batch_size,
+        text = encode_prompts(encoder, prompts)
+        negative = encode_prompts(encoder, [s.negative_prompt])
+        del encoder  # every prompt is encoded: free its memory before sampling
+        objective = objective_from_config(cfg)
+
+        def generate_batch(items: slice, seed: int, progress: bool) -> torch.Tensor:
+            return pipe.generate(
+                text[items],
+                negative,
+                steps=args.steps or s.steps,
+                guidance=args.guidance if args.guidance is not None else s.guidance,
+                distilled_guidance=s.distilled_guidance,
+                shift=s.shift,
+                sampler=args.sampler or s.sampler,
+                seed=seed,
+                progress=progress,
+                ddpm=objective if isinstance(objective, DDPMObjective) else None,
+                eta=s.eta,
+                spacing=s.spacing,
+            )
+
+        images = generate_in_batches(
+            generate_batch, len(prompts), batch_size=args.batch_size, seed=args.seed
         )
-        del encoder
         gen_uint8 = to_uint8(images)
         gen_feats = extract_features(gen_uint8, extractor, device, batch_size=args.batch_size)
         captions = prompts
@@ -213,7 +229,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         batch_size=args.batch_size,
     )
     print(
-        f"reference features: {ref_feats.shape[0]} images, {'read from' if hit else 'cached in'} {ref_path}"
+        f"reference features: {ref_feats.shape[0]} images, "
+        f"{'read from' if hit else 'cached in'} {ref_path}"
     )
 
     fid = frechet_distance(*feature_statistics(gen_feats), *feature_statistics(ref_feats))
@@ -229,8 +246,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     subset = min(args.kid_subset_size, gen_feats.shape[0], ref_feats.shape[0])
     if caught:
         print(
-            f"note: KID subsets of {subset} images (fewer images than --kid-subset-size); a subset as large as "
-            "both sets is the same every time, so its std is 0: lower --kid-subset-size for a spread"
+            f"note: KID subsets of {subset} images (fewer images than --kid-subset-size); a "
+            "subset as large as both sets is the same every time, so its std is 0: lower "
+            "--kid-subset-size for a spread"
         )
     print(f"generated: {gen_feats.shape[0]} images, reference: {ref_feats.shape[0]} images")
     print(f"FID: {fid:.4f}")

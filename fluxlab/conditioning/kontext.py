@@ -1,10 +1,11 @@
 """FLUX.1 Kontext editing: the condition image's tokens sit beside the noisy target's tokens.
 
-The condition is encoded and packed exactly like the target; its position ids are (1, row, col) on its
-own grid (rows and columns restart at 0, so a condition of another size works), and its tokens are
-appended *after* the noisy ones. The transformer sees [txt; noisy; cond] and only the prediction for
-the noisy part is kept, in training (the loss) as in sampling (the Euler step). This is the layout of
-BFL's ``prepare_kontext`` / ``denoise_kontext`` and of diffusers' ``FluxKontextPipeline``.
+The condition is encoded and packed exactly like the target; its position ids are (1, row, col)
+on its own grid (rows and columns restart at 0, so a condition of another size works), and its
+tokens are appended *after* the noisy ones. The transformer sees [txt; noisy; cond] and only the
+prediction for the noisy part is kept, in training (the loss) as in sampling (the Euler step). This
+is the layout of BFL's ``prepare_kontext`` / ``denoise_kontext`` and of diffusers'
+``FluxKontextPipeline``.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ def encode_condition(codec: nn.Module, images: Tensor, patch_size: int) -> Condi
     h, w = images.shape[-2:]
     if h % step or w % step:
         raise ValueError(
-            f"condition image of {h}×{w} is not divisible by {step} (autoencoder downsampling × patch size); "
-            "resize or crop it"
+            f"condition image of {h}×{w} is not divisible by {step} (autoencoder downsampling × "
+            "patch size); resize or crop it"
         )
     return condition_tokens(codec.encode(images), patch_size)
 
@@ -65,15 +66,16 @@ def encode_condition(codec: nn.Module, images: Tensor, patch_size: int) -> Condi
 def prepare_edit_inputs(
     noisy: Tensor, noisy_ids: Tensor, condition: ConditionTokens
 ) -> tuple[Tensor, Tensor]:
-    """The image stream the transformer sees: [noisy; condition] tokens and ids along the sequence."""
+    """The image stream the transformer sees: [noisy; condition] tokens and ids, in sequence."""
     if condition.tokens.shape[0] != noisy.shape[0]:
         raise ValueError(
-            f"{condition.tokens.shape[0]} condition images for a batch of {noisy.shape[0]}: give one per image"
+            f"{condition.tokens.shape[0]} condition images for a batch of {noisy.shape[0]}: "
+            "give one per image"
         )
     if condition.tokens.shape[-1] != noisy.shape[-1]:
         raise ValueError(
-            f"condition tokens have {condition.tokens.shape[-1]} features but the target's have {noisy.shape[-1]}: "
-            "encode the condition with the target's codec and patch size"
+            f"condition tokens have {condition.tokens.shape[-1]} features but the target's have "
+            f"{noisy.shape[-1]}: encode the condition with the target's codec and patch size"
         )
     img = torch.cat([noisy, condition.tokens.to(noisy.dtype)], dim=1)
     ids = torch.cat([noisy_ids, condition.ids.to(noisy_ids.dtype)], dim=1)
@@ -83,7 +85,3 @@ def prepare_edit_inputs(
 def target_prediction(prediction: Tensor, num_target_tokens: int) -> Tensor:
     """The part of the output that belongs to the noisy tokens (the condition's is discarded)."""
     return prediction[:, :num_target_tokens]
-
-
-# ---------------------------------------------------------------------------------------------
-# Released checkpoints (FLUX.1 Kontext-dev): a plain Flux transformer + the FLUX autoencoder + T5/CLIP.

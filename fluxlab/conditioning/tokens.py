@@ -1,8 +1,9 @@
 """Turning images or latents into token sequences and back, with FLUX's position ids.
 
-Pixel space patchifies RGB in p×p patches (3·p² features per token); latent space packs 2×2 patches of
-C-channel latents (4·C features). Both are the same operation with a different patch size, and both
-order features as (channel, patch row, patch column), the layout of BFL's and diffusers' packing.
+Pixel space patchifies RGB in p×p patches (3·p² features per token); latent space packs 2×2
+patches of C-channel latents (4·C features). Both are the same operation with a different patch
+size, and both order features as (channel, patch row, patch column), the layout of BFL's and
+diffusers' packing.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def unpack(tokens: Tensor, height: int, width: int, patch_size: int) -> Tensor:
 def image_ids(
     batch: int, grid_h: int, grid_w: int, index: int = 0, device: torch.device | str | None = None
 ) -> Tensor:
-    """Position ids [B, h·w, 3] = (index, row, col); index 0 for the image being generated, 1 for a Kontext condition."""
+    """Position ids [B, h·w, 3] = (index, row, col); index 0 for the image being generated, 1 for
+    a Kontext condition."""
     ids = torch.zeros(grid_h, grid_w, 3, device=device)
     ids[..., 0] = index
     ids[..., 1] = torch.arange(grid_h, device=device)[:, None]

@@ -1,9 +1,9 @@
 """Discrete-time DDPM: beta schedules, the noise-prediction objective and DDPM / DDIM samplers.
 
-Time convention shared with the flow side: models see ``t_model = t_int / T`` in [0, 1) and scale it
-by 1000 inside their timestep embedding, so a DiT here embeds the same integer t as the original DiT.
-Schedule tables are kept in float64 (as the original DiT / ADM code does) and only the per-step
-coefficients are cast to the sample's dtype; this stays within ~3e-7 of diffusers' float32 tables.
+Time convention shared with the flow side: models see ``t_model = t_int / T`` in [0, 1) and scale
+it by 1000 inside their timestep embedding, so a DiT here embeds the same integer t as the original
+DiT. Schedule tables are kept in float64 (as the original DiT / ADM code does) and only the
+per-step coefficients are cast to the sample's dtype.
 """
 
 from __future__ import annotations
@@ -17,21 +17,21 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from fluxlab.diffusion.flow import Predict
 from fluxlab.train import rng
 
 BetaSchedule = Literal["linear", "cosine"]
 Prediction = Literal["epsilon", "v", "x0"]
 Spacing = Literal["leading", "linspace", "trailing"]
-Predict = Callable[[Tensor, Tensor], Tensor]
-Callback = Callable[[int, Tensor], None]
+Callback = Callable[[int, Tensor], None]  # callback(step index, x after that step)
 
 _PREDICTIONS = ("epsilon", "v", "x0")
 
 
 def make_betas(schedule: BetaSchedule, num_timesteps: int = 1000) -> Tensor:
-    """float64 betas for ``linear`` (DDPM, 1e-4 -> 0.02) or ``cosine`` (Nichol & Dhariwal, s = 0.008)."""
+    """float64 betas: ``linear`` (DDPM, 1e-4 -> 0.02) or ``cosine`` (Nichol & Dhariwal)."""
     if schedule == "linear":
-        # Ho et al. tuned 1e-4 .. 0.02 for T = 1000; rescaling keeps other T comparable (as ADM does).
+        # Ho et al. tuned 1e-4 .. 0.02 for T = 1000; rescaling keeps other T comparable (as ADM).
         scale = 1000 / num_timesteps
         return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
     if schedule == "cosine":
@@ -55,7 +55,7 @@ def _check_prediction(prediction: str) -> None:
 
 
 def _bcast(value: Tensor, like: Tensor) -> Tensor:
-    """Per-sample coefficients [B] (or a scalar) -> broadcastable against ``like`` in its dtype/device."""
+    """Per-sample coefficients [B] (or a scalar) -> broadcastable against ``like``, in its dtype."""
     value = value.to(device=like.device, dtype=like.dtype)
     return value.reshape(value.shape + (1,) * (like.ndim - value.ndim))
 
@@ -63,8 +63,8 @@ def _bcast(value: Tensor, like: Tensor) -> Tensor:
 class DDPMSchedule(nn.Module):
     """The fixed forward process: betas, alphas_cumprod and everything derived from them.
 
-    An ``nn.Module`` only so ``.to(device)`` moves the tables; the buffers are non-persistent because
-    they are a pure function of ``(schedule, num_timesteps)`` and do not belong in checkpoints.
+    An ``nn.Module`` only so ``.to(device)`` moves the tables; the buffers are non-persistent
+    because they are a pure function of ``(schedule, num_timesteps)``: not checkpoint material.
     """
 
     betas: Tensor
@@ -84,7 +84,7 @@ class DDPMSchedule(nn.Module):
         return f"schedule={self.schedule!r}, num_timesteps={self.num_timesteps}"
 
     def alpha_bar(self, t: Tensor | int) -> Tensor:
-        """ᾱ_t in float64; t < 0 means "before the first step", where ᾱ = 1 (diffusers' set_alpha_to_one)."""
+        """ᾱ_t in float64; t < 0 is "before the first step", ᾱ = 1 (diffusers' set_alpha_to_one)."""
         table = self.alphas_cumprod
         if isinstance(t, int):
             return table[t] if t >= 0 else table.new_ones(())
@@ -96,7 +96,7 @@ class DDPMSchedule(nn.Module):
         return a / (1 - a)
 
     def to_model_time(self, t: Tensor) -> Tensor:
-        """Integer timesteps -> the float32 t in [0, 1) the models eat (they multiply by 1000 again)."""
+        """Integer timesteps -> the float32 t in [0, 1) the models take (they scale it by 1000)."""
         return t.float() / self.num_timesteps
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
@@ -173,7 +173,7 @@ class DDPMSchedule(nn.Module):
         prediction: Prediction = "epsilon",
         clip_x0: float | None = None,
     ) -> Tensor:
-        """DDIM update (Song et al. eq. 12); eta = 0 is deterministic, eta = 1 matches DDPM's variance.
+        """DDIM update (Song et al. eq. 12); eta = 0 is deterministic, eta = 1 has DDPM's variance.
         t_prev < 0 lands on the clean sample (ᾱ = 1)."""
         x0, eps = self.to_x0_eps(model_output, t, x_t, prediction)
         if clip_x0 is not None:
@@ -190,8 +190,8 @@ class DDPMSchedule(nn.Module):
 
 
 def min_snr_weight(snr: Tensor, gamma: float, prediction: Prediction) -> Tensor:
-    """Min-SNR-γ loss weights (Hang et al. 2023), expressed for each parameterisation so that all
-    three equal min(SNR, γ)·‖x0 error‖²."""
+    """Min-SNR-γ loss weights (Hang et al. 2023), expressed for each parameterisation so that
+    all three equal min(SNR, γ)·‖x0 error‖²."""
     _check_prediction(prediction)
     clipped = snr.clamp(max=gamma)
     if prediction == "epsilon":
@@ -204,12 +204,12 @@ def min_snr_weight(snr: Tensor, gamma: float, prediction: Prediction) -> Tensor:
 def _randn(
     shape: torch.Size, like: Tensor, generator: torch.Generator | rng.SampleGenerators | None
 ) -> Tensor:
-    """Gaussian noise drawn on the generator's device (so a CPU generator reproduces across devices)."""
+    """Gaussian noise drawn on the generator's device: a CPU generator reproduces on any device."""
     return rng.randn(shape, generator, like.device, like.dtype)
 
 
 class DDPMObjective:
-    """Noise-prediction training loss: sample integer t ~ U{0..T-1}, noise x0, regress the target."""
+    """Noise-prediction training loss: integer t ~ U{0..T-1}, noise x0, regress the target."""
 
     def __init__(
         self,
@@ -256,8 +256,8 @@ class DDPMObjective:
     ) -> tuple[Tensor, Tensor]:
         """Per-sample loss [B] (mean over non-batch dims, float32) and the model time t_int / T [B].
 
-        A given ``t`` is model time in [0, 1] (as returned), floored to an integer step; with ``noise`` too the
-        loss is deterministic (validation at fixed timesteps).
+        A given ``t`` is model time in [0, 1] (as returned), floored to an integer step; with
+        ``noise`` too the loss is deterministic (validation at fixed timesteps).
         """
         if t is None:
             t = self.sample_t(x0.shape[0], x0.device, generator)
@@ -271,8 +271,9 @@ class DDPMObjective:
         out = predict(x_t, t_model)
         if out.shape != x0.shape:
             raise ValueError(
-                f"The model returned {tuple(out.shape)} but the data is {tuple(x0.shape)}; DDPMObjective "
-                "trains a fixed-variance model, so build the DiT with learn_sigma=False."
+                f"The model returned {tuple(out.shape)} but the data is {tuple(x0.shape)}; "
+                "DDPMObjective trains a fixed-variance model, so build the DiT with "
+                "learn_sigma=False."
             )
         err = out.float() - self.schedule.target(x0, noise, t, self.prediction).float()
         err = err.square() if self.loss_type == "mse" else err.abs()
@@ -280,24 +281,12 @@ class DDPMObjective:
         return per_sample, t_model
 
 
-def cfg(predict_cond: Predict, predict_uncond: Predict, scale: float) -> Predict:
-    """Classifier-free guidance: uncond + scale·(cond − uncond); scale = 1 is the plain conditional model."""
-
-    def guided(x: Tensor, t: Tensor) -> Tensor:
-        cond = predict_cond(x, t)
-        if scale == 1.0:
-            return cond
-        uncond = predict_uncond(x, t)
-        return uncond + scale * (cond - uncond)
-
-    return guided
-
-
 def ddim_timesteps(
     steps: int, spacing: Spacing = "leading", num_timesteps: int = 1000, steps_offset: int = 0
 ) -> list[int]:
-    """Descending integer timesteps, the same lists as diffusers' ``DDIMScheduler.set_timesteps``
-    (Lin et al. 2023, table 2): 'leading' = 0, k, 2k..; 'trailing' ends at T−1; 'linspace' spans both ends."""
+    """Descending integer timesteps, the lists of diffusers' ``DDIMScheduler.set_timesteps``
+    (Lin et al. 2023, table 2): 'leading' = 0, k, 2k..; 'trailing' ends at T−1; 'linspace' spans
+    both ends."""
     if not 1 <= steps <= num_timesteps:
         raise ValueError(
             f"steps must be between 1 and {num_timesteps} (the training timesteps), got {steps}."
@@ -321,7 +310,10 @@ def _eps_channels(out: Tensor, x: Tensor) -> Tensor:
     if out.shape[1] == 2 * x.shape[1]:
         return out[:, : x.shape[1]]
     if out.shape != x.shape:
-        raise ValueError(f"The model returned {tuple(out.shape)} for a sample of {tuple(x.shape)}.")
+        raise ValueError(
+            f"The model returned {tuple(out.shape)} for a sample of {tuple(x.shape)}; it must "
+            "return the sample's shape (or twice its channels for a learn_sigma model)."
+        )
     return out
 
 
@@ -345,9 +337,9 @@ def ddpm_sample(
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """Ancestral sampling through all T steps (``steps`` None or T), or through ``steps`` timesteps of
-    ``ddim_timesteps(steps, spacing)`` with the posterior between consecutive kept timesteps (the
-    respacing of Nichol & Dhariwal §4). ``callback(i, x)`` sees x after step i."""
+    """Ancestral sampling through all T steps (``steps`` None or T), or through ``steps``
+    timesteps of ``ddim_timesteps(steps, spacing)`` with the posterior between consecutive kept
+    timesteps (the respacing of Nichol & Dhariwal §4). ``callback(i, x)`` sees x after step i."""
     schedule = schedule if schedule is not None else DDPMSchedule()
     n = schedule.num_timesteps
     ts = (
@@ -356,7 +348,7 @@ def ddpm_sample(
         else ddim_timesteps(steps, spacing, n)
     )
     x = x_T
-    for i, t in enumerate(tqdm(ts, disable=not progress)):
+    for i, t in enumerate(tqdm(ts, desc="sampling", disable=not progress, leave=False)):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         out = _eps_channels(predict(x, _model_time(t, x, schedule)), x)
         noise = _randn(x.shape, x, generator) if t > 0 else None
@@ -386,12 +378,12 @@ def ddim_sample(
     """DDIM over ``ddim_timesteps(steps, spacing)``.
 
     Each step jumps to the next timestep of the list (the last one to ᾱ = 1). diffusers instead
-    always jumps by T // steps, which is the same for 'leading' and for 'trailing' when T % steps == 0.
+    always jumps by T // steps: the same for 'leading', and for 'trailing' when T % steps == 0.
     """
     schedule = schedule if schedule is not None else DDPMSchedule()
     ts = ddim_timesteps(steps, spacing, schedule.num_timesteps)
     x = x_T
-    for i, t in enumerate(tqdm(ts, disable=not progress)):
+    for i, t in enumerate(tqdm(ts, desc="sampling", disable=not progress, leave=False)):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         out = _eps_channels(predict(x, _model_time(t, x, schedule)), x)
         noise = _randn(x.shape, x, generator) if eta > 0 else None
@@ -401,33 +393,3 @@ def ddim_sample(
         if callback is not None:
             callback(i, x)
     return x
-
-
-def ddpm_generate(
-    predict: Predict,
-    x_T: Tensor,
-    objective: DDPMObjective,
-    sampler: str,
-    steps: int,
-    *,
-    eta: float = 0.0,
-    spacing: Spacing = "trailing",
-    clip_x0: float | None = 1.0,
-    generator: torch.Generator | None = None,
-    progress: bool = False,
-) -> Tensor:
-    """``sampler`` "ddim" or "ddpm" over a (guided) model trained by ``objective``; what tasks call.
-    clip_x0 = 1 by default: pixels live in [-1, 1] (ADM's clip_denoised)."""
-    common = dict(
-        schedule=objective.schedule.to(x_T.device),
-        spacing=spacing,
-        prediction=objective.prediction,
-        clip_x0=clip_x0,
-        generator=generator,
-        progress=progress,
-    )
-    if sampler == "ddim":
-        return ddim_sample(predict, x_T, steps, eta, **common)
-    if sampler == "ddpm":
-        return ddpm_sample(predict, x_T, steps=steps, **common)
-    raise ValueError(f"sampler {sampler!r} does not sample a DDPM model; choose ddim or ddpm")

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from fluxlab.train import rng
 
+# predict(x_t, t): the model with its conditioning bound (velocity, or ε/v/x0 under DDPM).
 Predict = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -81,8 +82,8 @@ class RectifiedFlow:
     ) -> tuple[Tensor, Tensor]:
         """Per-sample MSE between the predicted and the true velocity, and t.
 
-        ``t`` [B] and ``noise`` (shaped like x0) are drawn from ``generator`` unless given; giving both makes
-        the loss a deterministic measurement (validation at fixed timesteps).
+        ``t`` [B] and ``noise`` (shaped like x0) are drawn from ``generator`` unless given; giving
+        both makes the loss a deterministic measurement (validation at fixed timesteps).
         """
         if t is None:
             seq_len = x0.shape[1] if x0.ndim == 3 else x0[0].numel()

@@ -1,17 +1,14 @@
-"""Sampling as plain functions over a velocity callable (k-diffusion style: one signature, a callback)."""
+"""Samplers as plain functions over a ``predict(x, t)`` callable (k-diffusion style), and
+``sample``, the one dispatch from a sampler's name that every pipeline and task calls."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fluxlab.diffusion.flow import resolution_mu, time_shift
-
-Velocity = Callable[[Tensor, Tensor], Tensor]
-Callback = Callable[[int, Tensor], None]
+from fluxlab.diffusion.ddpm import Callback, DDPMObjective, Spacing, ddim_sample, ddpm_sample
+from fluxlab.diffusion.flow import Predict, resolution_mu, time_shift
 
 
 def get_schedule(
@@ -21,7 +18,8 @@ def get_schedule(
     max_shift: float = 1.15,
     shift: bool = True,
 ) -> list[float]:
-    """FLUX's times: linspace(1, 0, steps+1), shifted by mu(image_seq_len) unless ``shift`` is False (schnell)."""
+    """FLUX's times: linspace(1, 0, steps + 1), shifted by mu(image_seq_len) unless ``shift`` is
+    False (schnell)."""
     if num_steps < 1:
         raise ValueError(f"sampling needs at least one step, got steps={num_steps}")
     timesteps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
@@ -32,7 +30,7 @@ def get_schedule(
 
 
 def euler(
-    velocity: Velocity,
+    velocity: Predict,
     x: Tensor,
     timesteps: list[float],
     callback: Callback | None = None,
@@ -51,7 +49,7 @@ def euler(
 
 
 def heun(
-    velocity: Velocity,
+    velocity: Predict,
     x: Tensor,
     timesteps: list[float],
     callback: Callback | None = None,
@@ -74,13 +72,49 @@ def heun(
     return x
 
 
-def classifier_free_guidance(cond: Velocity, uncond: Velocity, scale: float) -> Velocity:
-    """v = v_uncond + scale·(v_cond − v_uncond); scale 1 is the conditional model alone."""
-    if scale == 1.0:
-        return cond
+def sample(
+    sampler: str,
+    predict: Predict,
+    noise: Tensor,
+    steps: int,
+    *,
+    image_seq_len: int,
+    shift: bool = True,
+    ddpm: DDPMObjective | None = None,
+    eta: float = 0.0,
+    spacing: Spacing = "trailing",
+    clip_x0: float | None = 1.0,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """The sample that ``sampler`` reaches from ``noise`` in ``steps`` steps of ``predict``.
 
-    def guided(x: Tensor, t: Tensor) -> Tensor:
-        v_u = uncond(x, t)
-        return v_u + scale * (cond(x, t) - v_u)
-
-    return guided
+    A velocity model (``ddpm`` None) takes "euler" or "heun" over FLUX's schedule for
+    ``image_seq_len`` tokens (resolution-shifted when ``shift``). A model trained by ``ddpm``
+    (its ε/v/x0 output) takes "ddim" (noise ``eta``) or "ddpm" over timesteps of ``spacing``, with
+    x0 clipped to ±``clip_x0`` (1: pixels live in [-1, 1], as ADM's clip_denoised) and sampler
+    noise drawn from ``generator``. ``callback(i, x)`` sees x after step i.
+    """
+    if ddpm is None:
+        integrate = {"euler": euler, "heun": heun}.get(sampler)
+        if integrate is None:
+            raise ValueError(
+                f"sampler {sampler!r} does not sample a flow model; choose euler or heun"
+            )
+        timesteps = get_schedule(steps, image_seq_len, shift=shift)
+        return integrate(predict, noise, timesteps, callback=callback, progress=progress)
+    if sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"sampler {sampler!r} does not sample a DDPM model; choose ddim or ddpm")
+    common = dict(
+        schedule=ddpm.schedule.to(noise.device),
+        spacing=spacing,
+        prediction=ddpm.prediction,
+        clip_x0=clip_x0,
+        callback=callback,
+        generator=generator,
+        progress=progress,
+    )
+    if sampler == "ddim":
+        return ddim_sample(predict, noise, steps, eta, **common)
+    return ddpm_sample(predict, noise, steps=steps, **common)

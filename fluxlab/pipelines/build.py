@@ -1,4 +1,5 @@
-"""Assembling runs from a config: device, codec, model, the task pipeline; and rebuilding from a checkpoint."""
+"""Assembling a run from its config (device, codec, model, pipeline) and rebuilding one from a
+checkpoint for sampling."""
 
 from __future__ import annotations
 
@@ -7,17 +8,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fluxlab.conditioning.text_encoders import build_text_encoder
+from fluxlab.conditioning.text_encoders import TextEncoder, build_text_encoder
 from fluxlab.config.schema import Config, config_from_dict
 from fluxlab.models.flux.model import Flux, FluxParams
 from fluxlab.models.flux.presets import flux_params
 from fluxlab.models.weights.autoencoder_spec import load_autoencoder
-from fluxlab.models.weights.pretrained import load_flux
+from fluxlab.models.weights.pretrained import load_flux, load_init_weights
 from fluxlab.pipelines.text_to_image import FluxTextToImage, LatentCodec, PixelCodec, TextEmbedding
 from fluxlab.train.checkpoint import load_weights, read_description, resolve_checkpoint
 
 
 def resolve_device(spec: str) -> torch.device:
+    """``"auto"``: CUDA, else MPS, else CPU; any other spec as torch reads it (CUDA checked)."""
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -33,14 +35,14 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def build_codec(cfg: Config, device: torch.device | str = "cpu") -> nn.Module:
-    """Pixel patches, or the frozen autoencoder named by encoding.autoencoder (bf16 on CUDA, fp32 elsewhere)."""
+    """Pixel patches, or the frozen autoencoder named by encoding.autoencoder (bf16 on CUDA, fp32
+    elsewhere)."""
     if cfg.encoding.space == "pixel":
         return PixelCodec().to(device)
-    from fluxlab.models.weights.autoencoder_spec import load_autoencoder
-
     if not cfg.encoding.autoencoder:
         raise ValueError(
-            "encoding.space='latent' needs encoding.autoencoder (a train-ae run, ae.safetensors, ...)"
+            "encoding.space='latent' needs encoding.autoencoder (a train-ae run, "
+            "ae.safetensors, ...)"
         )
     device = torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -52,18 +54,21 @@ def build_codec(cfg: Config, device: torch.device | str = "cpu") -> nn.Module:
     f, p, res = ae.downsample_factor, cfg.encoding.patch_size, cfg.data.resolution
     if res % (f * p):
         raise ValueError(
-            f"data.resolution={res} is not divisible by {f * p} (the autoencoder's {f}× downsampling × "
-            f"encoding.patch_size={p}); pick a resolution that is a multiple of {f * p}"
+            f"data.resolution={res} is not divisible by {f * p} (the autoencoder's {f}× "
+            f"downsampling × encoding.patch_size={p}); pick a resolution that is a multiple of "
+            f"{f * p}"
         )
     return LatentCodec(ae)
 
 
 def token_dim(codec: nn.Module, cfg: Config) -> int:
-    """Features per image token: the codec's channels × patch area (48 for 4×4 RGB, 64 for FLUX latents)."""
+    """Features per image token: the codec's channels × patch area (48 for 4×4 RGB, 64 for FLUX
+    latents)."""
     return int(codec.channels) * cfg.encoding.patch_size**2
 
 
 def model_params(cfg: Config, token_dim: int, context_dim: int, pooled_dim: int) -> FluxParams:
+    """The Flux of ``model.preset`` (with the config's overrides) sized to its inputs."""
     return flux_params(
         cfg.model.preset,
         **cfg.model.flux_overrides(),
@@ -75,16 +80,13 @@ def model_params(cfg: Config, token_dim: int, context_dim: int, pooled_dim: int)
 
 
 def build_model(cfg: Config, params: FluxParams, device: torch.device) -> Flux:
-    """A Flux to train: adaLN-Zero initialised, or the weights of model.init_from (fp32 master weights)."""
+    """A Flux to train: adaLN-Zero initialised, or the weights of model.init_from (fp32 master
+    weights)."""
     if not cfg.model.init_from:
-        with torch.device(
-            device
-        ):  # initialised where it trains: flux-dev's 11.9B take minutes on a CPU
+        with torch.device(device):  # initialised where it trains: big models take minutes on a CPU
             model = Flux(params)
         model.initialize_weights()
         return model
-    from fluxlab.models.weights.pretrained import load_init_weights
-
     loaded, weights = load_init_weights(cfg.model.init_from, device, torch.float32)
 
     def fields(p: FluxParams) -> dict:
@@ -95,8 +97,9 @@ def build_model(cfg: Config, params: FluxParams, device: torch.device) -> Flux:
             k: (v, fields(params)[k]) for k, v in fields(loaded).items() if fields(params)[k] != v
         }
         raise ValueError(
-            f"model.init_from={cfg.model.init_from!r} has a different architecture (checkpoint, config): {diff}; "
-            "match model.preset/overrides, encoding (space, patch_size, autoencoder) and text_encoder to it"
+            f"model.init_from={cfg.model.init_from!r} has a different architecture "
+            f"(checkpoint, config): {diff}; match model.preset/overrides, encoding (space, "
+            "patch_size, autoencoder) and text_encoder to it"
         )
     if isinstance(weights, Flux):
         return weights.train()
@@ -113,7 +116,8 @@ def build_pipeline(
     codec: nn.Module | None = None,
     model: Flux | None = None,
 ) -> FluxTextToImage:
-    """The model on ``device`` with its codec; pass ``codec``/``model`` when already built (each loads once)."""
+    """The model on ``device`` with its codec; pass ``codec``/``model`` when already built (each
+    loads once)."""
     model = model if model is not None else Flux(params).to(device)
     codec = codec if codec is not None else build_codec(cfg, device)
     return FluxTextToImage(
@@ -125,7 +129,8 @@ def build_pipeline(
     )
 
 
-def encode_prompts(encoder, prompts: list[str]) -> TextEmbedding:
+def encode_prompts(encoder: TextEncoder, prompts: list[str]) -> TextEmbedding:
+    """Prompts → float32 embeddings on the CPU (moved to the model's device when sampling)."""
     txt, vec = encoder.encode(list(prompts))
     return TextEmbedding(txt.float().cpu(), vec.float().cpu())
 
@@ -133,7 +138,7 @@ def encode_prompts(encoder, prompts: list[str]) -> TextEmbedding:
 def load_for_sampling(
     checkpoint: str | Path, device: torch.device, ema: bool = True
 ) -> tuple[Config, FluxTextToImage, Path]:
-    """Rebuilds the trained pipeline from a checkpoint (or run) folder, with EMA weights by default."""
+    """Rebuilds the trained pipeline from a checkpoint (or run) folder, EMA weights by default."""
     path = resolve_checkpoint(checkpoint)
     desc = read_description(path)
     cfg = config_from_dict(desc["config"])
@@ -152,22 +157,20 @@ def load_pretrained_edit_pipeline(
     dtype: torch.dtype | None = None,
     text_encoder: str | None = None,
     text_max_length: int = 512,
-):
+) -> tuple[FluxTextToImage, TextEncoder]:
     """(pipeline, text encoder) for a FLUX.1 Kontext-dev folder in the diffusers layout
-    (``transformer/``, ``vae/``, ``tokenizer*/``, ``text_encoder*/``); ``text_encoder`` overrides the
-    folder's T5 + CLIP. Kontext-dev is a plain Flux, so nothing here is edit-specific; the pipeline works
-    in the autoencoder's latent space with 2×2 patches."""
+    (``transformer/``, ``vae/``, ``tokenizer*/``, ``text_encoder*/``); ``text_encoder`` overrides
+    the folder's T5 + CLIP. Kontext-dev is a plain Flux, so nothing here is edit-specific; the
+    pipeline works in the autoencoder's latent space with 2×2 patches."""
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = load_flux(
-        folder, device, dtype
-    )  # Kontext-dev is a plain Flux: meta-device build, streamed weights
+    model = load_flux(folder, device, dtype)  # a meta-device build, weights streamed in
     codec = LatentCodec(load_autoencoder(folder, device=device, dtype=dtype))
     if model.params.in_channels != codec.channels * 4:
         raise ValueError(
-            f"the transformer takes {model.params.in_channels} features per token but the autoencoder's "
-            f"{codec.channels} channels in 2×2 patches give {codec.channels * 4}"
+            f"the transformer takes {model.params.in_channels} features per token but the "
+            f"autoencoder's {codec.channels} channels in 2×2 patches give {codec.channels * 4}"
         )
     encoder = build_text_encoder(text_encoder or str(folder), text_max_length, device)
     return FluxTextToImage(model, codec, resolution, patch_size=2), encoder

@@ -1,11 +1,13 @@
-"""The Flux text-to-image task: images ⇄ tokens, conditioning, the velocity callable and generation.
+"""The Flux text-to-image pipeline: images ⇄ tokens, the velocity of a conditioned Flux, generation.
 
-The trainer and ``fluxlab sample`` both go through this class, so what is trained is what is sampled.
+Training tasks and ``fluxlab sample`` / ``edit`` / ``eval`` share this pipeline, so the velocity
+that is trained is the one that is sampled.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import functools
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -13,8 +15,9 @@ from torch import Tensor, nn
 
 from fluxlab.conditioning.kontext import ConditionTokens, prepare_edit_inputs, target_prediction
 from fluxlab.conditioning.tokens import image_ids, pack, text_ids, unpack
-from fluxlab.diffusion.ddpm import DDPMObjective, ddpm_generate
-from fluxlab.diffusion.samplers import euler, get_schedule, heun
+from fluxlab.diffusion.ddpm import DDPMObjective, Spacing
+from fluxlab.diffusion.guidance import classifier_free_guidance
+from fluxlab.diffusion.samplers import sample
 from fluxlab.models.flux.model import Flux
 
 
@@ -32,7 +35,7 @@ class PixelCodec(nn.Module):
 
 
 class LatentCodec(nn.Module):
-    """Latent space through a FLUX autoencoder: scale·(z − shift), 16 channels at 1/8 of the side."""
+    """Latent space through a FLUX autoencoder: scale·(z − shift), 16 channels at 1/8 the side."""
 
     def __init__(self, autoencoder: nn.Module):
         super().__init__()
@@ -60,6 +63,9 @@ class TextEmbedding:
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TextEmbedding:
         return TextEmbedding(self.txt.to(device, dtype), self.vec.to(device, dtype))
 
+    def __getitem__(self, index: slice) -> TextEmbedding:
+        return TextEmbedding(self.txt[index], self.vec[index])
+
     def repeat(self, n: int) -> TextEmbedding:
         return TextEmbedding(self.txt.expand(n, -1, -1), self.vec.expand(n, -1))
 
@@ -68,8 +74,8 @@ class TextEmbedding:
         return TextEmbedding(torch.cat([i.txt for i in items]), torch.cat([i.vec for i in items]))
 
 
-def autocast_for(device: torch.device, mixed_precision: str):
-    """bf16 autocast on CUDA by default, none on CPU (fp32 is exact and the CPU has no fast bf16 path)."""
+def autocast_for(device: torch.device, mixed_precision: str) -> AbstractContextManager:
+    """bf16 autocast on CUDA by default; none on CPU, where fp32 is exact and bf16 is not faster."""
     use_bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
     if use_bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -77,6 +83,9 @@ def autocast_for(device: torch.device, mixed_precision: str):
 
 
 class FluxTextToImage:
+    """A Flux on image tokens from ``codec`` (pixels or autoencoder latents) in ``patch_size``
+    patches, conditioned on text (and, for Kontext edits, on a condition image's tokens)."""
+
     def __init__(
         self,
         model: Flux,
@@ -122,7 +131,7 @@ class FluxTextToImage:
         guidance: Tensor | None = None,
         condition: ConditionTokens | None = None,
     ) -> Tensor:
-        """v(x_t, t); with a Kontext ``condition`` its tokens ride along and only x_t's part is returned."""
+        """v(x_t, t); a Kontext ``condition``'s tokens ride along, only x_t's part is returned."""
         b = x_t.shape[0]
         device = x_t.device
         img, ids = x_t, image_ids(b, self.grid, self.grid, device=device)
@@ -156,57 +165,53 @@ class FluxTextToImage:
         condition: ConditionTokens | None = None,
         ddpm: DDPMObjective | None = None,
         eta: float = 0.0,
-        spacing: str = "trailing",
+        spacing: Spacing = "trailing",
     ) -> Tensor:
-        """Images [B, 3, H, W] in [-1, 1] for a batch of prompt embeddings; one seed → the same noise.
-        A model trained by ``ddpm`` (its ε/v/x0 output in place of the velocity) samples with
-        sampler "ddim" (``eta``) or "ddpm" over ``steps`` timesteps of ``spacing``.
-        ``condition`` (one per prompt) makes it a Kontext edit; CFG keeps it in both branches."""
+        """Images [B, 3, H, W] in [-1, 1] for a batch of prompt embeddings; one seed → one noise.
+
+        ``guidance`` is the CFG scale against ``negative`` (1 = off); ``distilled_guidance`` feeds
+        a guidance-distilled model's embedding. A model trained by ``ddpm`` (ε/v/x0 output) samples
+        with "ddim" (``eta``) or "ddpm" over ``steps`` timesteps of ``spacing``. ``condition``
+        (one per prompt) makes it a Kontext edit; both CFG branches see it.
+        """
         model = model if model is not None else self.model
         device = next(model.parameters()).device
         b = text.txt.shape[0]
         gen = torch.Generator(device="cpu").manual_seed(seed)
         noise = torch.randn(b, self.image_seq_len, self.token_dim, generator=gen).to(device)
-        timesteps = get_schedule(steps, self.image_seq_len, shift=shift)
         g_vec = (
             torch.full((b,), distilled_guidance, device=device)
             if self.model.params.guidance_embed
             else None
         )
         text = text.to(device)
-        use_cfg = guidance != 1.0
-        if use_cfg:
-            # One forward over [cond; uncond] rather than two: half the kernel launches.
-            both = TextEmbedding.cat([text, negative.to(device).repeat(b)])
-            g_both = torch.cat([g_vec, g_vec]) if g_vec is not None else None
-        cond_both = None
-        if condition is not None:
-            condition = condition.to(device)
-            cond_both = ConditionTokens.cat([condition, condition]) if use_cfg else None
+        condition = condition.to(device) if condition is not None else None
 
-        def velocity(x: Tensor, t: Tensor) -> Tensor:
-            if not use_cfg:
-                return self.velocity(model, x, t, text, g_vec, condition=condition)
-            v_cond, v_uncond = self.velocity(
-                model, torch.cat([x, x]), torch.cat([t, t]), both, g_both, condition=cond_both
-            ).chunk(2)
-            return v_uncond + guidance * (v_cond - v_uncond)
+        def conditional(x: Tensor, t: Tensor) -> Tensor:
+            return self.velocity(model, x, t, text, g_vec, condition)
 
-        if ddpm is not None:
-            tokens = ddpm_generate(
-                velocity,
-                noise,
-                ddpm,
-                sampler,
-                steps,
-                eta=eta,
-                spacing=spacing,
-                generator=gen,
-                progress=progress,
-            )  # type: ignore[arg-type]
-            return self.from_tokens(tokens).float().cpu()
-        integrate = {"euler": euler, "heun": heun}.get(sampler)
-        if integrate is None:
-            raise ValueError(f"sampler {sampler!r} unknown; choose euler or heun")
-        tokens = integrate(velocity, noise, timesteps, progress=progress)
+        @functools.cache  # built on first use: with CFG off the doubled batch is never needed
+        def doubled() -> tuple[TextEmbedding, Tensor | None, ConditionTokens | None]:
+            return (
+                TextEmbedding.cat([text, negative.to(device).repeat(b)]),
+                torch.cat([g_vec, g_vec]) if g_vec is not None else None,
+                ConditionTokens.cat([condition, condition]) if condition is not None else None,
+            )
+
+        def paired(x: Tensor, t: Tensor) -> Tensor:
+            return self.velocity(model, x, t, *doubled())
+
+        tokens = sample(
+            sampler,
+            classifier_free_guidance(conditional, paired, guidance),
+            noise,
+            steps,
+            image_seq_len=self.image_seq_len,
+            shift=shift,
+            ddpm=ddpm,
+            eta=eta,
+            spacing=spacing,
+            generator=gen,
+            progress=progress,
+        )
         return self.from_tokens(tokens).float().cpu()

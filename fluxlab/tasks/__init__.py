@@ -1,4 +1,4 @@
-"""Tasks: what is trained (model + inputs + objective + how to sample), separate from how (the trainer).
+"""Tasks: what is trained (model, inputs, objective, how to sample), apart from the trainer.
 
 A task exposes ``model``, ``loss(model, batch, generator) -> (per-sample loss, t)``,
 ``sample_images(model) -> (images, captions)`` and ``description()`` (saved in every checkpoint so
@@ -15,12 +15,17 @@ import torch
 from torch import Tensor, nn
 
 from fluxlab.config.schema import Config
+from fluxlab.tasks.cached import CachedTextToImageTask
+from fluxlab.tasks.class_to_image import ClassToImageTask
+from fluxlab.tasks.edit import EditTask
+from fluxlab.tasks.text_to_image import TextToImageTask
 
 
 class Task(Protocol):
     model: nn.Module
 
-    # ``generator`` is a torch.Generator or per-sample fluxlab.train.rng.SampleGenerators: draw through fluxlab.train.rng.
+    # ``generator`` is a torch.Generator or per-sample fluxlab.train.rng.SampleGenerators; draw
+    # through fluxlab.train.rng.
     def loss(
         self, model: nn.Module, batch: dict[str, Any], generator: Any
     ) -> tuple[Tensor, Tensor]: ...
@@ -33,29 +38,21 @@ class Task(Protocol):
 def build_task(
     cfg: Config, dataset: Any, device: torch.device, extra_captions: Sequence[str] = ()
 ) -> Task:
-    """The task for a config, built for training on ``dataset`` (and validating on ``extra_captions`` too)."""
-    if (
-        cfg.data.cache_dir is not None
-    ):  # latents + text embeddings from `fluxlab cache`: no encoders
-        from fluxlab.tasks.cached import CachedTextToImageTask
-
+    """The task for a config, built for training on ``dataset`` (and validating on
+    ``extra_captions`` too)."""
+    if cfg.data.cache_dir is not None:  # latents + text embeddings from `fluxlab cache`
         if cfg.model.arch != "flux" or cfg.data.task != "text_to_image":
             raise ValueError(
                 "data.cache_dir trains text-to-image Flux models; unset it for DiT or edit runs"
             )
         return CachedTextToImageTask.for_training(cfg, dataset, device, extra_captions)
     if cfg.data.task == "edit":
-        from fluxlab.tasks.edit import EditTask
-
         return EditTask.for_training(cfg, dataset, device, extra_captions)
     if cfg.model.arch == "flux":  # text-to-image, under either objective
-        from fluxlab.tasks.text_to_image import TextToImageTask
-
         return TextToImageTask.for_training(cfg, dataset, device, extra_captions)
     if cfg.model.arch == "dit":  # class-conditional, under either objective
-        from fluxlab.tasks.class_to_image import ClassToImageTask
-
         return ClassToImageTask.for_training(cfg, dataset, device)
     raise ValueError(
-        f"model.arch={cfg.model.arch!r} with objective.kind={cfg.objective.kind!r} is not wired into the trainer yet"
+        f"model.arch={cfg.model.arch!r} with objective.kind={cfg.objective.kind!r} is not wired "
+        "into the trainer; use model.arch=flux or dit"
     )

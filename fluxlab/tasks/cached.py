@@ -1,9 +1,10 @@
-"""Text-to-image from the latent cache (``data.cache_dir``): latents and text embeddings come straight from
-the shards, so a training step runs the transformer only; no autoencoder or text encoder is built.
+"""Text-to-image from the latent cache (``data.cache_dir``): latents and text embeddings come
+straight from the shards, so a training step runs the transformer only; no autoencoder or text
+encoder is built.
 
-The autoencoder's decoder (and, for prompts that were not cached, the text encoder) load lazily on the
-first sample grid. Checkpoints describe the same task as on-the-fly training, so ``fluxlab sample`` and
-``fluxlab eval`` rebuild them with the autoencoder named in the config.
+The autoencoder's decoder (and, for prompts that were not cached, the text encoder) load on the
+first sample grid. Checkpoints describe the same task as on-the-fly training, so ``fluxlab sample``
+and ``fluxlab eval`` rebuild them with the autoencoder named in the config.
 """
 
 from __future__ import annotations
@@ -15,21 +16,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fluxlab.conditioning.text_encoders import build_text_encoder
 from fluxlab.conditioning.tokens import image_ids, pack, text_ids
 from fluxlab.config.schema import Config
 from fluxlab.data.cache import CachedLatents, check_cache, load_text_table
 from fluxlab.diffusion.ddpm import DDPMObjective
+from fluxlab.diffusion.objectives import objective_from_config
 from fluxlab.models.flux.model import Flux, FluxParams
-from fluxlab.pipelines.build import build_codec, build_model, model_params
+from fluxlab.pipelines.build import build_codec, build_model, build_pipeline, model_params
 from fluxlab.pipelines.text_to_image import FluxTextToImage, TextEmbedding, autocast_for
 from fluxlab.train import rng
 from fluxlab.train.rng import SampleGenerators
 
 
 class CachedTextToImageTask:
-    def __init__(self, cfg: Config, model: Flux, params: FluxParams, device: torch.device) -> None:
-        from fluxlab.tasks.text_to_image import objective_from_config
+    """Text-to-image Flux training on cached latents and text embeddings (no encoders)."""
 
+    def __init__(self, cfg: Config, model: Flux, params: FluxParams, device: torch.device) -> None:
         self.cfg, self.model, self.params, self.device = cfg, model, params, device
         self.objective = objective_from_config(cfg)
         self.text = load_text_table(cfg.data.cache_dir or "")
@@ -50,15 +53,15 @@ class CachedTextToImageTask:
         params = model_params(
             cfg, token_dim, index["text"]["context_dim"], index["text"]["pooled_dim"]
         )
-        return cls(
-            cfg, build_model(cfg, params, device), params, device
-        )  # from scratch or model.init_from
+        # build_model starts from scratch or from model.init_from
+        return cls(cfg, build_model(cfg, params, device), params, device)
 
     # ------------------------------------------------------------------------------------------
     def velocity(
         self, model: nn.Module, x_t: Tensor, t: Tensor, text: TextEmbedding, grid: tuple[int, int]
     ) -> Tensor:
-        """v(x_t, t) for tokens of a ``grid`` (rows, columns) of latent patches: the batch's bucket."""
+        """v(x_t, t) for tokens of a ``grid`` (rows, columns) of latent patches: the batch's
+        bucket."""
         b, device = x_t.shape[0], x_t.device
         with autocast_for(device, self.cfg.train.mixed_precision):
             out = model(
@@ -77,7 +80,8 @@ class CachedTextToImageTask:
         generator: torch.Generator | SampleGenerators | None,
         measure: bool,
     ) -> Tensor:
-        """The batch's latents [B, C, h, w]; with stored posteriors a fresh sample (the mean when measuring)."""
+        """The batch's latents [B, C, h, w]; with stored posteriors a fresh sample (the mean when
+        measuring)."""
         if "latent" in batch:
             return batch["latent"].to(self.device, torch.float32, non_blocking=True)
         mean = batch["mean"].to(self.device, torch.float32, non_blocking=True)
@@ -94,8 +98,9 @@ class CachedTextToImageTask:
         t: Tensor | None = None,
         noise: Tensor | Callable[[torch.Size], Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Training loss; with ``t`` given a measurement (no caption dropout, posterior means). Draws from
-        ``generator`` in the on-the-fly task's order (dropout, then the objective's t and noise)."""
+        """Training loss; with ``t`` given a measurement (no caption dropout, posterior means).
+        Draws from ``generator`` in the on-the-fly task's order (dropout, then the objective's t
+        and noise)."""
         device = self.device
         txt = batch["txt"].to(device, torch.float32, non_blocking=True)
         vec = batch["vec"].to(device, torch.float32, non_blocking=True)
@@ -124,24 +129,17 @@ class CachedTextToImageTask:
         """The sampling pipeline, its autoencoder loaded on first use (sample grids only)."""
         if self._pipe is None:
             codec = build_codec(self.cfg, self.device)
-            self._pipe = FluxTextToImage(
-                self.model,
-                codec,
-                self.cfg.data.resolution,
-                self.cfg.encoding.patch_size,
-                mixed_precision=self.cfg.train.mixed_precision,
-            )
+            self._pipe = build_pipeline(self.cfg, self.params, self.device, codec, self.model)
         return self._pipe
 
     def embed(self, prompts: list[str]) -> TextEmbedding:
-        """Cached embeddings of ``prompts``; ones the cache lacks (the config's prompts changed since) are encoded."""
+        """Cached embeddings of ``prompts``; ones the cache lacks (the config's prompts changed
+        since) are encoded."""
         missing = [p for p in prompts if p not in self.text]
         if missing:
-            from fluxlab.conditioning.text_encoders import build_text_encoder
-
             warnings.warn(
-                f"{len(missing)} sample prompt(s) are not in the cache (e.g. {missing[0]!r}); loading the "
-                "text encoder to embed them",
+                f"{len(missing)} sample prompt(s) are not in the cache (e.g. {missing[0]!r}); "
+                "loading the text encoder to embed them",
                 stacklevel=2,
             )
             encoder = build_text_encoder(

@@ -1,8 +1,8 @@
-"""Class-conditional generation: a DiT (adaLN-Zero) on class labels, trained by DDPM or rectified flow.
+"""Class-conditional generation: a DiT (adaLN-Zero) on class labels, by DDPM or rectified flow.
 
-The class label is dropped to the DiT's null class with probability ``data.caption_dropout`` (the one
-condition-dropout knob shared with text-to-image), drawn from the trainer's seeded generator so a
-resumed run replays the same drops; the DiT's own ``class_dropout_prob`` is therefore built as 0.
+The class label is dropped to the DiT's null class with probability ``data.caption_dropout`` (the
+one condition-dropout knob shared with text-to-image), drawn from the trainer's seeded generator so
+a resumed run replays the same drops; the DiT's own ``class_dropout_prob`` is therefore built as 0.
 Sampling is classifier-free guided with that null class, by DDIM/DDPM (``objective.kind=ddpm``) or
 Euler/Heun over the FLUX schedule (``objective.kind=flow``).
 """
@@ -17,22 +17,15 @@ import torch
 from torch import Tensor, nn
 
 from fluxlab.config.model_params import dit_params
-from fluxlab.config.schema import Config
-from fluxlab.diffusion.ddpm import DDPMObjective, DDPMSchedule, ddpm_generate
-from fluxlab.diffusion.flow import RectifiedFlow
-from fluxlab.diffusion.samplers import euler, get_schedule, heun
+from fluxlab.config.schema import Config, config_from_dict
+from fluxlab.diffusion.ddpm import DDPMObjective, Spacing
+from fluxlab.diffusion.guidance import classifier_free_guidance
+from fluxlab.diffusion.objectives import objective_from_config
+from fluxlab.diffusion.samplers import sample
 from fluxlab.models.dit import DiT, DiTParams
 from fluxlab.pipelines.text_to_image import autocast_for
 from fluxlab.train import rng
-
-
-def make_objective(cfg: Config) -> RectifiedFlow | DDPMObjective:
-    o = cfg.objective
-    if o.kind == "flow":
-        return RectifiedFlow(
-            t_sampler=o.t_sampler, logit_mean=o.logit_mean, logit_std=o.logit_std, shift=o.shift
-        )
-    return DDPMObjective(DDPMSchedule(o.beta_schedule), o.prediction, o.loss, o.min_snr_gamma)
+from fluxlab.train.checkpoint import load_weights, read_description, resolve_checkpoint
 
 
 def class_indices(names: list[str], classes: list[str]) -> list[int]:
@@ -47,16 +40,18 @@ def class_indices(names: list[str], classes: list[str]) -> list[int]:
 
 
 class ClassToImageTask:
-    def __init__(self, cfg: Config, model: DiT, classes: list[str]):
+    """A DiT trained on class labels; sampling draws ``sample.prompts`` as class names."""
+
+    def __init__(self, cfg: Config, model: DiT, classes: list[str]) -> None:
         self.cfg = cfg
         self.model = model
         self.params = model.params
         self.classes = list(classes)
-        self.objective = make_objective(cfg)
+        self.objective = objective_from_config(cfg)
         self.null_class = self.params.num_classes
         prompts = list(cfg.sample.prompts)
-        # sample.prompts name the grid's classes; prompts naming none (the text-to-image defaults, or
-        # an empty list) mean one image per class.
+        # sample.prompts name the grid's classes; prompts naming none (the text-to-image
+        # defaults, or an empty list) mean one image per class.
         known = [p for p in prompts if p in self.classes]
         self.sample_classes = (
             class_indices(prompts, self.classes) if known else list(range(len(self.classes)))
@@ -67,7 +62,8 @@ class ClassToImageTask:
         classes = getattr(dataset, "classes", None)
         if not classes:
             raise ValueError(
-                f"data.dataset={cfg.data.dataset!r} has no classes; class_to_image needs labelled data"
+                f"data.dataset={cfg.data.dataset!r} has no classes; class_to_image needs "
+                "labelled data"
             )
         model = DiT(dit_params(cfg, len(classes))).to(device)
         return cls(cfg, model, list(classes))
@@ -77,9 +73,6 @@ class ClassToImageTask:
         cls, checkpoint: str | Path, device: torch.device, ema: bool = True
     ) -> tuple[ClassToImageTask, Path]:
         """Rebuilds the trained task from a run or checkpoint folder (EMA weights by default)."""
-        from fluxlab.config.schema import config_from_dict
-        from fluxlab.train.checkpoint import load_weights, read_description, resolve_checkpoint
-
         path = resolve_checkpoint(checkpoint)
         desc = read_description(path)
         cfg = config_from_dict(desc["config"])
@@ -113,13 +106,14 @@ class ClassToImageTask:
         guidance: float,
         sampler: str,
         eta: float = 0.0,
-        spacing: str = "trailing",
+        spacing: Spacing = "trailing",
         shift: bool = True,
         seed: int = 0,
         model: nn.Module | None = None,
         progress: bool = False,
     ) -> Tensor:
-        """Images [B, 3, H, W] in [-1, 1], one per label; one seed → the same noise and sampler noise."""
+        """Images [B, 3, H, W] in [-1, 1], one per label; one seed → the same noise and sampler
+        noise. ``guidance`` is the CFG scale against the null class (1 = off)."""
         model = model if model is not None else self.model
         device = next(model.parameters()).device
         p = self.params
@@ -127,38 +121,25 @@ class ClassToImageTask:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         noise = torch.randn(b, p.in_channels, p.input_size, p.input_size, generator=gen).to(device)
         y = torch.tensor(labels, device=device)
-        y_both = torch.cat([y, torch.full_like(y, self.null_class)])
-
-        def predict(x: Tensor, t: Tensor) -> Tensor:
-            if guidance == 1.0:
-                return self._predict(model, x, t, y)
-            # One forward over [cond; uncond] rather than two.
-            cond, uncond = self._predict(model, torch.cat([x, x]), torch.cat([t, t]), y_both).chunk(
-                2
-            )
-            return uncond + guidance * (cond - uncond)
-
-        if isinstance(self.objective, DDPMObjective):
-            x = ddpm_generate(
-                predict,
-                noise,
-                self.objective,
-                sampler,
-                steps,
-                eta=eta,
-                spacing=spacing,
-                generator=gen,
-                progress=progress,  # type: ignore[arg-type]
-            )
-        else:
-            integrate = {"euler": euler, "heun": heun}.get(sampler)
-            if integrate is None:
-                raise ValueError(
-                    f"sampler {sampler!r} does not sample a flow model; choose euler or heun"
-                )
-            x = integrate(
-                predict, noise, get_schedule(steps, p.grid_size**2, shift=shift), progress=progress
-            )
+        y_paired = torch.cat([y, torch.full_like(y, self.null_class)])
+        predict = classifier_free_guidance(
+            lambda x, t: self._predict(model, x, t, y),
+            lambda x, t: self._predict(model, x, t, y_paired),
+            guidance,
+        )
+        x = sample(
+            sampler,
+            predict,
+            noise,
+            steps,
+            image_seq_len=p.grid_size**2,
+            shift=shift,
+            ddpm=self.objective if isinstance(self.objective, DDPMObjective) else None,
+            eta=eta,
+            spacing=spacing,
+            generator=gen,
+            progress=progress,
+        )
         return x.clamp(-1, 1).float().cpu()
 
     def sample_images(self, model: nn.Module) -> tuple[Tensor, list[str]]:

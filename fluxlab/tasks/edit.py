@@ -1,9 +1,10 @@
 """Kontext-style image editing: (condition image, instruction) → target, by rectified flow.
 
-The same Flux, caption table and pipeline as text-to-image; the condition image's tokens ride along
-in every forward (``FluxTextToImage.velocity(..., condition=...)``) and the loss covers the target's
-tokens only. Caption dropout drops the instruction but never the condition, so classifier-free guidance
-at sampling time strengthens the instruction while both branches see the source image.
+The same Flux, caption table and pipeline as text-to-image; the condition image's tokens ride
+along in every forward (``FluxTextToImage.velocity(..., condition=...)``) and the loss covers the
+target's tokens only. Caption dropout drops the instruction but never the condition, so
+classifier-free guidance at sampling time strengthens the instruction while both branches see the
+source image.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from fluxlab.conditioning.kontext import ConditionTokens, encode_condition
 from fluxlab.config.schema import Config
+from fluxlab.data.edit_pairs import build_edit_dataset
 from fluxlab.models.flux.model import FluxParams
 from fluxlab.pipelines.text_to_image import FluxTextToImage, TextEmbedding
 from fluxlab.tasks.text_to_image import CaptionTable, TextToImageTask, build_flux_parts
@@ -30,8 +32,8 @@ MAX_SAMPLES = 8
 def edit_triplets(
     condition: Tensor, output: Tensor, target: Tensor | None = None, gap: int = 2
 ) -> Tensor:
-    """Side-by-side tiles condition | output | target [B, 3, H, 3W + 2·gap], white between; a condition of
-    another size is resized to the output's for display."""
+    """Side-by-side tiles condition | output | target [B, 3, H, 3W + 2·gap], white between; a
+    condition of another size is resized to the output's for display."""
     h, w = output.shape[-2:]
     if condition.shape[-2:] != (h, w):
         condition = F.interpolate(condition.float(), size=(h, w), mode="nearest")
@@ -46,9 +48,8 @@ def edit_triplets(
 
 
 def sample_examples(cfg: Config, fallback: Any) -> list[dict[str, Any]]:
-    """Up to MAX_SAMPLES pairs spread over the held-out split (the training set when nothing is held out)."""
-    from fluxlab.data.edit_pairs import build_edit_dataset
-
+    """Up to MAX_SAMPLES pairs spread over the held-out split (the training set when nothing is
+    held out)."""
     d = cfg.data
     dataset = fallback
     if d.val_fraction > 0:
@@ -65,6 +66,8 @@ def sample_examples(cfg: Config, fallback: Any) -> list[dict[str, Any]]:
 
 
 class EditTask(TextToImageTask):
+    """Kontext-style editing: the text-to-image task with a condition image beside the target."""
+
     grid_nrow = 4  # triplets per row of the sample grid
 
     def __init__(
@@ -78,7 +81,7 @@ class EditTask(TextToImageTask):
         sample_conditions: Tensor,
         sample_targets: Tensor,
         sample_instructions: list[str],
-    ):
+    ) -> None:
         super().__init__(cfg, pipe, params, captions, sample_text, negative_text)
         self.sample_conditions = sample_conditions
         self.sample_targets = sample_targets

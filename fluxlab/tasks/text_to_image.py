@@ -1,4 +1,6 @@
-"""FLUX text-to-image by rectified flow: captions → cached text embeddings → velocity on image tokens."""
+"""FLUX text-to-image: captions → cached text embeddings → the pipeline's velocity on image tokens.
+
+Trained by rectified flow, or by DDPM (the model's output then stands for ε, v or x0)."""
 
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from fluxlab.conditioning.kontext import ConditionTokens
+from fluxlab.conditioning.text_cache import encode_captions_cached
+from fluxlab.conditioning.text_encoders import build_text_encoder
 from fluxlab.config.schema import Config
 from fluxlab.data.common import cache_dir
 from fluxlab.diffusion.ddpm import DDPMObjective
-from fluxlab.diffusion.flow import RectifiedFlow
+from fluxlab.diffusion.objectives import objective_from_config
 from fluxlab.models.flux.model import FluxParams
 from fluxlab.pipelines.build import (
     build_codec,
@@ -32,9 +36,7 @@ class CaptionTable:
 
     def __init__(
         self, encoder: Any, captions: list[str], device: torch.device, cache: Path | None = None
-    ):
-        from fluxlab.conditioning.text_cache import encode_captions_cached
-
+    ) -> None:
         unique = sorted(set(captions) | {""})
         txt, vec = encode_captions_cached(encoder, unique, cache or cache_dir() / "text")
         self.index = {c: i for i, c in enumerate(unique)}
@@ -49,19 +51,12 @@ class CaptionTable:
         return TextEmbedding(self.txt[idx], self.vec[idx])
 
 
-def objective_from_config(cfg: Config) -> RectifiedFlow | DDPMObjective:
-    from fluxlab.tasks.class_to_image import make_objective
-
-    return make_objective(cfg)
-
-
 def build_flux_parts(
     cfg: Config, captions: list[str], sample_prompts: list[str], device: torch.device
 ) -> tuple[FluxTextToImage, FluxParams, CaptionTable, TextEmbedding, TextEmbedding]:
-    """The pipeline (codec + Flux sized to it and to the text encoder) and every caption encoded once; the
-    text encoder is dropped afterwards, as every caption the run will see is in the table."""
-    from fluxlab.conditioning.text_encoders import build_text_encoder
-
+    """The pipeline (codec + Flux sized to it and to the text encoder) and every caption encoded
+    once; the text encoder is dropped afterwards, as every caption the run will see is in the
+    table."""
     encoder = build_text_encoder(cfg.encoding.text_encoder, cfg.encoding.text_max_length, device)
     table = CaptionTable(encoder, captions + list(sample_prompts), device)
     sample_text = encode_prompts(encoder, sample_prompts)
@@ -74,6 +69,8 @@ def build_flux_parts(
 
 
 class TextToImageTask:
+    """A Flux trained on (image, caption) pairs, through ``FluxTextToImage``."""
+
     def __init__(
         self,
         cfg: Config,
@@ -82,7 +79,7 @@ class TextToImageTask:
         captions: CaptionTable,
         sample_text: TextEmbedding,
         negative_text: TextEmbedding,
-    ):
+    ) -> None:
         self.cfg = cfg
         self.pipe = pipe
         self.model = pipe.model
@@ -96,7 +93,8 @@ class TextToImageTask:
     def for_training(
         cls, cfg: Config, dataset: Any, device: torch.device, extra_captions: Sequence[str] = ()
     ) -> TextToImageTask:
-        """``extra_captions`` (the validation split's) join the table so validation needs no text encoder."""
+        """``extra_captions`` (the validation split's) join the table: validation then needs no
+        text encoder."""
         return cls(
             cfg,
             *build_flux_parts(
@@ -105,7 +103,7 @@ class TextToImageTask:
         )
 
     def condition(self, batch: dict[str, Any], device: torch.device) -> ConditionTokens | None:
-        """Extra tokens that ride along with the noisy ones (an edit task's source image); none here."""
+        """Tokens that ride along with the noisy ones (an edit task's source image); none here."""
         return None
 
     def loss(
@@ -118,8 +116,8 @@ class TextToImageTask:
     ) -> tuple[Tensor, Tensor]:
         """Training loss; with ``t`` given it is a measurement instead: no caption dropout.
 
-        ``noise`` is a tensor shaped like the image tokens, or a function of that shape (so callers need not
-        know the token layout).
+        ``noise`` is a tensor shaped like the image tokens, or a function of that shape (so callers
+        need not know the token layout).
         """
         device = self.captions.txt.device
         images = batch["image"].to(device, non_blocking=True)

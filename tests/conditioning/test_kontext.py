@@ -1,5 +1,5 @@
-"""Kontext editing: token layout and ids against diffusers' FluxKontextPipeline, the OpenMoji edit pairs,
-user edit folders, and a tiny edit model trained and used through the CLI."""
+"""Kontext editing: token layout and ids against diffusers' FluxKontextPipeline, the OpenMoji edit
+pairs, user edit folders, and a tiny edit model trained and used through the CLI."""
 
 from __future__ import annotations
 
@@ -73,8 +73,8 @@ def _tiny_transformer(
 
 @pytest.fixture(scope="module")
 def kontext_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A FLUX.1 Kontext-dev-shaped folder (diffusers layout) with tiny random transformer and VAE; MiniLM's
-    384-wide text features stand in for T5/CLIP so the CLI can run it offline."""
+    """A FLUX.1 Kontext-dev-shaped folder (diffusers layout) with tiny random transformer and VAE;
+    MiniLM's 384-wide text features stand in for T5/CLIP so the CLI can run it offline."""
     root = tmp_path_factory.mktemp("kontext")
     torch.manual_seed(0)
     diffusers.AutoencoderKL(**VAE).eval().save_pretrained(root / "vae")
@@ -95,7 +95,8 @@ def _oracle_pipeline(vae_dir: Path) -> diffusers.FluxKontextPipeline:
     )
 
 
-# (target height, width), (condition height, width) in pixels; conditions of another size and shape too.
+# (target height, width), (condition height, width) in pixels; conditions of other sizes and shapes
+# too.
 SIZES = [((64, 64), (64, 64)), ((64, 64), (48, 96)), ((32, 80), (96, 32))]
 
 
@@ -122,7 +123,8 @@ def test_tokens_and_ids_match_diffusers_prepare_latents(
     torch.testing.assert_close(condition.tokens, image_latents, atol=1e-5, rtol=1e-5)
     assert torch.equal(condition.ids, cond_ids.expand(b, -1, -1))  # (1, row, col), restarting at 0
     assert condition.ids[0, 0].tolist() == [1, 0, 0]
-    # The noisy target: same packing (diffusers' latents re-packed by us from their unpacked form) and ids.
+    # The noisy target: same packing (diffusers' latents re-packed by us from their unpacked form)
+    # and ids.
     grid_h, grid_w = target[0] // 16, target[1] // 16
     unpacked = oracle._unpack_latents(latents, target[0], target[1], 8)
     assert torch.equal(pack(unpacked, 2), latents)
@@ -183,7 +185,7 @@ def test_pretrained_folder_loads_as_plain_flux(kontext_dir: Path) -> None:
     assert torch.equal(model.img_in.weight, ref.x_embedder.weight)
 
 
-# --------------------------------------------------------------------------------------- OpenMoji pairs
+# ------------------------------------------------------------------------------- OpenMoji pairs
 
 
 def test_openmoji_pairs_tone_gender_hair_color_both_directions() -> None:

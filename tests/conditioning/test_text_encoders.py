@@ -1,4 +1,5 @@
-"""Text encoders and the text-embedding cache, on the embedded MiniLM and tiny random FLUX encoders."""
+"""Text encoders and the text-embedding cache, on the embedded MiniLM and tiny random FLUX
+encoders."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def test_minilm_rejects_bad_input(minilm: MiniLMTextEncoder) -> None:
     assert tokens.shape == (0, 16, 384) and pooled.shape == (0, 384)
 
 
-# --- FLUX T5 + CLIP, as tiny random models saved in the diffusers FLUX layout ----------------------
+# --- FLUX T5 + CLIP, as tiny random models saved in the diffusers FLUX layout -------------------
 
 WORDS = "a photo of cat dog red blue emoji smiling face with the and on table apple".split()
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -146,7 +147,8 @@ def flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     clip_config = transformers.CLIPTextConfig(
         vocab_size=len(clip_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=77, projection_dim=32,
-        bos_token_id=clip_tokenizer.convert_tokens_to_ids("<|startoftext|>"), eos_token_id=eos, pad_token_id=eos,
+        bos_token_id=clip_tokenizer.convert_tokens_to_ids("<|startoftext|>"), eos_token_id=eos,
+        pad_token_id=eos,
     )  # fmt: skip
     t5_config = transformers.T5Config(
         vocab_size=len(t5_tokenizer), d_model=24, d_kv=8, d_ff=48, num_layers=2, num_heads=3,
@@ -261,7 +263,7 @@ def test_build_text_encoder(
             build_text_encoder(spec, max_length=None)
 
 
-# --- the cache, on a fake encoder that counts its calls --------------------------------------------
+# --- the cache, on a fake encoder that counts its calls -----------------------------------------
 
 
 class CountingEncoder(TextEncoder):

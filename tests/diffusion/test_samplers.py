@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from fluxlab.diffusion.ddpm import DDPMObjective, DDPMSchedule, ddim_sample, ddpm_sample
 from fluxlab.diffusion.flow import RectifiedFlow, resolution_mu, time_shift
-from fluxlab.diffusion.samplers import classifier_free_guidance, euler, get_schedule, heun
+from fluxlab.diffusion.samplers import euler, get_schedule, heun, sample
 
 diffusers = pytest.importorskip(
     "diffusers", reason="diffusers is the numerical oracle (test dependency)"
@@ -50,7 +51,8 @@ def test_time_shift_endpoints_and_monotone() -> None:
 
 
 def test_euler_is_exact_for_the_straight_path() -> None:
-    # For x_t = (1-t)·x0 + t·ε the true velocity is ε - x0, constant: Euler lands on x0 at any step count.
+    # For x_t = (1-t)·x0 + t·ε the true velocity ε - x0 is constant: Euler lands on x0 at any
+    # step count.
     x0, eps = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
     v = lambda x, t: eps - x0  # noqa: E731
     for sampler in (euler, heun):
@@ -58,12 +60,77 @@ def test_euler_is_exact_for_the_straight_path() -> None:
         torch.testing.assert_close(out, x0)
 
 
-def test_cfg_combination() -> None:
-    cond = lambda x, t: torch.ones_like(x)  # noqa: E731
-    uncond = lambda x, t: torch.zeros_like(x)  # noqa: E731
-    x = torch.zeros(2)
-    assert torch.equal(classifier_free_guidance(cond, uncond, 4.0)(x, x), torch.full((2,), 4.0))
-    assert classifier_free_guidance(cond, uncond, 1.0) is cond
+def _model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    # Any smooth function of (x, t): the dispatch must not change what the samplers compute.
+    return torch.sin(3 * x) * t.view(-1, *([1] * (x.ndim - 1))) - 0.5 * x
+
+
+@pytest.mark.parametrize("name", ["euler", "heun"])
+@pytest.mark.parametrize("shift", [True, False])
+def test_sample_dispatches_flow_samplers_over_the_flux_schedule(name: str, shift: bool) -> None:
+    noise = torch.randn(2, 16, 12, generator=torch.Generator().manual_seed(0))
+    integrate = {"euler": euler, "heun": heun}[name]
+    seen: list[int] = []
+    out = sample(
+        name, _model, noise, 5, image_seq_len=16, shift=shift, callback=lambda i, x: seen.append(i)
+    )
+    assert torch.equal(out, integrate(_model, noise, get_schedule(5, 16, shift=shift)))
+    assert seen == list(range(5))
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_sample_dispatches_ddim_and_ddpm_with_the_objective(prediction: str) -> None:
+    objective = DDPMObjective(DDPMSchedule("cosine"), prediction)  # type: ignore[arg-type]
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    common = dict(schedule=objective.schedule, prediction=prediction, clip_x0=1.0)
+    ddim = sample(
+        "ddim",
+        _model,
+        noise,
+        6,
+        image_seq_len=4,
+        ddpm=objective,
+        eta=0.5,
+        spacing="leading",
+        generator=torch.Generator().manual_seed(1),
+    )
+    ddim_ref = ddim_sample(
+        _model,
+        noise,
+        6,
+        0.5,
+        spacing="leading",
+        generator=torch.Generator().manual_seed(1),
+        **common,
+    )
+    assert torch.equal(ddim, ddim_ref)
+    ddpm = sample(
+        "ddpm",
+        _model,
+        noise,
+        7,
+        image_seq_len=4,
+        ddpm=objective,
+        generator=torch.Generator().manual_seed(2),
+    )
+    ddpm_ref = ddpm_sample(
+        _model,
+        noise,
+        steps=7,
+        spacing="trailing",
+        generator=torch.Generator().manual_seed(2),
+        **common,
+    )
+    assert torch.equal(ddpm, ddpm_ref)
+    assert not torch.equal(ddim, ddpm)
+
+
+def test_sample_refuses_a_sampler_of_the_other_objective() -> None:
+    noise = torch.zeros(1, 4, 3)
+    with pytest.raises(ValueError, match="does not sample a flow model; choose euler or heun"):
+        sample("ddim", _model, noise, 2, image_seq_len=4)
+    with pytest.raises(ValueError, match="does not sample a DDPM model; choose ddim or ddpm"):
+        sample("euler", _model, noise, 2, image_seq_len=4, ddpm=DDPMObjective())
 
 
 def test_rectified_flow_loss_is_velocity_mse() -> None:

@@ -4,7 +4,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from fluxlab.diffusion.ddpm import DDPMObjective, DDPMSchedule, cfg, ddim_sample
+from fluxlab.diffusion.ddpm import DDPMObjective, DDPMSchedule, ddim_sample
+from fluxlab.diffusion.guidance import classifier_free_guidance
 from fluxlab.models.dit import DIT_PRESETS, DiT, DiTParams, sincos_2d, timestep_embedding
 
 diffusers = pytest.importorskip("diffusers")
@@ -225,7 +226,9 @@ def test_tiny_dit_overfits_one_batch_and_samples_with_cfg() -> None:
 
     model.eval()
     null = torch.full_like(y, params.num_classes)
-    guided = cfg(lambda x, t: model(x, t, y), lambda x, t: model(x, t, null), scale=3.0)
+    guided = classifier_free_guidance(
+        lambda x, t: model(x, t, y), lambda x, t: model(x, t, torch.cat([y, null])), scale=3.0
+    )
     calls: list[int] = []
     x_T = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
     sample = ddim_sample(

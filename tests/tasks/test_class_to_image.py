@@ -8,8 +8,12 @@ import torch
 from PIL import Image
 
 from fluxlab.cli import main
+from fluxlab.config.model_params import dit_params
 from fluxlab.config.schema import load_config
 from fluxlab.data import OPENMOJI_GROUPS
+from fluxlab.diffusion.ddpm import ddim_sample
+from fluxlab.diffusion.samplers import euler, get_schedule
+from fluxlab.models.dit import DiT
 from fluxlab.tasks.class_to_image import ClassToImageTask
 from fluxlab.train.checkpoint import read_description
 from fluxlab.train.trainer import Trainer
@@ -166,7 +170,8 @@ def test_labels_condition_and_drop_to_the_null_class(tmp_path: Path) -> None:
     dropped = y == task.null_class
     assert 16 < dropped.sum() < 48  # about half at caption_dropout=0.5
     assert torch.equal(y[~dropped], batch["label"][~dropped])
-    # a trained-from-zero model still sees the labels: perturb the class table, outputs differ by class
+    # a trained-from-zero model still sees the labels: perturb the class table, outputs differ by
+    # class
     with torch.no_grad():
         for p in task.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -220,3 +225,38 @@ def test_flux_text_to_image_trains_under_ddpm(tmp_path: Path) -> None:
     assert main([*base, "--sampler", "ddpm", "--out", str(b)]) == 0
     assert not torch.equal(_png(a), _png(b))
     assert main([*base, "--sampler", "euler", "--out", str(a)]) == 2  # a DDPM model has no velocity
+
+
+@pytest.mark.parametrize("kind, sampler", [("flow", "euler"), ("ddpm", "ddim")])
+def test_generate_guides_against_the_null_class(kind: str, sampler: str) -> None:
+    # CFG in one doubled forward equals the two-pass combination with the null class as uncond.
+    cfg = load_config("dit-debug", [f"--objective.kind={kind}", f"--sample.sampler={sampler}"])
+    model = DiT(dit_params(cfg, 3)).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():  # a fresh DiT is the zero function
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    task = ClassToImageTask(cfg, model, ["a", "b", "c"])
+    labels, scale, eta = [0, 2], 2.5, 0.5
+    out = task.generate(labels, steps=3, guidance=scale, sampler=sampler, eta=eta, seed=4)
+
+    y, null = torch.tensor(labels), torch.full((2,), task.null_class)
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cond, uncond = model(x, t, y), model(x, t, null)
+        return uncond + scale * (cond - uncond)
+
+    p = model.params
+    gen = torch.Generator().manual_seed(4)
+    noise = torch.randn(2, p.in_channels, p.input_size, p.input_size, generator=gen)
+    with torch.no_grad():
+        if kind == "flow":
+            x = euler(guided, noise, get_schedule(3, p.grid_size**2))
+        else:
+            objective = task.objective
+            x = ddim_sample(
+                guided, noise, 3, eta, schedule=objective.schedule, spacing="trailing",
+                prediction=objective.prediction, clip_x0=1.0, generator=gen,
+            )  # fmt: skip
+    torch.testing.assert_close(out, x.clamp(-1, 1), atol=1e-5, rtol=1e-5)
