@@ -145,10 +145,10 @@ def test_training_from_the_cache_matches_on_the_fly(cached, tmp_path, monkeypatc
     def forbidden(*args, **kwargs):
         raise AssertionError("training from the cache built an encoder")
 
-    with (
-        monkeypatch.context() as m
-    ):  # no autoencoder or text encoder while setting up cached training
+    # no autoencoder or text encoder while setting up cached training
+    with monkeypatch.context() as m:
         m.setattr(fluxlab.conditioning.text_encoders, "build_text_encoder", forbidden)
+        m.setattr("fluxlab.tasks.cached.build_text_encoder", forbidden)
         m.setattr(fluxlab.pipelines.build, "build_codec", forbidden)
         m.setattr("fluxlab.tasks.cached.build_codec", forbidden)
         fast = Trainer(_cfg(root, f"--train.output_dir={tmp_path / 'cached'}", *common), quiet=True)
