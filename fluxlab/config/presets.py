@@ -1,14 +1,15 @@
-"""Named training presets (``fluxlab train --config NAME``); each is a partial config over the defaults."""
+"""Named presets (``fluxlab train --config NAME``): partial configs over the defaults."""
 
 from __future__ import annotations
 
 from typing import Any
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The embedded default: FLUX architecture, pixel space, OpenMoji at 32², a 2-core CPU in ~10 minutes.
+    # The embedded default: FLUX architecture, pixel space, OpenMoji at 16², ~10 minutes on 2 cores.
     "openmoji-cpu": {
-        # 16² with 2×2 patches on the ~2,000 base emoji: a GPU sweep of CPU-sized recipes (docs/openmoji-cpu.md)
-        # showed this learns heart/disc shapes and prompt colours within 1,200 steps; 32²/4×4 stayed blocky.
+        # 16² with 2×2 patches on the ~2,000 base emoji: a GPU sweep of CPU-sized recipes
+        # (docs/openmoji-cpu.md) showed this learns heart/disc shapes and prompt colours within
+        # 1,200 steps; 32²/4×4 stayed blocky.
         "model": {"preset": "flux-tiny"},
         "data": {"dataset": "openmoji", "resolution": 16, "openmoji_subset": "base"},
         "encoding": {
@@ -32,7 +33,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "log_every": 10,
             "sample_every": 500,
             "checkpoint_every": 500,
-            "eval_every": 0,  # the demo spends its CPU minutes on training; turn on with --train.eval_every=500
+            # the demo spends its CPU minutes on training; turn on with --train.eval_every=500
+            "eval_every": 0,
         },
         "sample": {"steps": 20, "guidance": 3.0},
     },
@@ -64,8 +66,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "sample": {"steps": 30, "guidance": 4.0},
     },
-    # Kontext-style editing on OpenMoji variant pairs (skin tone, gender, hair, color), 64², one GPU in
-    # ≤ 20 minutes: the condition's 256 tokens double the image sequence, so half openmoji-gpu's batch.
+    # Kontext-style editing on OpenMoji variant pairs (skin tone, gender, hair, color), 64², one GPU
+    # in ≤ 20 minutes: the condition's 256 tokens double the image sequence, so half openmoji-gpu's
+    # batch.
     "openmoji-edit-gpu": {
         "model": {"preset": "flux-small"},
         "data": {"dataset": "openmoji", "task": "edit", "resolution": 64, "num_workers": 6},
@@ -92,7 +95,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "sample": {"steps": 30, "guidance": 2.5},
     },
-    # Seconds on a CPU: the edit stack at toy size (the first 64 pairs: a few emoji and their tones).
+    # Seconds on a CPU: the edit stack at toy size (the first 64 pairs: a few emoji and their
+    # tones).
     "edit-debug": {
         "model": {"preset": "flux-debug"},
         "data": {"dataset": "openmoji", "task": "edit", "resolution": 16, "limit": 64},
@@ -130,8 +134,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "sample": {"steps": 2, "prompts": ["red heart", "grinning face"]},
     },
-    # Latent space on one GPU (docs/latent.md): the ae-openmoji autoencoder (`fluxlab train-ae --config
-    # ae-openmoji`, 4× down, 16 channels) + `fluxlab cache`, so a step runs the transformer only.
+    # Latent space on one GPU (docs/latent.md): the ae-openmoji autoencoder (`fluxlab train-ae
+    # --config ae-openmoji`, 4× down, 16 channels) + `fluxlab cache`, so a step runs the transformer
+    # only.
     "openmoji-latent-gpu": {
         "model": {"preset": "flux-small"},
         "data": {
@@ -166,10 +171,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sample": {"steps": 30, "guidance": 4.0},
         "cache": {"latents": "mean", "dtype": "bfloat16", "batch_size": 256, "shard_size": 1024},
     },
-    # Fine-tune FLUX.1-dev from a local download (transformer/, vae/, text_encoder*/, tokenizer*/): replace
-    # FLUX_DEV_PLACEHOLDER in all three fields, e.g. --model.init_from=/data/FLUX.1-dev (same for the others).
-    # All 11.9B weights train, so the state is sharded: `torchrun --nproc-per-node=2` on H200s (~113 GiB per
-    # GPU with the EMA), at least 3 H100s 80GB; one GPU is refused with that advice (docs/distributed.md).
+    # Fine-tune FLUX.1-dev from a local download (transformer/, vae/, text_encoder*/, tokenizer*/):
+    # replace FLUX_DEV_PLACEHOLDER in all three fields, e.g. --model.init_from=/data/FLUX.1-dev
+    # (same for the others). All 11.9B weights train, so the state is sharded: `torchrun
+    # --nproc-per-node=2` on H200s (~113 GiB per GPU with the EMA), at least 3 H100s 80GB; one GPU
+    # is refused with that advice (docs/distributed.md).
     "flux-dev-finetune": {
         "model": {"preset": "flux-dev", "init_from": "FLUX_DEV_PLACEHOLDER"},
         "data": {
@@ -204,7 +210,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cache": {"latents": "sample", "dtype": "bfloat16", "batch_size": 8, "shard_size": 256},
         "parallel": {"mode": "fsdp", "activation_checkpointing": True, "compile": True},
     },
-    # Seconds on a CPU: latent space end to end (random preset:ae-tiny, 2× down, 4 channels) for the cache tests.
+    # Seconds on a CPU: latent space end to end (random preset:ae-tiny, 2× down, 4 channels) for the
+    # cache tests.
     "latent-debug": {
         "model": {"preset": "flux-debug"},
         "data": {
@@ -232,12 +239,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sample": {"steps": 2, "prompts": ["red heart", "grinning face"]},
         "cache": {"dtype": "float32", "batch_size": 16, "shard_size": 16},
     },
-    # The DDPM baseline: class-conditional DiT (10 OpenMoji groups), DDIM grid (one image per class), sized
-    # for a 2-core CPU in about 5 minutes. At this budget the classic ε/linear recipe only gives patch mosaics;
-    # v-prediction + cosine betas + min-SNR-5 gives centred emoji-coloured shapes (docs/ddpm-vs-flow.md).
+    # The DDPM baseline: class-conditional DiT (10 OpenMoji groups), DDIM grid (one image per
+    # class), sized for a 2-core CPU in about 5 minutes. At this budget the classic ε/linear recipe
+    # only gives patch mosaics; v-prediction + cosine betas + min-SNR-5 gives centred emoji-coloured
+    # shapes (docs/ddpm-vs-flow.md).
     "dit-openmoji-cpu": {
-        # 16² with 2×2 patches on the base emoji, as openmoji-cpu: the earlier 32²/4×4 recipe (dit-tiny) drew patch
-        # mosaics in 800 steps; this one draws centred, class-coloured shapes in 1,000 (docs/ddpm-vs-flow.md).
+        # 16² with 2×2 patches on the base emoji, as openmoji-cpu: the earlier 32²/4×4 recipe
+        # (dit-tiny) drew patch mosaics in 800 steps; this one draws centred, class-coloured shapes
+        # in 1,000 (docs/ddpm-vs-flow.md).
         "model": {"arch": "dit", "preset": "dit-tiny-p2"},
         "data": {
             "dataset": "openmoji",
@@ -276,8 +285,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "prompts": [],
         },
     },
-    # DDPM-DiT for the equal-wall-time comparison with openmoji-gpu (flow, flux-small 40.0M parameters):
-    # dit-small has 40.6M at 64², same data, batch, lr, EMA and time budget. Not run on CPU.
+    # DDPM-DiT for the equal-wall-time comparison with openmoji-gpu (flow, flux-small 40.0M
+    # parameters): dit-small has 40.6M at 64², same data, batch, lr, EMA and time budget. Not run on
+    # CPU.
     "dit-openmoji-gpu": {
         "model": {"arch": "dit", "preset": "dit-small"},
         "data": {"dataset": "openmoji", "resolution": 64, "num_workers": 6, "caption_dropout": 0.1},
@@ -331,7 +341,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # `fluxlab train-ae --config NAME`: partial configs whose `ae` section names the autoencoder.
 AE_TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    # Seconds on a CPU: the whole train-ae path (loss, PSNR, grid, checkpoint, scale/shift, ae.json) at toy size.
+    # Seconds on a CPU: the whole train-ae path (loss, PSNR, grid, checkpoint, scale/shift, ae.json)
+    # at toy size.
     "ae-tiny": {
         "data": {"dataset": "openmoji", "resolution": 16, "limit": 48, "val_fraction": 0.25},
         "ae": {
