@@ -16,6 +16,7 @@ from fluxlab.conditioning.tokens import image_ids, pack, text_ids, unpack
 from fluxlab.diffusion.ddpm import DDPMObjective, ddpm_generate
 from fluxlab.diffusion.samplers import euler, get_schedule, heun
 from fluxlab.models.flux.model import Flux
+from fluxlab.parallel.epilogues import use_inference_epilogues
 
 
 class PixelCodec(nn.Module):
@@ -162,7 +163,8 @@ class FluxTextToImage:
         A model trained by ``ddpm`` (its ε/v/x0 output in place of the velocity) samples with
         sampler "ddim" (``eta``) or "ddpm" over ``steps`` timesteps of ``spacing``.
         ``condition`` (one per prompt) makes it a Kontext edit; CFG keeps it in both branches."""
-        model = model if model is not None else self.model
+        # The GEMM-epilogue sampling path on CUDA (idempotent; the same function elsewhere).
+        model = use_inference_epilogues(model if model is not None else self.model)
         device = next(model.parameters()).device
         b = text.txt.shape[0]
         gen = torch.Generator(device="cpu").manual_seed(seed)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fluxlab.diffusion.ddpm import DDPMObjective, DDPMSchedule, cfg, ddim_sample
-from fluxlab.models.dit import DIT_PRESETS, DiT, DiTParams, sincos_2d, timestep_embedding
+from fluxlab.models.dit import DIT_PRESETS, DiT, DiTParams, TimestepEmbedder, sincos_2d
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -25,7 +25,7 @@ def tiny(**overrides: object) -> DiTParams:
 
 
 def _randomize(model: DiT, seed: int = 0) -> None:
-    # A fresh DiT is the zero function; perturb every weight so shapes and wiring are really exercised.
+    # A fresh DiT is the zero function; perturb every weight so shapes and wiring are exercised.
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -96,7 +96,7 @@ def test_sincos_and_timestep_embeddings_match_diffusers() -> None:
     torch.testing.assert_close(sincos_2d(48, 6), ref.float(), atol=1e-6, rtol=0)
     t = torch.tensor([0.0, 1.0, 17.0, 999.0])
     ref_t = get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0)
-    torch.testing.assert_close(timestep_embedding(t, 256), ref_t)
+    torch.testing.assert_close(TimestepEmbedder.timestep_embedding(t, 256), ref_t)
 
 
 def _to_diffusers(model: DiT) -> dict[str, torch.Tensor]:
@@ -162,7 +162,7 @@ def test_forward_matches_diffusers_dit(patch: int) -> None:
 def test_time_is_scaled_by_1000() -> None:
     model = DiT(tiny())
     t = torch.tensor([0.25, 0.999])
-    freq = timestep_embedding(torch.tensor([250.0, 999.0]), 256)
+    freq = TimestepEmbedder.timestep_embedding(torch.tensor([250.0, 999.0]), 256)
     torch.testing.assert_close(model.t_embedder(t), model.t_embedder.mlp(freq))
 
 
