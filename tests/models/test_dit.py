@@ -8,6 +8,10 @@ from fluxlab.diffusion.ddpm import DDPMObjective, DDPMSchedule, cfg, ddim_sample
 from fluxlab.models.dit import DIT_PRESETS, DiT, DiTParams, TimestepEmbedder, sincos_2d
 
 diffusers = pytest.importorskip("diffusers")
+from diffusers.models.embeddings import (  # noqa: E402
+    get_2d_sincos_pos_embed,
+    get_timestep_embedding,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -90,8 +94,6 @@ def test_learned_pos_embed_trains_and_sincos_is_fixed() -> None:
 
 
 def test_sincos_and_timestep_embeddings_match_diffusers() -> None:
-    from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_embedding
-
     ref = get_2d_sincos_pos_embed(48, 6, base_size=6, output_type="pt")
     torch.testing.assert_close(sincos_2d(48, 6), ref.float(), atol=1e-6, rtol=0)
     t = torch.tensor([0.0, 1.0, 17.0, 999.0])
