@@ -15,7 +15,7 @@ import functools
 import gc
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 import torch
@@ -25,13 +25,12 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.profiler import ProfilerActivity, profile
 
+from fluxlab.bench.impls import IMPLS, Impl
 from fluxlab.conditioning.tokens import image_ids, text_ids
-from fluxlab.models.flux.model import Flux, FluxParams
+from fluxlab.models.flux.model import FluxParams
 from fluxlab.models.flux.presets import flux_params
-from fluxlab.models.weights.flux_diffusers import bfl_to_diffusers
-from fluxlab.parallel.attention_kernels import attention_function, sdpa_backends, use_attention
+from fluxlab.parallel.attention_kernels import sdpa_backends
 from fluxlab.parallel.attention_names import TRAINING_BACKENDS
-from fluxlab.parallel.epilogues import use_inference_epilogues
 from fluxlab.train.master_weights import MasterWeightAdamW
 from fluxlab.train.overlap import BlockwiseAdamW, block_groups
 
@@ -119,143 +118,6 @@ def cast_inputs(inputs: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tens
         k: v.to(dtype) if v.is_floating_point() and not k.endswith("ids") else v
         for k, v in inputs.items()
     }
-
-
-def diffusers_inputs(inputs: dict[str, Tensor]) -> dict[str, Any]:
-    """The same tensors under diffusers' argument names (2-D ids, as current diffusers expects)."""
-    return dict(
-        hidden_states=inputs["img"],
-        encoder_hidden_states=inputs["txt"],
-        pooled_projections=inputs["y"],
-        timestep=inputs["timesteps"],
-        img_ids=inputs["img_ids"][0],
-        txt_ids=inputs["txt_ids"][0],
-        guidance=inputs["guidance"],
-        return_dict=False,
-    )
-
-
-class Impl:
-    """One implementation under test: builds the model and calls it on our input dict."""
-
-    name = "fluxlab"
-    fullgraph = True
-
-    def build(
-        self, params: FluxParams, device: torch.device, dtype: torch.dtype, seed: int
-    ) -> nn.Module:
-        torch.manual_seed(seed)
-        with torch.device(device), _default_dtype(dtype):
-            return Flux(params)
-
-    def prepare_training(self, model: nn.Module, attention: Sequence[str]) -> None:
-        """Sets the training attention kernel named in ``attention`` on our blocks."""
-        use_attention(model, attention_function(attention))
-
-    def prepare_inference(self, model: nn.Module) -> None:
-        """The sampling path fluxlab's pipeline runs on CUDA: the GEMM epilogues."""
-        use_inference_epilogues(model)
-
-    def forward(self, model: nn.Module, x: dict[str, Tensor]) -> Tensor:
-        return model(
-            x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["timesteps"], x["y"], x["guidance"]
-        )
-
-    def compile(self, model: nn.Module, spec: str) -> nn.Module:
-        """``spec``: ``block`` or ``full``, then optional ``+`` extras: ``max`` (inductor's GEMM
-        autotuning with epilogue fusion, no CUDA graphs), ``graphs`` (CUDA graphs, mode
-        reduce-overhead)."""
-        scope, *extras = spec.split("+")
-        unknown = set(extras) - {"max", "graphs"}
-        if scope not in ("block", "full") or unknown:
-            raise ValueError(
-                f"compile spec {spec!r}: expected block or full, optionally +max or +graphs"
-            )
-        mode = None
-        if "max" in extras:
-            mode = "max-autotune-no-cudagraphs"
-        elif "graphs" in extras:
-            mode = "reduce-overhead"
-        if scope == "full":
-            return torch.compile(model, mode=mode)
-        for block in self.blocks(model):
-            # Compile the bound forward, not the module: hooks (FSDP2's all-gather) stay outside the
-            # graph and the state-dict keys stay unchanged.
-            block.forward = torch.compile(block.forward, fullgraph=self.fullgraph, mode=mode)
-        return model
-
-    def blocks(self, model: nn.Module) -> list[nn.Module]:
-        return [*model.double_blocks, *model.single_blocks]
-
-
-class DiffusersImpl(Impl):
-    """diffusers' model with our weights; its attention goes through SDPA's kernels only."""
-
-    name = "diffusers"
-    fullgraph = False
-
-    def build(
-        self, params: FluxParams, device: torch.device, dtype: torch.dtype, seed: int
-    ) -> nn.Module:
-        # diffusers is an optional dependency: only this implementation needs it.
-        from diffusers import FluxTransformer2DModel
-
-        # Ours is built on the GPU: a CPU init of flux-dev takes minutes.
-        sd = bfl_to_diffusers(Impl().build(params, device, dtype, seed).state_dict(), params)
-        with torch.device("meta"):
-            model = FluxTransformer2DModel(
-                in_channels=params.in_channels,
-                num_layers=params.depth,
-                num_single_layers=params.depth_single_blocks,
-                attention_head_dim=params.hidden_size // params.num_heads,
-                num_attention_heads=params.num_heads,
-                joint_attention_dim=params.context_in_dim,
-                pooled_projection_dim=params.vec_in_dim,
-                guidance_embeds=params.guidance_embed,
-                axes_dims_rope=tuple(params.axes_dim),
-            )
-        model.load_state_dict(sd, assign=True, strict=True)
-        return model.to(device)
-
-    def prepare_training(self, model: nn.Module, attention: Sequence[str]) -> None:
-        pass  # SDPA's kernels, restricted by sdpa_backends around the step
-
-    def prepare_inference(self, model: nn.Module) -> None:
-        pass
-
-    def forward(self, model: nn.Module, x: dict[str, Tensor]) -> Tensor:
-        # diffusers multiplies timestep and guidance by 1000 itself, as our embedder does.
-        return model(**diffusers_inputs(x))[0]
-
-    def blocks(self, model: nn.Module) -> list[nn.Module]:
-        return [*model.transformer_blocks, *model.single_transformer_blocks]
-
-
-class PlainGemmImpl(Impl):
-    """fluxlab without the sampling GEMM epilogues (the GELU as its own kernel, linear2 on a
-    concatenation): what the epilogues buy."""
-
-    name = "fluxlab-plain"
-
-    def prepare_inference(self, model: nn.Module) -> None:
-        pass
-
-
-IMPLS: dict[str, type[Impl]] = {
-    "fluxlab": Impl,
-    "diffusers": DiffusersImpl,
-    "fluxlab-plain": PlainGemmImpl,
-}
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def _free() -> None:
@@ -438,70 +300,3 @@ def profile_table(fn: Callable[[], Any], steps: int = 3, rows: int = 25) -> str:
     return prof.key_averages().table(
         sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90
     )
-
-
-def sampling_gemms(
-    params: FluxParams, img_tokens: int, txt_tokens: int
-) -> list[tuple[str, int, int, int, int]]:
-    """``(name, M, K, N, count)`` of every matmul in one batch-1 sampling step, as fluxlab runs it
-    on CUDA (single blocks' linear1 and linear2 split for the GELU epilogue; modulation as 1-row
-    products)."""
-    d, h = params.hidden_size, int(params.hidden_size * params.mlp_ratio)
-    s, n2, n1 = img_tokens + txt_tokens, params.depth, params.depth_single_blocks
-    gemms = []
-    for tokens, stream in ((img_tokens, "image"), (txt_tokens, "text")):
-        gemms += [
-            (f"double {stream} qkv", tokens, d, 3 * d, n2),
-            (f"double {stream} proj", tokens, d, d, n2),
-            (f"double {stream} mlp in (+GELU)", tokens, d, h, n2),
-            (f"double {stream} mlp out", tokens, h, d, n2),
-        ]
-    gemms += [
-        ("single qkv", s, d, 3 * d, n1),
-        ("single mlp in (+GELU)", s, d, h, n1),
-        ("single linear2, attention part", s, d, d, n1),
-        ("single linear2, mlp part (accumulates)", s, h, d, n1),
-        ("modulation, double blocks", 1, d, 6 * d, 2 * n2),
-        ("modulation, single blocks", 1, d, 3 * d, n1),
-    ]
-    return gemms
-
-
-def gemm_call(name: str, m: int, k: int, n: int, device: torch.device) -> Callable[[], Tensor]:
-    """One call of the matmul ``name`` (from :func:`sampling_gemms`) on random bf16 operands, in
-    the form the sampling path runs it: with the GELU epilogue, accumulating, or as a linear."""
-    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-    w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * k**-0.5
-    b = torch.zeros(n, device=device, dtype=torch.bfloat16)
-    if "GELU" in name:
-        return functools.partial(torch._addmm_activation, b, x, w.t(), use_gelu=True)
-    if "accumulates" in name:
-        c = torch.zeros(m, n, device=device, dtype=torch.bfloat16)
-        return functools.partial(torch.addmm, c, x, w.t())
-    return functools.partial(F.linear, x, w, b)
-
-
-def bench_gemms(
-    params: FluxParams | None = None, resolution: int = 1024, txt_tokens: int = 512
-) -> list[dict[str, Any]]:
-    """Each matmul of a flux-dev sampling step timed alone (bf16, CUDA events): where the GEMM
-    time goes."""
-    params = params or bench_params("infer")
-    device = torch.device("cuda")
-    rows = []
-    for name, m, k, n, count in sampling_gemms(params, (resolution // 16) ** 2, txt_tokens):
-        seconds = time_cuda(gemm_call(name, m, k, n, device), warmup=5, iters=30)
-        rows.append(
-            {
-                "gemm": name,
-                "m": m,
-                "k": k,
-                "n": n,
-                "count": count,
-                "us": seconds * 1e6,
-                "tflops": 2 * m * k * n / seconds / 1e12,
-                "gb_per_s": 2 * (m * k + k * n + m * n) / seconds / 1e9,
-                "ms_per_step": seconds * count * 1e3,
-            }
-        )
-    return rows

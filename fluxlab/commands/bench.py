@@ -99,7 +99,9 @@ def _table(rows: list[dict], ceiling: float, baseline: dict[str, float]) -> str:
 def _train_case(spec: str, default_attention: str) -> tuple[str, str, str, str]:
     """``IMPL:MODE:COMPILE[:ATTENTION]`` checked field by field; the attention defaults to
     ``--train-backends``."""
-    from fluxlab.bench import transformer as B  # imports torch: not at --help
+    # These import torch: not at --help.
+    from fluxlab.bench.impls import IMPLS
+    from fluxlab.bench.transformer import TRAIN_MODES
 
     fields = spec.split(":")
     if len(fields) not in (3, 4):
@@ -107,14 +109,13 @@ def _train_case(spec: str, default_attention: str) -> tuple[str, str, str, str]:
             f"training case {spec!r}: write IMPL:MODE:COMPILE or IMPL:MODE:COMPILE:ATTENTION"
         )
     impl, mode, comp, attention = (*fields, default_attention) if len(fields) == 3 else fields
-    if impl not in B.IMPLS:
+    if impl not in IMPLS:
         raise ValueError(
-            f"training case {spec!r}: unknown implementation {impl!r}; choose from "
-            f"{sorted(B.IMPLS)}"
+            f"training case {spec!r}: unknown implementation {impl!r}; choose from {sorted(IMPLS)}"
         )
-    if mode not in B.TRAIN_MODES:
+    if mode not in TRAIN_MODES:
         raise ValueError(
-            f"training case {spec!r}: unknown mode {mode!r}; choose from {list(B.TRAIN_MODES)}"
+            f"training case {spec!r}: unknown mode {mode!r}; choose from {list(TRAIN_MODES)}"
         )
     try:
         check_backend_names(attention.split("+"))
@@ -128,13 +129,15 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     import torch
 
     from fluxlab.bench import transformer as B
+    from fluxlab.bench.gemms import bench_gemms
+    from fluxlab.bench.impls import IMPLS
 
     what = args.what.split(",")
     impls = args.impls.split(",")
     for impl in impls:
-        if impl not in B.IMPLS:
+        if impl not in IMPLS:
             raise ValueError(
-                f"--impls: unknown implementation {impl!r}; choose from {sorted(B.IMPLS)}"
+                f"--impls: unknown implementation {impl!r}; choose from {sorted(IMPLS)}"
             )
     # Every case is checked before anything is built: a typo must not cost a build and a compile.
     train_cases = (
@@ -159,9 +162,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         ]
     )
     for impl, *_ in infer_cases:
-        if impl not in B.IMPLS:
+        if impl not in IMPLS:
             raise ValueError(
-                f"unknown implementation {impl!r} in a case; choose from {sorted(B.IMPLS)}"
+                f"unknown implementation {impl!r} in a case; choose from {sorted(IMPLS)}"
             )
     if not torch.cuda.is_available():
         raise ValueError("fluxlab bench measures GPU speed and needs CUDA; none is available here")
@@ -217,7 +220,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             record("infer", f"infer {impl} {comp} sdpa={backends}", r)
 
     if "gemm" in what:
-        gemms = B.bench_gemms()
+        gemms = bench_gemms()
         for r in gemms:
             print(json.dumps(r), flush=True)
         total = sum(r["ms_per_step"] for r in gemms)

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from fluxlab.bench import transformer as B
+from fluxlab.bench.gemms import sampling_gemms
+from fluxlab.bench.impls import DiffusersImpl, Impl
 from fluxlab.cli import main
 from fluxlab.models.flux.model import FluxParams
 
@@ -35,7 +37,7 @@ def test_sampling_gemms_cover_the_token_wise_count():
     # The blocks' GEMMs of one sampling step are the count's 24·d² per token per block (modulation
     # aside).
     params = B.bench_params("infer")
-    gemms = B.sampling_gemms(params, 4096, 512)
+    gemms = sampling_gemms(params, 4096, 512)
     flops = sum(
         2 * m * k * n * count for name, m, k, n, count in gemms if not name.startswith("modulation")
     )
@@ -61,7 +63,7 @@ def test_fluxlab_and_diffusers_impls_compute_the_same_function():
     )
     cpu = torch.device("cpu")
     x = B.make_inputs(params, 2, 64, 48, 5, cpu, seed=1)
-    ours, theirs = B.Impl(), B.DiffusersImpl()
+    ours, theirs = Impl(), DiffusersImpl()
     out = ours.forward(ours.build(params, cpu, torch.float32, seed=3), x)
     ref = theirs.forward(theirs.build(params, cpu, torch.float32, seed=3), x)
     assert out.shape == (2, 4 * 3, 16)
