@@ -1,11 +1,12 @@
 """``fluxlab bench-cache``: what the latent cache buys, measured in one process.
 
-(a) cache throughput: images/s encoded into a fresh cache (decode + resize + autoencoder + text encoder);
+(a) cache throughput: images/s encoded into a fresh cache (decode + resize + autoencoder + text
+    encoder);
 (b) training steps/s reading latents + text embeddings from that cache;
 (c) training steps/s encoding each batch on the fly (autoencoder + text encoder inside the step).
 
-(b) and (c) share one model, optimizer and loss function (the cached task's); they differ only in where
-the latents and embeddings come from, so (b)/(c) is the speed-up of caching for this config.
+(b) and (c) share one model, optimizer and loss function (the cached task's); they differ only in
+where the latents and embeddings come from, so (b)/(c) is the speed-up of caching for this config.
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from fluxlab.conditioning.text_encoders import build_text_encoder
 from fluxlab.config.schema import Config
+from fluxlab.data import build_dataset, collate_skip_bad
+from fluxlab.data.cache_writer import write_cache
+from fluxlab.data.samplers import InfiniteBatchSampler
+from fluxlab.pipelines.build import build_codec
+from fluxlab.train.trainer import Trainer
 
 
 def _sync(device: torch.device) -> None:
@@ -30,9 +38,10 @@ def _sync(device: torch.device) -> None:
 
 
 def time_steps(
-    trainer: Any, batches: Iterator[dict[str, Any]], steps: int, warmup: int, desc: str
+    trainer: Trainer, batches: Iterator[dict[str, Any]], steps: int, warmup: int, desc: str
 ) -> dict[str, float]:
-    """Steps/s of the trainer's update (loss, backward, clip, AdamW, EMA) over ``steps`` after ``warmup``."""
+    """Steps/s of the trainer's update (loss, backward, clip, AdamW, EMA) over ``steps`` after
+    ``warmup``."""
     device = trainer.device
     trainer.model.train()
     images, start = 0, 0.0
@@ -42,9 +51,8 @@ def time_steps(
             _sync(device)
             start, images = time.perf_counter(), 0
         batch = next(batches)
-        per_sample, _ = trainer.task.loss(
-            trainer.net, batch, generator
-        )  # DDP/FSDP/compile as configured
+        # trainer.net: DDP/FSDP/compile as configured.
+        per_sample, _ = trainer.task.loss(trainer.net, batch, generator)
         per_sample.mean().backward()
         trainer.clip_gradients()
         trainer.optimizer.step()
@@ -62,14 +70,8 @@ def time_steps(
 
 
 def on_the_fly_batches(cfg: Config, device: torch.device) -> Iterator[dict[str, Any]]:
-    """Image batches encoded in the step: the loader gives pixels, the autoencoder and text encoder run here."""
-    from torch.utils.data import DataLoader
-
-    from fluxlab.conditioning.text_encoders import build_text_encoder
-    from fluxlab.data import build_dataset, collate_skip_bad
-    from fluxlab.pipelines.build import build_codec
-    from fluxlab.train.trainer import InfiniteBatchSampler
-
+    """Image batches encoded in the step: the loader gives pixels, the autoencoder and text encoder
+    run here."""
     d = cfg.data
     ds = build_dataset(
         d.dataset,
@@ -98,7 +100,7 @@ def on_the_fly_batches(cfg: Config, device: torch.device) -> Iterator[dict[str, 
         yield {"latent": latent, "txt": txt, "vec": vec, "caption": batch["caption"]}
 
 
-def run_bench(
+def bench_cache(
     cfg: Config,
     device: torch.device,
     steps: int,
@@ -106,9 +108,7 @@ def run_bench(
     workdir: Path,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    from fluxlab.data.cache_writer import write_cache
-    from fluxlab.train.trainer import Trainer
-
+    """Measures (a), (b) and (c) of the module docstring for ``cfg``, in ``workdir``."""
     cache = workdir / "cache"
     shutil.rmtree(cache, ignore_errors=True)  # (a) measures a full encode, never a resumed one
     cfg = replace(
@@ -142,7 +142,8 @@ def run_bench(
     trainer = Trainer(cfg, quiet=True)
     result["train_cached"] = time_steps(trainer, trainer._loader(), steps, warmup, "cached")
     log(
-        f"(c) training with the autoencoder + text encoder in the step: {warmup} warm-up + {steps} timed steps"
+        "(c) training with the autoencoder + text encoder in the step: "
+        f"{warmup} warm-up + {steps} timed steps"
     )
     result["train_on_the_fly"] = time_steps(
         trainer, on_the_fly_batches(cfg, device), steps, warmup, "on the fly"
@@ -160,9 +161,12 @@ def format_report(r: dict[str, Any]) -> str:
             f"{r['device']}, torch {r['torch']}, batch {r['batch_size']} at {r['resolution']}²",
             "| measurement | value |",
             "|---|---:|",
-            f"| (a) cache encode | {c['images_per_s']:.1f} images/s ({c['images']} images in {c['seconds']:.1f}s) |",
-            f"| (b) train from cache | {b['steps_per_s']:.2f} steps/s ({b['images_per_s']:.0f} images/s) |",
-            f"| (c) train encoding on the fly | {f['steps_per_s']:.2f} steps/s ({f['images_per_s']:.0f} images/s) |",
+            f"| (a) cache encode | {c['images_per_s']:.1f} images/s "
+            f"({c['images']} images in {c['seconds']:.1f}s) |",
+            f"| (b) train from cache | {b['steps_per_s']:.2f} steps/s "
+            f"({b['images_per_s']:.0f} images/s) |",
+            f"| (c) train encoding on the fly | {f['steps_per_s']:.2f} steps/s "
+            f"({f['images_per_s']:.0f} images/s) |",
             f"| (b)/(c) | {r['speedup']:.2f}× |",
         ]
     )

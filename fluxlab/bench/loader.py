@@ -1,13 +1,16 @@
-"""How fast a CPU worker turns stored images into training batches: image folder vs shards vs cache.
+"""How fast a CPU worker turns stored images into training batches: image folder vs shards vs
+cache.
 
-Each source yields the same items (decode -> resize/crop -> float tensor) batched by a DataLoader with
-`collate_skip_bad`, exactly as the trainer consumes them; the in-memory cache holds pre-decoded uint8
-tensors at the target resolution, so it measures the floor (conversion + batching + worker IPC).
+Each source yields the same items (decode -> resize/crop -> float tensor) batched by a DataLoader
+with `collate_skip_bad`, exactly as the trainer consumes them; the in-memory cache holds pre-decoded
+uint8 tensors at the target resolution, so it measures the floor (conversion + batching + worker
+IPC).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -15,12 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL
 import torch
+import webdataset
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from fluxlab.data.common import collate_skip_bad
+from fluxlab.data.folder import ImageCaptionFolder
+from fluxlab.data.images import load_image
+from fluxlab.data.openmoji import OpenMoji
+from fluxlab.data.shard_writer import folder_samples, shard_pattern, write_shards
+from fluxlab.data.shards import ShardDataset
 from fluxlab.data.transforms import ImageTransform, uint8_to_tensor
 
 
@@ -68,8 +78,6 @@ def make_image_folder(
     `noise` (std in 8-bit levels) adds film-grain-like texture: flat emoji compress far better than
     photos, and JPEG decode time grows with the entropy of the data.
     """
-    from fluxlab.data.openmoji import OpenMoji
-
     root.mkdir(parents=True, exist_ok=True)
     if len(list(root.glob("*.jpg"))) == count:
         return root
@@ -102,7 +110,7 @@ def time_loader(
         generator=torch.Generator().manual_seed(0) if shuffle else None,
     )
     images, start, cpu_start = 0, None, 0.0
-    for epoch in range(epochs):
+    for _ in range(epochs):
         for batch in loader:
             if start is None:  # the first batch pays process start-up: time the steady state
                 start, cpu_start = time.perf_counter(), time.process_time()
@@ -113,7 +121,7 @@ def time_loader(
     return images, time.perf_counter() - start, time.process_time() - cpu_start
 
 
-def run_bench(
+def bench_data(
     workdir: Path,
     resolution: int,
     count: int,
@@ -124,12 +132,8 @@ def run_bench(
     noise: float,
     repeats: int = 3,
 ) -> dict[str, Any]:
-    """Every source × worker count, best of `repeats` runs (other jobs on a shared CPU only ever slow a
-    run down, so the fastest is the closest to the loader's own speed)."""
-    from fluxlab.data.folder import ImageCaptionFolder
-    from fluxlab.data.shard_writer import folder_samples, shard_pattern, write_shards
-    from fluxlab.data.shards import ShardDataset
-
+    """Every source × worker count, best of `repeats` runs (other jobs on a shared CPU only ever
+    slow a run down, so the fastest is the closest to the loader's own speed)."""
     torch.set_num_threads(1)  # one core per loader process, as DataLoader workers run
     tag = f"{count}-{source_size[0]}x{source_size[1]}-n{noise:g}"
     folder = make_image_folder(workdir / f"folder-{tag}", count, source_size, noise=noise)
@@ -142,9 +146,7 @@ def run_bench(
     folder_ds = ImageCaptionFolder(folder, transform)
     shard_ds = ShardDataset(shard_pattern(shards), transform, shuffle_buffer=count, epochs=epochs)
     start = time.perf_counter()
-    n_indexed = len(
-        shard_ds
-    )  # the index pass (counts + captions) runs once, before any worker starts
+    n_indexed = len(shard_ds)  # the index pass (counts + captions) runs once, before any worker
     index_seconds = time.perf_counter() - start
     cached = np.stack([transform_to_uint8(transform, path) for path in folder_ds.paths])
     sources: dict[str, Dataset] = {
@@ -190,8 +192,6 @@ def run_bench(
 
 
 def transform_to_uint8(transform: ImageTransform, path: Path) -> np.ndarray:
-    from fluxlab.data.images import load_image
-
     x = transform(load_image(path))
     return ((x.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
 
@@ -202,11 +202,6 @@ def workers_to_feed(per_worker: float, batch: int, step_seconds: float, margin: 
 
 
 def machine() -> dict[str, Any]:
-    import os
-
-    import PIL
-    import webdataset
-
     cpu = platform.processor() or "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -1,16 +1,18 @@
 """Training throughput across GPUs: the same Flux step under torchrun at 1, 2, 4, 8 processes.
 
-Every rank builds the model, wraps it with ``fluxlab.parallel.parallelize.parallelize`` (the trainer's own DDP / FSDP2 /
-HSDP, activation checkpointing and per-block compile) and times AdamW steps on a per-GPU batch of random
-latents. Rank 0 reports the slowest rank's median step, the images/s of the whole job, and every rank's peak
-memory; scaling efficiency is images/s at N GPUs over N × images/s at one, at equal per-GPU batch.
+Every rank builds the model, wraps it with ``fluxlab.parallel.parallelize.parallelize`` (the
+trainer's own attention kernel, DDP / FSDP2 / HSDP, activation checkpointing and per-block compile)
+and times AdamW steps on a per-GPU batch of random latents. Rank 0 reports the slowest rank's median
+step, the images/s of the whole job, and every rank's peak memory; scaling efficiency is images/s at
+N GPUs over N × images/s at one, at equal per-GPU batch.
 
-``simulate_world=N`` runs one process as rank 0 of a world of N through PyTorch's fake process group: every
-collective returns at once without moving data, while every allocation is real. The peak memory is then that of
-one rank of an N-GPU job (the model, gradient and optimizer shards, the all-gathered blocks, the activations)
-measured on a single GPU, which is how a job too big for the GPUs at hand is sized (torchtitan's memory
-estimation works the same way). The step time of such a run has no communication in it and the losses are
-meaningless (gathered weights are uninitialised), so only the memory is a result.
+``simulate_world=N`` runs one process as rank 0 of a world of N through PyTorch's fake process
+group: every collective returns at once without moving data, while every allocation is real. The
+peak memory is then that of one rank of an N-GPU job (the model, gradient and optimizer shards, the
+all-gathered blocks, the activations) measured on a single GPU, which is how a job too big for the
+GPUs at hand is sized (torchtitan's memory estimation works the same way). The step time of such a
+run has no communication in it and the losses are meaningless (gathered weights are
+uninitialised), so only the memory is a result.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from fluxlab.config.schema import ParallelConfig
 from fluxlab.models.flux.model import Flux
 from fluxlab.models.flux.presets import flux_params
 from fluxlab.parallel import attention_kernels, distributed
+from fluxlab.parallel import parallelize as par
 
 
 def _now(device: torch.device) -> float:
@@ -60,16 +63,12 @@ def bench_scale(
         model = Flux(params)
     n_params = sum(p.numel() for p in model.parameters())  # before sharding
     cuda = device.type == "cuda"
-    from fluxlab.parallel import parallelize as par
-
     mode = par.resolve_mode(parallel, info.world)
-    sharded_bf16 = (
-        cuda and mode in par.SHARDED_MODES
-    )  # FSDP2's MixedPrecisionPolicy; else autocast on CUDA
+    # FSDP2's MixedPrecisionPolicy; else autocast on CUDA.
+    sharded_bf16 = cuda and mode in par.SHARDED_MODES
     net = par.parallelize(model, parallel, device, info, mixed_precision=cuda)
-    local_params = sum(
-        par.local(p).numel() for p in model.parameters()
-    )  # this rank's shard under FSDP
+    # This rank's shard under FSDP.
+    local_params = sum(par.local(p).numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
     x = make_inputs(
         params, batch, resolution, resolution, txt_tokens, device, seed=seed + info.rank

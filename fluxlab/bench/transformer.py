@@ -1,38 +1,51 @@
 """Speed of our Flux against diffusers' ``FluxTransformer2DModel``, side by side in one process.
 
-Both models get the same configuration, the same weights (converted with ``fluxlab.models.weights.flux_diffusers``) and the same
-inputs, so the ratios compare implementations, not luck. Throughput is counted token-wise like the
-workplace's anchor script: 24·d² + 4·S·d FLOPs per token per block (the QKV/out/MLP matmuls and the two
-attention products), plus the input and output projections; modulation and embedders are left out. MFU
-is that rate over a bf16 matmul ceiling measured in the same run.
+Both models get the same configuration, the same weights (converted with
+``fluxlab.models.weights.flux_diffusers``) and the same inputs, so the ratios compare
+implementations, not luck. Throughput is counted token-wise like the workplace's anchor script:
+24·d² + 4·S·d FLOPs per token per block (the QKV/out/MLP matmuls and the two attention products),
+plus the input and output projections; modulation and embedders are left out. MFU is that rate over
+a bf16 matmul ceiling measured in the same run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.profiler import ProfilerActivity, profile
 
+from fluxlab.bench.impls import IMPLS, Impl
 from fluxlab.conditioning.tokens import image_ids, text_ids
-from fluxlab.models.flux.model import Flux, FluxParams
+from fluxlab.models.flux.model import FluxParams
 from fluxlab.models.flux.presets import flux_params
-from fluxlab.parallel.attention_kernels import TRAINING_BACKENDS, sdpa_backends
+from fluxlab.parallel.attention_kernels import sdpa_backends
+from fluxlab.parallel.attention_names import TRAINING_BACKENDS
+from fluxlab.train.master_weights import MasterWeightAdamW
+from fluxlab.train.overlap import BlockwiseAdamW, block_groups
 
 # The bf16 modes a training step can run in. "autocast": fp32 parameters (the master weights) under
-# torch.autocast, diffusers' usual recipe. "bf16-params": FSDP2's MixedPrecisionPolicy on one GPU, bf16
-# parameters for compute cast once per step from fp32 master weights that the optimizer updates.
-# "autocast-overlap": autocast, with each block's AdamW update started during the backward pass on a side
-# stream (fluxlab.train.overlap.BlockwiseAdamW); the same arithmetic, overlapped with the backward GEMMs.
-# "master": the matmul weights are bf16 parameters, the fp32 masters live in fluxlab.train.master_weights'
-# MasterWeightAdamW, which rewrites the bf16 copies in its fused update (autocast stays on for everything else).
+# torch.autocast, diffusers' usual recipe. "bf16-params": FSDP2's MixedPrecisionPolicy on one GPU,
+# bf16 parameters for compute cast once per step from fp32 master weights that the optimizer
+# updates. "autocast-overlap": autocast, with each block's AdamW update started during the backward
+# pass on a side stream (fluxlab.train.overlap.BlockwiseAdamW); the same arithmetic, overlapped with
+# the backward GEMMs. "master": the matmul weights are bf16 parameters, the fp32 masters live in
+# MasterWeightAdamW, which rewrites the bf16 copies in its fused update (autocast stays on for
+# everything else).
 TRAIN_MODES = ("autocast", "bf16-params", "autocast-overlap", "master")
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def flops_forward(params: FluxParams, batch: int, img_tokens: int, txt_tokens: int) -> float:
@@ -68,7 +81,7 @@ def matmul_ceiling(device: torch.device, n: int = 8192) -> float:
 
 
 def bench_params(which: str) -> FluxParams:
-    """``train``: the 2.56B model (flux-dev width, 4 double + 8 single blocks); ``infer``: flux-dev."""
+    """``train``: the 2.56B model (flux-2.56b); ``infer``: flux-dev."""
     return flux_params("flux-2.56b" if which == "train" else "flux-dev")
 
 
@@ -107,151 +120,29 @@ def cast_inputs(inputs: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tens
     }
 
 
-def diffusers_inputs(inputs: dict[str, Tensor]) -> dict[str, Any]:
-    """The same tensors under diffusers' argument names (2-D ids, as current diffusers expects)."""
-    return dict(
-        hidden_states=inputs["img"],
-        encoder_hidden_states=inputs["txt"],
-        pooled_projections=inputs["y"],
-        timestep=inputs["timesteps"],
-        img_ids=inputs["img_ids"][0],
-        txt_ids=inputs["txt_ids"][0],
-        guidance=inputs["guidance"],
-        return_dict=False,
-    )
-
-
-class Impl:
-    """One implementation under test: builds the model and calls it on our input dict."""
-
-    name = "fluxlab"
-
-    def build(
-        self, params: FluxParams, device: torch.device, dtype: torch.dtype, seed: int
-    ) -> nn.Module:
-        torch.manual_seed(seed)
-        with torch.device(device), _default_dtype(dtype):
-            return Flux(params)
-
-    def forward(self, model: nn.Module, x: dict[str, Tensor]) -> Tensor:
-        return model(
-            x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["timesteps"], x["y"], x["guidance"]
-        )
-
-    fullgraph = True
-
-    def compile(self, model: nn.Module, spec: str) -> nn.Module:
-        """``spec``: ``block`` or ``full``, then optional ``+`` extras: ``max`` (inductor's GEMM autotuning with
-        epilogue fusion, no CUDA graphs), ``graphs`` (CUDA graphs, mode reduce-overhead)."""
-        scope, *extras = spec.split("+")
-        unknown = set(extras) - {"max", "graphs"}
-        if scope not in ("block", "full") or unknown:
-            raise ValueError(
-                f"compile spec {spec!r}: expected block or full, optionally +max or +graphs"
-            )
-        mode = (
-            "max-autotune-no-cudagraphs"
-            if "max" in extras
-            else "reduce-overhead"
-            if "graphs" in extras
-            else None
-        )
-        if scope == "full":
-            return torch.compile(model, mode=mode)
-        for block in self.blocks(model):
-            # Compile the bound forward, not the module: hooks (FSDP2's all-gather) stay outside the
-            # graph and the state-dict keys stay unchanged.
-            block.forward = torch.compile(block.forward, fullgraph=self.fullgraph, mode=mode)
-        return model
-
-    def blocks(self, model: nn.Module) -> list[nn.Module]:
-        return [*model.double_blocks, *model.single_blocks]
-
-
-class DiffusersImpl(Impl):
-    name = "diffusers"
-
-    def build(
-        self, params: FluxParams, device: torch.device, dtype: torch.dtype, seed: int
-    ) -> nn.Module:
-        from diffusers import FluxTransformer2DModel
-
-        from fluxlab.models.weights.flux_diffusers import bfl_to_diffusers
-
-        ours = Impl().build(
-            params, device, dtype, seed
-        )  # on the GPU: a CPU init of flux-dev takes minutes
-        sd = bfl_to_diffusers(ours.state_dict(), params)
-        del ours
-        with torch.device("meta"):
-            model = FluxTransformer2DModel(
-                in_channels=params.in_channels,
-                num_layers=params.depth,
-                num_single_layers=params.depth_single_blocks,
-                attention_head_dim=params.hidden_size // params.num_heads,
-                num_attention_heads=params.num_heads,
-                joint_attention_dim=params.context_in_dim,
-                pooled_projection_dim=params.vec_in_dim,
-                guidance_embeds=params.guidance_embed,
-                axes_dims_rope=tuple(params.axes_dim),
-            )
-        model.load_state_dict(sd, assign=True, strict=True)
-        return model.to(device)
-
-    def forward(self, model: nn.Module, x: dict[str, Tensor]) -> Tensor:
-        # diffusers multiplies timestep and guidance by 1000 itself, as our embedder does.
-        return model(**diffusers_inputs(x))[0]
-
-    fullgraph = False
-
-    def blocks(self, model: nn.Module) -> list[nn.Module]:
-        return [*model.transformer_blocks, *model.single_transformer_blocks]
-
-
-class PlainGemmImpl(Impl):
-    """fluxlab without the inference GEMM epilogues (the GELU as its own kernel, linear2 on a concatenation)."""
-
-    name = "fluxlab-plain"
-
-    def forward(self, model: nn.Module, x: dict[str, Tensor]) -> Tensor:
-        from fluxlab.models.flux import layers
-
-        layers.USE_GEMM_EPILOGUES = (
-            False  # read while tracing, and guarded: compiled graphs follow it
-        )
-        try:
-            return super().forward(model, x)
-        finally:
-            layers.USE_GEMM_EPILOGUES = True
-
-
-IMPLS: dict[str, type[Impl]] = {
-    "fluxlab": Impl,
-    "diffusers": DiffusersImpl,
-    "fluxlab-plain": PlainGemmImpl,
-}
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def _free() -> None:
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
 
 
+def _one_case_in_memory(bench: Callable[P, R]) -> Callable[P, R]:
+    """``bench`` between two ``_free()``: it starts on an empty GPU, and what it built (garbage
+    once it returns) is given back before the next case."""
+
+    @functools.wraps(bench)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        _free()
+        try:
+            return bench(*args, **kwargs)
+        finally:
+            _free()
+
+    return wrapper
+
+
 def _single_rank_group() -> None:
     """FSDP2 needs a process group even on one GPU."""
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29533")
@@ -260,8 +151,6 @@ def _single_rank_group() -> None:
 
 def _shard_bf16(impl: Impl, model: nn.Module) -> None:
     """fully_shard each block and the root with bf16 compute and fp32 gradient reduction."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     _single_rank_group()
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in impl.blocks(model):
@@ -269,6 +158,7 @@ def _shard_bf16(impl: Impl, model: nn.Module) -> None:
     fully_shard(model, mp_policy=policy)
 
 
+@_one_case_in_memory
 def bench_train(
     impl_name: str,
     mode: str,
@@ -282,31 +172,26 @@ def bench_train(
     backends: tuple[str, ...] = TRAINING_BACKENDS,
     profile: int = 0,
 ) -> dict[str, Any]:
-    """One AdamW training step (fp32 master weights, bf16 compute): median time, TFLOP/s, peak memory.
+    """One AdamW training step (fp32 master weights, bf16 compute): median time, TFLOP/s, peak
+    memory.
 
-    The first ``steps_for_loss`` losses are returned too, so a compiled run can be checked against an
-    eager one from the same weights and inputs. ``profile``: how many of the longest GPU kernels to print
-    (0: no profile).
+    The first ``steps_for_loss`` losses are returned too, so a compiled run can be checked against
+    an eager one from the same weights and inputs. ``backends``: the attention kernels
+    (``attention_names``). ``profile``: how many of the longest GPU kernels to print (0: none).
     """
     if mode not in TRAIN_MODES:
         raise ValueError(f"training mode {mode!r}: choose one of {TRAIN_MODES}")
     device = torch.device("cuda")
     params = params or bench_params("train")
     impl = IMPLS[impl_name]()
-    _free()
     model = impl.build(params, device, torch.float32, seed).train()
+    impl.prepare_training(model, backends)
     overlap = mode == "autocast-overlap"
     optimizer: Any
     if overlap:
-        from fluxlab.train.overlap import BlockwiseAdamW, block_groups
-
         optimizer = BlockwiseAdamW(block_groups(impl.blocks(model), model), lr=1e-5, fused=True)
     if mode == "master":
-        from fluxlab.train.master_weights import MasterWeightAdamW
-
-        optimizer = MasterWeightAdamW(
-            model, lr=1e-5
-        )  # before compiling: it swaps in the bf16 parameters
+        optimizer = MasterWeightAdamW(model, lr=1e-5)  # before compiling: it swaps in bf16 weights
     if compiled != "eager":
         model = impl.compile(model, compiled)
     if mode == "bf16-params":
@@ -339,7 +224,7 @@ def bench_train(
         if profile:
             print(profile_table(step, rows=profile), flush=True)
     flops = 3 * flops_forward(params, batch, (resolution // 16) ** 2, txt_tokens)
-    result = {
+    return {
         "impl": impl_name,
         "mode": mode,
         "compiled": compiled,
@@ -352,11 +237,9 @@ def bench_train(
         "first_losses": losses,
         "first_steps_s": first_steps_s,
     }
-    del model, optimizer, x
-    _free()
-    return result
 
 
+@_one_case_in_memory
 def bench_infer(
     impl_name: str,
     compiled: str,
@@ -367,53 +250,49 @@ def bench_infer(
     backends: tuple[str, ...] | None = None,
     profile: int = 0,
 ) -> dict[str, Any]:
-    """One bf16 forward of the transformer (one sampling step). ``compiled``: eager, block or full (``+max`` autotunes).
+    """One bf16 forward of the transformer (one sampling step).
 
-    ``profile``: how many of the longest GPU kernels to print (0: no profile).
+    ``compiled``: eager, block or full (``+max`` autotunes). ``backends``: SDPA's kernels (None:
+    PyTorch's choice). ``profile``: how many of the longest GPU kernels to print (0: none).
     """
     device = torch.device("cuda")
     params = params or bench_params("infer")
     impl = IMPLS[impl_name]()
-    _free()
     model = impl.build(params, device, torch.bfloat16, seed).eval().requires_grad_(False)
+    impl.prepare_inference(model)  # before compiling: the graphs hold the sampling path
     x = cast_inputs(
         make_inputs(params, 1, resolution, resolution, txt_tokens, device, seed), torch.bfloat16
     )
-    compile_s = 0.0
     if compiled != "eager":
         model = impl.compile(model, compiled)
     ctx = sdpa_backends(list(backends)) if backends else contextlib.nullcontext()
     with torch.inference_mode(), ctx:
         start = time.perf_counter()
-        out = impl.forward(model, x)
+        impl.forward(model, x)
         torch.cuda.synchronize()
-        compile_s = time.perf_counter() - start
-        seconds = time_cuda(lambda: impl.forward(model, x), warmup=2, iters=10)
+        first_call_s = time.perf_counter() - start
+        seconds = time_cuda(functools.partial(impl.forward, model, x), warmup=2, iters=10)
         if profile:
-            print(profile_table(lambda: impl.forward(model, x), rows=profile), flush=True)
+            table = profile_table(functools.partial(impl.forward, model, x), rows=profile)
+            print(table, flush=True)
         out = impl.forward(model, x).float()
     flops = flops_forward(params, 1, (resolution // 16) ** 2, txt_tokens)
-    result = {
+    return {
         "impl": impl_name,
         "compiled": compiled,
         "backends": list(backends) if backends else "default",
         "params_b": sum(p.numel() for p in model.parameters()) / 1e9,
         "step_s": seconds,
         "tflops": flops / seconds / 1e12,
-        "first_call_s": compile_s,
+        "first_call_s": first_call_s,
         "out_rms": out.pow(2).mean().sqrt().item(),
         "out_sample": out[0, :4, :4].flatten().tolist(),
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
     }
-    del model, x, out
-    _free()
-    return result
 
 
 def profile_table(fn: Callable[[], Any], steps: int = 3, rows: int = 25) -> str:
     """The GPU kernels that take the time over ``steps`` calls, longest first."""
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             fn()
@@ -421,65 +300,3 @@ def profile_table(fn: Callable[[], Any], steps: int = 3, rows: int = 25) -> str:
     return prof.key_averages().table(
         sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90
     )
-
-
-def sampling_gemms(
-    params: FluxParams, img_tokens: int, txt_tokens: int
-) -> list[tuple[str, int, int, int, int]]:
-    """``(name, M, K, N, count)`` of every matmul in one batch-1 sampling step, as fluxlab runs it on CUDA
-    (single blocks' linear1 and linear2 split for the GELU epilogue; modulation as 1-row products)."""
-    d, h = params.hidden_size, int(params.hidden_size * params.mlp_ratio)
-    s, n2, n1 = img_tokens + txt_tokens, params.depth, params.depth_single_blocks
-    gemms = []
-    for tokens, stream in ((img_tokens, "image"), (txt_tokens, "text")):
-        gemms += [
-            (f"double {stream} qkv", tokens, d, 3 * d, n2),
-            (f"double {stream} proj", tokens, d, d, n2),
-            (f"double {stream} mlp in (+GELU)", tokens, d, h, n2),
-            (f"double {stream} mlp out", tokens, h, d, n2),
-        ]
-    gemms += [
-        ("single qkv", s, d, 3 * d, n1),
-        ("single mlp in (+GELU)", s, d, h, n1),
-        ("single linear2, attention part", s, d, d, n1),
-        ("single linear2, mlp part (accumulates)", s, h, d, n1),
-        ("modulation, double blocks", 1, d, 6 * d, 2 * n2),
-        ("modulation, single blocks", 1, d, 3 * d, n1),
-    ]
-    return gemms
-
-
-def bench_gemms(
-    params: FluxParams | None = None, resolution: int = 1024, txt_tokens: int = 512
-) -> list[dict[str, Any]]:
-    """Each matmul of a flux-dev sampling step timed alone (bf16, CUDA events): where the GEMM time goes."""
-    params = params or bench_params("infer")
-    device = torch.device("cuda")
-    rows = []
-    for name, m, k, n, count in sampling_gemms(params, (resolution // 16) ** 2, txt_tokens):
-        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-        w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * k**-0.5
-        b = torch.zeros(n, device=device, dtype=torch.bfloat16)
-        if "GELU" in name:
-            fn: Callable[[], Any] = lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True)  # noqa: E731
-        elif "accumulates" in name:
-            c = torch.zeros(m, n, device=device, dtype=torch.bfloat16)
-            fn = lambda: torch.addmm(c, x, w.t())  # noqa: E731
-        else:
-            fn = lambda: F.linear(x, w, b)  # noqa: E731
-        seconds = time_cuda(fn, warmup=5, iters=30)
-        rows.append(
-            {
-                "gemm": name,
-                "m": m,
-                "k": k,
-                "n": n,
-                "count": count,
-                "us": seconds * 1e6,
-                "tflops": 2 * m * k * n / seconds / 1e12,
-                "gb_per_s": 2 * (m * k + k * n + m * n) / seconds / 1e9,
-                "ms_per_step": seconds * count * 1e3,
-            }
-        )
-        del x, w, b
-    return rows

@@ -1,10 +1,13 @@
-"""``fluxlab bench``: our Flux vs diffusers' FluxTransformer2DModel, training and inference, in one process."""
+"""``fluxlab bench``: our Flux vs diffusers' FluxTransformer2DModel, training and inference, in one
+process."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 
-from fluxlab.parallel.attention_kernels import TRAINING_BACKENDS, check_backend_names
+from fluxlab.parallel.attention_names import TRAINING_BACKENDS, check_backend_names
 
 ACCEPTS_OVERRIDES = False
 
@@ -12,12 +15,14 @@ ACCEPTS_OVERRIDES = False
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
-        help="time a training step (2.56B Flux, 512²) and a sampling step (flux-dev, 1024²) against diffusers",
+        help="time a training step (2.56B Flux, 512²) and a sampling step (flux-dev, 1024²) "
+        "against diffusers",
     )
     p.add_argument(
         "--what",
         default="train,infer",
-        help="comma-separated: train, infer (default both), gemm (each matmul of a sampling step alone)",
+        help="comma-separated: train, infer (default both), gemm (each matmul of a sampling step "
+        "alone)",
     )
     p.add_argument(
         "--impls", default="fluxlab,diffusers", help="comma-separated: fluxlab, diffusers"
@@ -25,40 +30,45 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--train-modes",
         default="autocast,master",
-        help="comma-separated: autocast, bf16-params, autocast-overlap, master (the trainer's one-GPU "
-        "default); diffusers runs its own recipe, autocast, unless named in --train-cases",
+        help="comma-separated: autocast, bf16-params, autocast-overlap, master (the trainer's "
+        "one-GPU default); diffusers runs its own recipe, autocast, unless named in --train-cases",
     )
     p.add_argument(
         "--train-compile",
         default="eager,block",
-        help="comma-separated: eager, block (per-block torch.compile), full; '+max' adds GEMM autotuning",
+        help="comma-separated: eager, block (per-block torch.compile), full; '+max' adds GEMM "
+        "autotuning",
     )
     p.add_argument(
         "--infer-compile",
         default="eager,block",
-        help="comma-separated: eager, block, full (torch.compile of the whole model); '+max' adds GEMM autotuning",
+        help="comma-separated: eager, block, full (torch.compile of the whole model); '+max' adds "
+        "GEMM autotuning",
     )
     p.add_argument(
         "--infer-backends",
         default="default",
-        help="SDPA backends for inference, e.g. 'default' or 'cudnn' or 'flash+efficient' (';'-separated sets)",
+        help="SDPA backends for inference, e.g. 'default' or 'cudnn' or 'flash+efficient' "
+        "(';'-separated sets)",
     )
     p.add_argument(
         "--train-backends",
         default="+".join(TRAINING_BACKENDS),
-        help="attention kernels for training, '+'-separated: SDPA's flash/efficient/cudnn/math, and "
-        "cudnn-forward (fluxlab's models: cuDNN forward, FlashAttention-2 backward; cuDNN's own "
-        "backward failed on Flux shapes before)",
+        help="attention kernels for training, '+'-separated: SDPA's flash/efficient/cudnn/math, "
+        "and cudnn-forward (fluxlab's models: cuDNN forward, FlashAttention-2 backward; cuDNN's "
+        "own backward failed on Flux shapes before)",
     )
     p.add_argument(
         "--train-cases",
         default=None,
-        help="explicit training cases IMPL:MODE:COMPILE[:ATTENTION], comma-separated (replaces the product of the above; ATTENTION defaults to --train-backends)",
+        help="explicit training cases IMPL:MODE:COMPILE[:ATTENTION], comma-separated (replaces "
+        "the product of the above; ATTENTION defaults to --train-backends)",
     )
     p.add_argument(
         "--infer-cases",
         default=None,
-        help="explicit inference cases IMPL:COMPILE[:BACKENDS], comma-separated (replaces the product)",
+        help="explicit inference cases IMPL:COMPILE[:BACKENDS], comma-separated (replaces the "
+        "product)",
     )
     p.add_argument("--batch", type=int, default=8, help="training batch (default 8)")
     p.add_argument(
@@ -78,16 +88,20 @@ def _table(rows: list[dict], ceiling: float, baseline: dict[str, float]) -> str:
     for r in rows:
         ref = baseline.get(r["kind"])
         ratio = f"{ref / r['step_s']:.2f}×" if ref else "–"
+        mfu = 100 * r["tflops"] / ceiling
         lines.append(
-            f"| {r['label']} | {r['step_s']:.4f} | {r['tflops']:.0f} | {100 * r['tflops'] / ceiling:.0f}% "
+            f"| {r['label']} | {r['step_s']:.4f} | {r['tflops']:.0f} | {mfu:.0f}% "
             f"| {ratio} | {r['peak_mem_gb']:.1f} |"
         )
     return "\n".join(lines)
 
 
 def _train_case(spec: str, default_attention: str) -> tuple[str, str, str, str]:
-    """``IMPL:MODE:COMPILE[:ATTENTION]`` checked field by field; the attention defaults to ``--train-backends``."""
-    from fluxlab.bench import transformer as B
+    """``IMPL:MODE:COMPILE[:ATTENTION]`` checked field by field; the attention defaults to
+    ``--train-backends``."""
+    # These import torch: not at --help.
+    from fluxlab.bench.impls import IMPLS
+    from fluxlab.bench.transformer import TRAIN_MODES
 
     fields = spec.split(":")
     if len(fields) not in (3, 4):
@@ -95,13 +109,13 @@ def _train_case(spec: str, default_attention: str) -> tuple[str, str, str, str]:
             f"training case {spec!r}: write IMPL:MODE:COMPILE or IMPL:MODE:COMPILE:ATTENTION"
         )
     impl, mode, comp, attention = (*fields, default_attention) if len(fields) == 3 else fields
-    if impl not in B.IMPLS:
+    if impl not in IMPLS:
         raise ValueError(
-            f"training case {spec!r}: unknown implementation {impl!r}; choose from {sorted(B.IMPLS)}"
+            f"training case {spec!r}: unknown implementation {impl!r}; choose from {sorted(IMPLS)}"
         )
-    if mode not in B.TRAIN_MODES:
+    if mode not in TRAIN_MODES:
         raise ValueError(
-            f"training case {spec!r}: unknown mode {mode!r}; choose from {list(B.TRAIN_MODES)}"
+            f"training case {spec!r}: unknown mode {mode!r}; choose from {list(TRAIN_MODES)}"
         )
     try:
         check_backend_names(attention.split("+"))
@@ -111,21 +125,21 @@ def _train_case(spec: str, default_attention: str) -> tuple[str, str, str, str]:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    import json
-    import platform
-
+    # torch and the benchmark load here, not at `fluxlab --help`.
     import torch
 
     from fluxlab.bench import transformer as B
+    from fluxlab.bench.gemms import bench_gemms
+    from fluxlab.bench.impls import IMPLS
 
     what = args.what.split(",")
     impls = args.impls.split(",")
     for impl in impls:
-        if impl not in B.IMPLS:
+        if impl not in IMPLS:
             raise ValueError(
-                f"--impls: unknown implementation {impl!r}; choose from {sorted(B.IMPLS)}"
+                f"--impls: unknown implementation {impl!r}; choose from {sorted(IMPLS)}"
             )
-    # Every case is checked before anything is built: a typo must not cost a model build and a compile.
+    # Every case is checked before anything is built: a typo must not cost a build and a compile.
     train_cases = (
         [_train_case(c, args.train_backends) for c in args.train_cases.split(",")]
         if args.train_cases
@@ -148,9 +162,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         ]
     )
     for impl, *_ in infer_cases:
-        if impl not in B.IMPLS:
+        if impl not in IMPLS:
             raise ValueError(
-                f"unknown implementation {impl!r} in a case; choose from {sorted(B.IMPLS)}"
+                f"unknown implementation {impl!r} in a case; choose from {sorted(IMPLS)}"
             )
     if not torch.cuda.is_available():
         raise ValueError("fluxlab bench measures GPU speed and needs CUDA; none is available here")
@@ -161,7 +175,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         "python": platform.python_version(),
     }
     try:
-        import diffusers
+        import diffusers  # optional: only the diffusers implementation needs it
 
         info["diffusers"] = diffusers.__version__
     except ImportError:
@@ -174,7 +188,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     rows: list[dict] = []
 
     def write_json(**extra: list[dict]) -> None:
-        """Everything measured so far, rewritten after each measurement: a crash later loses nothing."""
+        """Everything measured so far, rewritten after each measurement: a later crash loses
+        nothing."""
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"info": info, "results": rows, **extra}, f, indent=1)
@@ -205,17 +220,16 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             record("infer", f"infer {impl} {comp} sdpa={backends}", r)
 
     if "gemm" in what:
-        gemms = B.bench_gemms()
+        gemms = bench_gemms()
         for r in gemms:
             print(json.dumps(r), flush=True)
         total = sum(r["ms_per_step"] for r in gemms)
-        print(
-            "\n| GEMM (M×K by N) | count | µs | TFLOP/s | GB/s | ms per step |\n|---|---:|---:|---:|---:|---:|"
-        )
+        print("\n| GEMM (M×K by N) | count | µs | TFLOP/s | GB/s | ms per step |")
+        print("|---|---:|---:|---:|---:|---:|")
         for r in gemms:
             print(
-                f"| {r['gemm']} ({r['m']}×{r['k']} by {r['n']}) | {r['count']} | {r['us']:.1f} | {r['tflops']:.0f} "
-                f"| {r['gb_per_s']:.0f} | {r['ms_per_step']:.2f} |"
+                f"| {r['gemm']} ({r['m']}×{r['k']} by {r['n']}) | {r['count']} | {r['us']:.1f} "
+                f"| {r['tflops']:.0f} | {r['gb_per_s']:.0f} | {r['ms_per_step']:.2f} |"
             )
         print(f"| all | | | | | {total:.2f} |")
         write_json(gemms=gemms)

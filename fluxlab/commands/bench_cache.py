@@ -1,8 +1,11 @@
-"""``fluxlab bench-cache``: cache encode images/s, and training steps/s from the cache vs encoding on the fly."""
+"""``fluxlab bench-cache``: cache encode images/s, and training steps/s from the cache vs encoding
+on the fly."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 ACCEPTS_OVERRIDES = True
 
@@ -11,8 +14,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench-cache",
         help="benchmark the latent cache: encode images/s, train steps/s cached vs on the fly",
-        description="In one process: (a) images/s encoding the config's dataset into a fresh cache, (b) training "
-        "steps/s reading it, (c) training steps/s with the autoencoder and text encoder in the step; prints (b)/(c).",
+        description="In one process: (a) images/s encoding the config's dataset into a fresh "
+        "cache, (b) training steps/s reading it, (c) training steps/s with the autoencoder and "
+        "text encoder in the step; prints (b)/(c).",
     )
     p.add_argument(
         "--config",
@@ -33,10 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    import json
-    from pathlib import Path
-
-    from fluxlab.bench.cache import format_report, run_bench
+    # torch and the benchmark load here, not at `fluxlab --help`.
+    from fluxlab.bench.cache import bench_cache, format_report
     from fluxlab.config.schema import load_config
     from fluxlab.data import cache_dir
     from fluxlab.pipelines.build import resolve_device
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     workdir = (
         Path(args.workdir) if args.workdir else cache_dir() / "bench-cache" / Path(args.config).stem
     )
-    result = run_bench(cfg, resolve_device(args.device), args.steps, args.warmup, workdir)
+    result = bench_cache(cfg, resolve_device(args.device), args.steps, args.warmup, workdir)
     result["config"] = args.config
     print(format_report(result))
     if args.json:

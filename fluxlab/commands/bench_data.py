@@ -1,8 +1,11 @@
-"""``fluxlab bench-data``: images/s decoded, resized and batched per loader worker, folder vs shards vs cache."""
+"""``fluxlab bench-data``: images/s decoded, resized and batched per loader worker, folder vs shards
+vs cache."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 ACCEPTS_OVERRIDES = False
 
@@ -51,16 +54,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    import json
-    from pathlib import Path
-
-    from fluxlab.bench.loader import run_bench, workers_to_feed
+    # torch and the benchmark load here, not at `fluxlab --help`.
+    from fluxlab.bench.loader import bench_data, workers_to_feed
     from fluxlab.data import cache_dir
 
     workers = [int(w) for w in args.workers.split(",")]
     workdir = Path(args.workdir) if args.workdir else cache_dir() / "bench-data"
     size = args.source_size or (args.resolution, args.resolution)
-    report = run_bench(
+    report = bench_data(
         workdir,
         args.resolution,
         args.num_images,
@@ -73,10 +74,12 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     )
     m = report["machine"]
     print(
-        f"{m['cpu']} ({m['nproc']} CPUs), torch {m['torch']}, Pillow {m['pillow']}, webdataset {m['webdataset']}"
+        f"{m['cpu']} ({m['nproc']} CPUs), torch {m['torch']}, Pillow {m['pillow']}, "
+        f"webdataset {m['webdataset']}"
     )
     print(
-        f"{args.num_images} JPEGs {size[0]}x{size[1]} -> {args.resolution}², batch {args.batch_size}; "
+        f"{args.num_images} JPEGs {size[0]}x{size[1]} -> {args.resolution}², "
+        f"batch {args.batch_size}; "
         f"shard index pass {report['shard_index_seconds']:.2f}s"
     )
     print("| source | workers | images/s (wall) | per worker (wall) | per CPU-second (workers=0) |")
@@ -84,7 +87,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     for r in report["results"]:
         cpu = "" if r["images_per_cpu_s"] is None else f"{r['images_per_cpu_s']:.1f}"
         print(
-            f"| {r['source']} | {r['workers']} | {r['images_per_s']:.1f} | {r['images_per_s_per_worker']:.1f} | {cpu} |"
+            f"| {r['source']} | {r['workers']} | {r['images_per_s']:.1f} "
+            f"| {r['images_per_s_per_worker']:.1f} | {cpu} |"
         )
     # A worker's capacity: images per CPU-second in one process (robust to a shared CPU), else the
     # wall rate of a single worker.
@@ -98,7 +102,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     for source, rate in capacity.items():
         n = workers_to_feed(rate, args.batch_size, args.step_seconds)
         print(
-            f"{source}: {need:.1f} images/s needed; {n} worker(s) feed it with 2x margin ({rate:.1f} per worker)"
+            f"{source}: {need:.1f} images/s needed; {n} worker(s) feed it with 2x margin "
+            f"({rate:.1f} per worker)"
         )
     report["workers_to_feed"] = {
         s: workers_to_feed(r, args.batch_size, args.step_seconds) for s, r in capacity.items()

@@ -1,8 +1,10 @@
-"""``fluxlab bench-scale``: Flux training throughput under torchrun, for scaling efficiency across GPUs."""
+"""``fluxlab bench-scale``: Flux training throughput under torchrun, for scaling efficiency across
+GPUs."""
 
 from __future__ import annotations
 
 import argparse
+import json
 
 ACCEPTS_OVERRIDES = False
 
@@ -11,9 +13,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench-scale",
         help="time Flux training steps under torchrun (DDP / FSDP2 / HSDP) for scaling efficiency",
-        description="Run once per world size, e.g. `torchrun --standalone --nproc-per-node=N -m fluxlab.cli "
-        "bench-scale --mode fsdp --json scale-N.json` for N = 1, 2, 4, 8; efficiency = images/s at N over "
-        "N × images/s at 1 (docs/performance.md).",
+        description="Run once per world size, e.g. `torchrun --standalone --nproc-per-node=N -m "
+        "fluxlab.cli bench-scale --mode fsdp --json scale-N.json` for N = 1, 2, 4, 8; efficiency = "
+        "images/s at N over N × images/s at 1 (docs/performance.md).",
     )
     p.add_argument(
         "--preset", default="flux-2.56b", help="model preset (flux-2.56b, flux-dev, ... flux-debug)"
@@ -41,8 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    import json
-
+    # torch and the benchmark load here, not at `fluxlab --help`.
     from fluxlab.bench.scale import bench_scale
     from fluxlab.config.schema import ParallelConfig
     from fluxlab.pipelines.build import resolve_device

@@ -89,7 +89,7 @@ AE_PRESETS: dict[str, AutoEncoderParams] = {
         scale_factor=1.0,
         shift_factor=0.0,
     ),
-    # Tests only (seconds on a CPU): 2x down to 4 channels; `preset:ae-tiny` is its seed-0 random init.
+    # Tests only (seconds on a CPU): 2x down to 4 channels; `preset:ae-tiny` is its seed-0 init.
     "ae-tiny": AutoEncoderParams(
         resolution=16,
         ch=32,
@@ -99,7 +99,8 @@ AE_PRESETS: dict[str, AutoEncoderParams] = {
         scale_factor=1.0,
         shift_factor=0.0,
     ),
-    # Tests only: random weights, still 8x down with 16 channels so it plugs into Flux debug presets.
+    # Tests only: random weights, still 8x down with 16 channels, so it plugs into Flux debug
+    # presets.
     "ae-debug": AutoEncoderParams(resolution=32, ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1),
 }
 
@@ -150,7 +151,8 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels; q/k/v/proj_out are 1x1 convs as in BFL's weights."""
+    """Single-head self-attention over all pixels; q/k/v/proj_out are 1x1 convs, as in BFL's
+    weights."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -177,7 +179,8 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: Tensor) -> Tensor:
-        # The pretrained weights expect zero padding on the right/bottom only (conv padding is symmetric).
+        # The pretrained weights expect zero padding on the right/bottom only (conv padding is
+        # symmetric).
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
@@ -304,7 +307,8 @@ class AutoEncoder(nn.Module):
         f = self.downsample_factor
         if x.ndim != 4 or x.shape[1] != self.params.in_channels:
             raise ValueError(
-                f"expected images shaped (B, {self.params.in_channels}, H, W), got {tuple(x.shape)}."
+                f"expected images shaped (B, {self.params.in_channels}, H, W), got "
+                f"{tuple(x.shape)}."
             )
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(
@@ -317,7 +321,8 @@ class AutoEncoder(nn.Module):
     def encode(
         self, x: Tensor, *, sample: bool = False, generator: torch.Generator | None = None
     ) -> Tensor:
-        """Images in [-1, 1] -> diffusion latents scale*(z - shift); z is the posterior mean unless `sample`."""
+        """Images in [-1, 1] -> diffusion latents scale*(z - shift); z is the posterior mean unless
+        `sample`."""
         mean, logvar = self.encode_moments(x)
         z = sample_posterior(mean, logvar, generator) if sample else mean
         return self.scale_factor * (z - self.shift_factor)
@@ -326,7 +331,8 @@ class AutoEncoder(nn.Module):
         """Diffusion latents (as returned by `encode`) -> images, roughly in [-1, 1]."""
         if z.ndim != 4 or z.shape[1] != self.params.z_channels:
             raise ValueError(
-                f"expected latents shaped (B, {self.params.z_channels}, h, w), got {tuple(z.shape)}."
+                f"expected latents shaped (B, {self.params.z_channels}, h, w), got "
+                f"{tuple(z.shape)}."
             )
         return self.decoder(z / self.scale_factor + self.shift_factor)
 

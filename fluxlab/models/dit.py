@@ -1,4 +1,5 @@
-"""Class-conditional DiT with adaLN-Zero (Peebles & Xie, "Scalable Diffusion Models with Transformers").
+"""Class-conditional DiT with adaLN-Zero (Peebles & Xie, "Scalable Diffusion Models with
+Transformers").
 
 Written from the paper and the reference layout so original checkpoints can be mapped 1:1 (same
 module names and qkv packing). Differences from the original, on purpose:
@@ -6,12 +7,17 @@ module names and qkv packing). Differences from the original, on purpose:
     fluxlab convention shared with Flux); with the DDPM objective's t_int / 1000 this is exactly the
     original integer-t embedding.
   * ``learn_sigma`` defaults to False: the DDPM objective here trains a fixed-variance ε model.
-    Set it True to load original checkpoints (output = [ε, variance] channels); samplers use the ε half.
+    Set it True to load original checkpoints (output = [ε, variance] channels); samplers use the
+    ε half.
+
+Attention runs through each ``Attention`` module's ``attention_fn`` (PyTorch's SDPA unless a caller
+sets another kernel, as ``fluxlab.parallel.attention_kernels.use_attention`` does for training).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -19,8 +25,6 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
-
-from fluxlab.parallel.attention_kernels import scaled_dot_product_attention
 
 FREQUENCY_EMBEDDING_SIZE = 256
 
@@ -62,32 +66,20 @@ class DiTParams:
             )
         if self.pos_embed == "sincos" and self.hidden_size % 4:
             raise ValueError(
-                f"The 2-D sin-cos position embedding needs hidden_size divisible by 4, got {self.hidden_size}; "
-                "change the width or use pos_embed='learned'."
+                "The 2-D sin-cos position embedding needs hidden_size divisible by 4, got "
+                f"{self.hidden_size}; change the width or use pos_embed='learned'."
             )
         if self.pos_embed not in ("sincos", "learned"):
             raise ValueError(f"Unknown pos_embed {self.pos_embed!r}; use 'sincos' or 'learned'.")
         if self.num_classes < 1:
             raise ValueError(
-                f"num_classes must be at least 1 (use 1 for an unconditional model), got {self.num_classes}."
+                "num_classes must be at least 1 (use 1 for an unconditional model), got "
+                f"{self.num_classes}."
             )
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(
                 f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}."
             )
-
-
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal features [cos, sin] of t (any real scale) -> [B, dim], computed in float32."""
-    half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    )
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = F.pad(emb, (0, 1))
-    return emb
 
 
 def sincos_1d(dim: int, positions: Tensor) -> Tensor:
@@ -120,9 +112,22 @@ class TimestepEmbedder(nn.Module):
             nn.Linear(hidden_size, hidden_size),
         )
 
+    @staticmethod
+    def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+        """Sinusoidal features [cos, sin] of t (any real scale) -> [B, dim], computed in float32."""
+        half = dim // 2
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
+        args = t.float()[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = F.pad(emb, (0, 1))
+        return emb
+
     def forward(self, t: Tensor) -> Tensor:
-        # Scale in float32: in half precision t·1000 would miss the integer timesteps the DDPM path uses.
-        freq = timestep_embedding(t.float() * 1000, FREQUENCY_EMBEDDING_SIZE)
+        # Scale in float32: in half precision t·1000 would miss the DDPM path's integer timesteps.
+        freq = self.timestep_embedding(t.float() * 1000, FREQUENCY_EMBEDDING_SIZE)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
@@ -148,10 +153,13 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.attention_fn: Callable[[Tensor, Tensor, Tensor], Tensor] = (
+            F.scaled_dot_product_attention
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = rearrange(self.qkv(x), "b n (k h d) -> k b h n d", k=3, h=self.num_heads)
-        out = scaled_dot_product_attention(q, k, v)
+        out = self.attention_fn(q, k, v)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -242,7 +250,8 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        """x [B, C, H, W], t [B] in [0, 1], y [B] long (``num_classes`` = no label) -> [B, C_out, H, W]."""
+        """x [B, C, H, W], t [B] in [0, 1], y [B] long (``num_classes`` = no label)
+        -> [B, C_out, H, W]."""
         prm = self.params
         if (
             x.ndim != 4
@@ -250,12 +259,14 @@ class DiT(nn.Module):
             or x.shape[2:] != (prm.input_size, prm.input_size)
         ):
             raise ValueError(
-                f"DiT expects images [B, {prm.in_channels}, {prm.input_size}, {prm.input_size}], got "
-                f"{tuple(x.shape)}; resize the data or build the model with matching input_size/in_channels."
+                f"DiT expects images [B, {prm.in_channels}, {prm.input_size}, {prm.input_size}], "
+                f"got {tuple(x.shape)}; resize the data or build the model with matching "
+                "input_size/in_channels."
             )
         if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
             raise ValueError(
-                f"t and y must have shape [B] = [{x.shape[0]}], got {tuple(t.shape)} and {tuple(y.shape)}."
+                f"t and y must have shape [B] = [{x.shape[0]}], got {tuple(t.shape)} and "
+                f"{tuple(y.shape)}."
             )
         tokens = rearrange(self.x_embedder(x), "b d h w -> b (h w) d") + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
@@ -303,9 +314,10 @@ DIT_PRESETS["dit-seed"] = DiTParams(
 DIT_PRESETS["dit-debug"] = DiTParams(
     input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=10
 )
-# Pixel-space sizes for OpenMoji (input size, channels and classes are set from the data when training):
-# dit-tiny is sized for a 2-core CPU; dit-small has 40.6M parameters at 64², matching flux-small's 40.0M
-# on the same data so the DDPM-DiT vs flow-Flux comparison is between models of equal size.
+# Pixel-space sizes for OpenMoji (input size, channels and classes are set from the data when
+# training): dit-tiny is sized for a 2-core CPU; dit-small has 40.6M parameters at 64², matching
+# flux-small's 40.0M on the same data, so the DDPM-DiT vs flow-Flux comparison is between models of
+# equal size.
 DIT_PRESETS["dit-tiny"] = DiTParams(
     input_size=32,
     patch_size=4,
@@ -324,6 +336,7 @@ DIT_PRESETS["dit-small"] = DiTParams(
     num_heads=6,
     num_classes=10,
 )
-# dit-tiny with 2×2 patches, for 16² on a CPU: the same 64 tokens as 32² with 4×4 patches, but each token
-# predicts 12 values instead of 48 (the flow openmoji-cpu preset found 16²/2×2 learns shapes 32²/4×4 does not).
+# dit-tiny with 2×2 patches, for 16² on a CPU: the same 64 tokens as 32² with 4×4 patches, but each
+# token predicts 12 values instead of 48 (the flow openmoji-cpu preset found that 16² with 2×2
+# patches learns shapes that 32² with 4×4 does not).
 DIT_PRESETS["dit-tiny-p2"] = replace(DIT_PRESETS["dit-tiny"], input_size=16, patch_size=2)

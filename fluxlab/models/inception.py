@@ -1,12 +1,14 @@
 """The Inception-v3 used for FID/KID, in plain torch (no torchvision).
 
-This is the network behind TensorFlow's original FID code (the 2015-12-05 graph), as ported by pytorch-fid and
-torch-fidelity. It differs from torchvision's ImageNet Inception-v3 in three ways that change the numbers:
-the average pools in the A, C and first E blocks ignore padded zeros (TensorFlow's SAME pooling), the last E
-block pools its side branch with a max instead of an average, and the classifier has 1008 classes.
+This is the network behind TensorFlow's original FID code (the 2015-12-05 graph), as ported by
+pytorch-fid and torch-fidelity. It differs from torchvision's ImageNet Inception-v3 in three ways
+that change the numbers: the average pools in the A, C and first E blocks ignore padded zeros
+(TensorFlow's SAME pooling), the last E block pools its side branch with a max instead of an
+average, and the classifier has 1008 classes.
 
-Attribute names (``Conv2d_1a_3x3``, ``Mixed_5b.branch5x5_1.conv`` ...) match the published weight files so that
-``load_state_dict(..., strict=True)`` accepts them unchanged; they are the only reason for the odd names.
+Attribute names (``Conv2d_1a_3x3``, ``Mixed_5b.branch5x5_1.conv`` ...) match the published weight
+files so that ``load_state_dict(..., strict=True)`` accepts them unchanged; they are the only reason
+for the odd names.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ class BasicConv2d(nn.Module):
 
 
 def _pool_same(x: Tensor, kind: Literal["avg", "max"]) -> Tensor:
-    # A 3x3 stride-1 pool that keeps the size. TensorFlow's average excludes the zero padding from the divisor;
-    # torchvision's default includes it, which is one of the reasons its Inception gives different FIDs.
+    # A 3x3 stride-1 pool that keeps the size. TensorFlow's average excludes the zero padding from
+    # the divisor; torchvision's default includes it, one reason its Inception gives other FIDs.
     if kind == "max":
         return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
@@ -67,7 +69,8 @@ class InceptionA(nn.Module):
 
 
 class InceptionB(nn.Module):
-    """35x35 -> 17x17 reduction: strided 3x3, strided double 3x3 and a max pool (384 + 96 + in_ch channels)."""
+    """35x35 -> 17x17 reduction: strided 3x3, strided double 3x3 and a max pool (384 + 96 + in_ch
+    channels)."""
 
     def __init__(self, in_ch: int) -> None:
         super().__init__()
@@ -82,7 +85,8 @@ class InceptionB(nn.Module):
 
 
 class InceptionC(nn.Module):
-    """17x17 block with factorised 7x7 convolutions (1x7 then 7x1) over `mid_ch` channels; 768 channels out."""
+    """17x17 block with factorised 7x7 convolutions (1x7 then 7x1) over `mid_ch` channels; 768
+    channels out."""
 
     def __init__(self, in_ch: int, mid_ch: int) -> None:
         super().__init__()
@@ -135,8 +139,8 @@ class InceptionD(nn.Module):
 class InceptionE(nn.Module):
     """8x8 block whose 3x3 branches split into parallel 1x3 and 3x1 halves; 2048 channels out.
 
-    `pool` is "avg" for Mixed_7b and "max" for Mixed_7c: the TensorFlow graph the FID weights come from has a
-    max pool there, and matching it matters more than matching the paper.
+    `pool` is "avg" for Mixed_7b and "max" for Mixed_7c: the TensorFlow graph the FID weights come
+    from has a max pool there, and matching it matters more than matching the paper.
     """
 
     def __init__(self, in_ch: int, pool: Literal["avg", "max"]) -> None:
@@ -167,11 +171,13 @@ class InceptionE(nn.Module):
 
 
 class FIDInceptionV3(nn.Module):
-    """Images [B, 3, H, W] in [-1, 1] (or [0, 1] with ``zero_one_input``) -> pool3 features [B, 2048].
+    """Images [B, 3, H, W] in [-1, 1] (or [0, 1] with ``zero_one_input``) -> pool3 features
+    [B, 2048].
 
-    Inputs of any size are resized to 299x299 with bilinear interpolation (align_corners=False, no antialias),
-    as pytorch-fid does, so FIDs match pytorch-fid's. ``fc`` is never used in ``forward``; it exists so that the
-    weight files load strictly. Built in eval mode with gradients off: BatchNorm must use its running statistics.
+    Inputs of any size are resized to 299x299 with bilinear interpolation (align_corners=False, no
+    antialias), as pytorch-fid does, so FIDs match pytorch-fid's. ``fc`` is never used in
+    ``forward``; it exists so that the weight files load strictly. Built in eval mode with gradients
+    off: BatchNorm must use its running statistics.
     """
 
     def __init__(self, *, resize_input: bool = True, zero_one_input: bool = False) -> None:

@@ -1,13 +1,11 @@
-"""Which fused attention kernels fluxlab's models use, in training and in sampling.
+"""Which attention kernel fluxlab's models run, set on the model from outside it.
 
-On Hopper GPUs PyTorch can route attention to cuDNN, FlashAttention-2 ("flash") or the memory-efficient
-kernel. cuDNN's is the fastest forward pass (~550 TFLOP/s against FlashAttention-2's ~310 at Flux shapes on an
-H200), but its backward pass has crashed with illegal memory accesses in Flux training on this workplace's
-H100/H200s (diffusers' 2.56B step at 512², batch 8, and a simulated flux-dev FSDP2 run at 1,536 tokens:
-docs/performance.md), though not in isolated calls of the same shapes. So SDPA itself is limited to
-flash/efficient while training, and fluxlab's own models take the fast half of each: cuDNN's forward pass,
-whose output and log-sum-exp FlashAttention-2's backward pass then differentiates
-(:func:`scaled_dot_product_attention`, "cudnn-forward"). Sampling keeps PyTorch's default choice.
+Every Flux and DiT module that attends calls its ``attention_fn`` (PyTorch's SDPA by default);
+:func:`use_attention` sets it on a whole model. On Hopper GPUs cuDNN's attention forward pass is the
+fastest, but its backward pass crashed Flux training runs (docs/performance.md), so training pairs
+cuDNN's forward with FlashAttention-2's backward (:func:`cudnn_forward_flash_backward`, which
+``parallelize`` sets through :func:`training_attention`) and limits SDPA itself to flash/efficient
+(:func:`for_training`, around the loss). Sampling keeps PyTorch's default choice.
 """
 
 from __future__ import annotations
@@ -18,74 +16,72 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# "cudnn-forward" is fluxlab's pairing (cuDNN forward, FlashAttention-2 backward); the other names are SDPA's.
-TRAINING_BACKENDS = ("cudnn-forward", "flash", "efficient")
-BACKEND_NAMES = ("flash", "efficient", "cudnn", "math", "cudnn-forward")
+from fluxlab.models.flux.layers import AttentionFn
+from fluxlab.parallel.attention_names import CUDNN_FORWARD, TRAINING_BACKENDS, check_backend_names
 
-# Set by sdpa_backends(); read by scaled_dot_product_attention while torch.compile traces, which guards on it.
-_cudnn_forward = False
-
-
-def check_backend_names(names: Sequence[str]) -> None:
-    """A clear error for an unknown name, or for a set with no SDPA kernel for what the pairing does not cover."""
-    unknown = [n for n in names if n not in BACKEND_NAMES]
-    if unknown:
-        raise ValueError(
-            f"unknown attention backend(s) {unknown}: choose from {sorted(BACKEND_NAMES)}"
-        )
-    if all(n == "cudnn-forward" for n in names):
-        raise ValueError(
-            f"attention backends {list(names)} name no SDPA kernel to fall back on: add flash or efficient"
-        )
+_SDPA_KERNELS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 
 
 @contextlib.contextmanager
 def sdpa_backends(names: Sequence[str]) -> Iterator[None]:
-    """Restrict attention to the named backends: SDPA's flash, efficient, cudnn, math, and "cudnn-forward".
+    """Restricts ``F.scaled_dot_product_attention`` to SDPA's kernels among ``names``.
 
-    "cudnn-forward" applies to fluxlab's models only (:func:`scaled_dot_product_attention`); other code,
-    such as diffusers' models, gets the SDPA backends named beside it.
+    ``cudnn-forward`` is allowed in ``names`` but is not SDPA's: a model gets it through
+    :func:`attention_function` and :func:`use_attention`.
     """
-    global _cudnn_forward
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    table = {
-        "flash": SDPBackend.FLASH_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "cudnn": SDPBackend.CUDNN_ATTENTION,
-        "math": SDPBackend.MATH,
-    }
     check_backend_names(names)
-    sdpa = [table[n] for n in names if n in table]
-    # Decided here, not per call, so that torch.compile traces no device query.
-    pairing = (
-        "cudnn-forward" in names
-        and torch.cuda.is_available()
-        and torch.cuda.get_device_capability() >= (9, 0)
-    )
-    before, _cudnn_forward = _cudnn_forward, pairing
-    try:
-        with sdpa_kernel(sdpa):
-            yield
-    finally:
-        _cudnn_forward = before
+    with sdpa_kernel([_SDPA_KERNELS[n] for n in names if n in _SDPA_KERNELS]):
+        yield
+
+
+def has_cudnn_forward() -> bool:
+    """Whether this machine's GPU has cuDNN's fused attention forward (compute capability ≥ 9.0)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+
+def attention_function(names: Sequence[str]) -> AttentionFn:
+    """The ``attention_fn`` for fluxlab's models given the kernels ``names``: the cuDNN/flash
+    pairing when named and the GPU has it, else SDPA (restricted by :func:`sdpa_backends`)."""
+    check_backend_names(names)
+    if CUDNN_FORWARD in names and has_cudnn_forward():
+        return cudnn_forward_flash_backward
+    return F.scaled_dot_product_attention
+
+
+def training_attention(device: torch.device) -> AttentionFn:
+    """The ``attention_fn`` a training step uses on ``device`` (on CPU: SDPA)."""
+    if device.type != "cuda":
+        return F.scaled_dot_product_attention
+    return attention_function(TRAINING_BACKENDS)
 
 
 def for_training(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    """The attention kernels a training step may use on ``device`` (on CPU: PyTorch's own choice)."""
-    return sdpa_backends(TRAINING_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
+    """The SDPA kernels a training step may use on ``device`` (on CPU: PyTorch's own choice)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_backends(TRAINING_BACKENDS)
 
 
-def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Attention over [B, H, L, D] queries, keys and values, through the kernels chosen by :func:`sdpa_backends`.
+def use_attention(model: nn.Module, attention_fn: AttentionFn) -> nn.Module:
+    """Sets ``attention_fn`` on every module of ``model`` that attends; returns ``model``."""
+    for module in model.modules():
+        if "attention_fn" in vars(module):
+            module.attention_fn = attention_fn
+    return model
 
-    With "cudnn-forward" chosen on a Hopper-or-later GPU (cuDNN's fused kernel), a differentiable bf16/fp16
-    call with head dimension ≤ 128 runs cuDNN's forward pass and FlashAttention-2's backward pass; everything
-    else goes to ``F.scaled_dot_product_attention``.
-    """
-    if _cudnn_forward and _pairing_applies(q, k, v):
+
+def cudnn_forward_flash_backward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """SDPA over [B, H, L, D] whose differentiable bf16/fp16 CUDA calls (head dimension ≤ 128)
+    run cuDNN's forward pass and FlashAttention-2's backward pass; other calls go to SDPA."""
+    if _pairing_applies(q, k, v):
         return _CudnnForwardFlashBackward.apply(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
@@ -93,20 +89,17 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 def _pairing_applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return False  # sampling: SDPA picks cuDNN anyway
-    if (
-        not q.is_cuda
-        or q.dtype not in (torch.bfloat16, torch.float16)
-        or not q.dtype == k.dtype == v.dtype
-    ):
+    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
         return False
+    if not q.dtype == k.dtype == v.dtype:
+        return False
+    # Both kernels want [B, H, L, D] with as many key/value heads as query heads.
     if q.dim() != 4 or not q.shape[:2] == k.shape[:2] == v.shape[:2] or k.shape[2] != v.shape[2]:
-        return (
-            False  # both kernels here want [B, H, L, D] with as many key/value heads as query heads
-        )
+        return False
     head_dim = q.shape[-1]
     contiguous_rows = (
         q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
-    )  # what the flash backward reads
+    )  # the flash backward's input
     return (
         head_dim % 8 == 0
         and head_dim <= 128
@@ -118,9 +111,8 @@ def _pairing_applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
 class _CudnnForwardFlashBackward(torch.autograd.Function):
     """cuDNN's attention forward, differentiated by FlashAttention-2's backward kernel.
 
-    Both define the same log-sum-exp (natural log of Σ exp(scale·q·k) per query row, fp32), which is all the
-    flash backward pass needs besides q, k, v, the output and its gradient; on Flux shapes the gradients agree
-    with an all-flash call to bf16 rounding (tests/parallel/test_attention_kernels.py, on a GPU).
+    Both define the same log-sum-exp (natural log of Σ exp(scale·q·k) per query row, fp32), which
+    is all the flash backward needs besides q, k, v, the output and its gradient.
     """
 
     @staticmethod

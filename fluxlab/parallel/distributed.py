@@ -1,10 +1,11 @@
-"""Just enough multi-process plumbing for the trainer to run under ``torchrun``: gloo on CPU, nccl on CUDA.
+"""Just enough multi-process plumbing for the trainer to run under ``torchrun``: gloo on CPU, nccl
+on CUDA.
 
-One process per device; rank 0 logs, samples and checkpoints while the others wait at a barrier. When
-torchrun restarts the workers after a failure (``--max-restarts``), ``restarted()`` is true and the trainer
-resumes from the newest valid checkpoint. How the model is spread over the processes (DDP, FSDP2, HSDP,
-compile) belongs to ``parallel.py``; this module only starts the process group and answers a few
-collective questions.
+One process per device; rank 0 logs, samples and checkpoints while the others wait at a barrier.
+When torchrun restarts the workers after a failure (``--max-restarts``), ``restarted()`` is true and
+the trainer resumes from the newest valid checkpoint. How the model is spread over the processes
+(DDP, FSDP2, HSDP, compile) belongs to ``parallelize.py``; this module only starts the process group
+and answers a few collective questions.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,8 @@ class DistInfo:
 
 
 def from_env() -> DistInfo:
-    """The process's place in a torchrun launch (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``); a lone process is 0 of 1."""
+    """The process's place in a torchrun launch (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``); a lone
+    process is rank 0 of 1."""
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
@@ -55,7 +58,7 @@ def restarted() -> bool:
 
 
 def init(info: DistInfo, device: torch.device) -> torch.device:
-    """Joins the process group (once) and returns this rank's device (``cuda:LOCAL_RANK`` on GPUs)."""
+    """Joins the process group (once); returns this rank's device (``cuda:LOCAL_RANK`` on GPUs)."""
     if not info.enabled:
         return device
     if device.type == "cuda":
@@ -74,11 +77,14 @@ def init(info: DistInfo, device: torch.device) -> torch.device:
 def simulate(world: int, device: torch.device) -> DistInfo:
     """This process as rank 0 of ``world`` through PyTorch's fake process group.
 
-    Every collective returns at once without moving data while every allocation is real, so one GPU holds
-    exactly what one rank of a ``world``-GPU job holds: the way to size a sharded job before renting the GPUs
-    (torchtitan estimates memory the same way). Numbers that cross ranks (gathered weights, reduced
-    gradients, losses) are meaningless, and nothing that needs real collectives (checkpoints) can run.
+    Every collective returns at once without moving data while every allocation is real, so one
+    GPU holds exactly what one rank of a ``world``-GPU job holds: the way to size a sharded job
+    before renting the GPUs (torchtitan estimates memory the same way). Numbers that cross ranks
+    (gathered weights, reduced gradients, losses) are meaningless, and nothing that needs real
+    collectives (checkpoints) can run.
     """
+    # torch's testing internals (importing them registers the "fake" backend): only simulated runs
+    # depend on them.
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if world < 1:
@@ -92,17 +98,17 @@ def simulate(world: int, device: torch.device) -> DistInfo:
 
 
 def _attempt_store(info: DistInfo) -> dist.Store | None:
-    """The agent's store under a per-attempt prefix, or None to let ``init_process_group`` build its own.
+    """The agent's store under a per-attempt prefix, or None to let ``init_process_group`` build
+    its own.
 
-    torchrun's c10d rendezvous shares one TCPStore with the workers for the whole job, but ``env://``
-    adds no per-attempt prefix, so workers restarted by ``--max-restarts`` can read the dead ones'
-    addresses and fail to connect (pytorch/pytorch#135712). Keys are therefore scoped by the restart
-    count, which is the same for all workers of a single-node launch. (Multi-node jobs can instead set
-    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every torchrun.)
+    torchrun's c10d rendezvous shares one TCPStore with the workers for the whole job, but
+    ``env://`` adds no per-attempt prefix, so workers restarted by ``--max-restarts`` can read the
+    dead ones' addresses and fail to connect (pytorch/pytorch#135712). Keys are therefore scoped by
+    the restart count, which is the same for all workers of a single-node launch. (Multi-node jobs
+    can instead set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every torchrun.)
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
         return None
-    from torch.distributed.constants import default_pg_timeout
 
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"],

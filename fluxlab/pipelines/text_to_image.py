@@ -19,6 +19,7 @@ from fluxlab.diffusion.ddpm import DDPMObjective, Spacing
 from fluxlab.diffusion.guidance import classifier_free_guidance
 from fluxlab.diffusion.samplers import sample
 from fluxlab.models.flux.model import Flux
+from fluxlab.parallel.epilogues import use_inference_epilogues
 
 
 class PixelCodec(nn.Module):
@@ -174,7 +175,8 @@ class FluxTextToImage:
         with "ddim" (``eta``) or "ddpm" over ``steps`` timesteps of ``spacing``. ``condition``
         (one per prompt) makes it a Kontext edit; both CFG branches see it.
         """
-        model = model if model is not None else self.model
+        # The GEMM-epilogue sampling path on CUDA (idempotent; the same function elsewhere).
+        model = use_inference_epilogues(model if model is not None else self.model)
         device = next(model.parameters()).device
         b = text.txt.shape[0]
         gen = torch.Generator(device="cpu").manual_seed(seed)

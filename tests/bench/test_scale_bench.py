@@ -1,4 +1,4 @@
-"""fluxlab bench-scale: the multi-GPU throughput benchmark's plumbing, on CPU (gloo) with a tiny Flux."""
+"""fluxlab bench-scale: the multi-GPU throughput benchmark's plumbing, on CPU (gloo), tiny Flux."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch.distributed as dist
 
 from fluxlab.cli import main
 from fluxlab.models.flux.model import Flux
@@ -78,7 +80,8 @@ def test_fsdp_two_processes_with_checkpointing_and_compile(tmp_path: Path) -> No
 
 
 def test_simulated_world_measures_one_shard_without_communication(tmp_path: Path) -> None:
-    """--simulate-world 4: one process is rank 0 of 4 (fake process group), so it holds a quarter of each weight."""
+    """--simulate-world 4: one process is rank 0 of 4 (fake process group), so it holds a quarter
+    of each weight."""
     out = tmp_path / "sim.json"
     assert (
         main(["bench-scale", "--mode", "fsdp", *TINY, "--simulate-world", "4", "--json", str(out)])
@@ -87,13 +90,9 @@ def test_simulated_world_measures_one_shard_without_communication(tmp_path: Path
     r = json.loads(out.read_text())
     assert r["world"] == 4 and r["mode"] == "fsdp" and r["simulated_world"] is True
     assert r["step_s_without_communication"] > 0
-    assert (
-        "images_per_s" not in r and "step_s" not in r
-    )  # no throughput is claimed for a job that did not run
+    # No throughput is claimed for a job that did not run.
+    assert "images_per_s" not in r and "step_s" not in r
     assert len(r["peak_mem_gb_per_rank"]) == 1
-    assert (
-        abs(r["params_b_on_rank0"] - r["params_b"] / 4) < 1e-3 * r["params_b"]
-    )  # a quarter, up to padding
-    import torch.distributed as dist
-
+    # A quarter, up to padding.
+    assert abs(r["params_b_on_rank0"] - r["params_b"] / 4) < 1e-3 * r["params_b"]
     assert not dist.is_initialized()  # the fake group is torn down, so later tests start clean

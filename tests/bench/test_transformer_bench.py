@@ -4,11 +4,14 @@ import pytest
 import torch
 
 from fluxlab.bench import transformer as B
+from fluxlab.bench.gemms import sampling_gemms
+from fluxlab.bench.impls import DiffusersImpl, Impl
+from fluxlab.cli import main
 from fluxlab.models.flux.model import FluxParams
 
 
 def anchor_flops_fwd(bs, s_img, s_txt, n_layers, d, ctx_dim=4096):
-    # The workplace anchor's count (shared/anchors/bench_diffusers_flux.py), written out independently.
+    # The workplace anchor's count (shared/anchors/bench_diffusers_flux.py), written independently.
     s = s_img + s_txt
     return bs * (
         n_layers * (s * 24 * d * d + 4 * s * s * d)
@@ -31,9 +34,10 @@ def test_flop_count_matches_anchor():
 
 
 def test_sampling_gemms_cover_the_token_wise_count():
-    # The blocks' GEMMs of one sampling step are the 24·d² per token per block of the count (modulation aside).
+    # The blocks' GEMMs of one sampling step are the count's 24·d² per token per block (modulation
+    # aside).
     params = B.bench_params("infer")
-    gemms = B.sampling_gemms(params, 4096, 512)
+    gemms = sampling_gemms(params, 4096, 512)
     flops = sum(
         2 * m * k * n * count for name, m, k, n, count in gemms if not name.startswith("modulation")
     )
@@ -59,7 +63,7 @@ def test_fluxlab_and_diffusers_impls_compute_the_same_function():
     )
     cpu = torch.device("cpu")
     x = B.make_inputs(params, 2, 64, 48, 5, cpu, seed=1)
-    ours, theirs = B.Impl(), B.DiffusersImpl()
+    ours, theirs = Impl(), DiffusersImpl()
     out = ours.forward(ours.build(params, cpu, torch.float32, seed=3), x)
     ref = theirs.forward(theirs.build(params, cpu, torch.float32, seed=3), x)
     assert out.shape == (2, 4 * 3, 16)
@@ -72,8 +76,6 @@ def test_bench_refuses_without_cuda():
         pytest.skip(
             "a CUDA GPU is present; this test checks the error shown on machines without one"
         )
-    from fluxlab.cli import main
-
     assert main(["bench", "--what", "train"]) == 2
 
 
@@ -90,8 +92,6 @@ def test_bench_refuses_without_cuda():
 def test_bench_names_a_bad_training_case_before_building_anything(
     case: str, named: str, capsys
 ) -> None:
-    from fluxlab.cli import main
-
     assert main(["bench", "--what", "train", "--train-cases", case]) == 2
     err = capsys.readouterr().err
     assert case in err and named in err

@@ -19,8 +19,11 @@ from fluxlab.data.edit_pairs import OpenMojiEditPairs, find_edit_pairs, split_pa
 from fluxlab.data.openmoji import load_rendered, openmoji_codes
 from fluxlab.data.transforms import uint8_to_tensor
 from fluxlab.models.flux.model import Flux
-from fluxlab.models.weights.autoencoder_diffusers import load_autoencoder
-from fluxlab.models.weights.flux_diffusers import diffusers_to_bfl, params_from_diffusers_config
+from fluxlab.models.weights.autoencoder_diffusers import load_autoencoder_weights
+from fluxlab.models.weights.flux_diffusers import (
+    diffusers_to_bfl,
+    flux_params_from_diffusers_config,
+)
 from fluxlab.models.weights.pretrained import load_flux
 from fluxlab.pipelines.text_to_image import FluxTextToImage, LatentCodec, PixelCodec, TextEmbedding
 
@@ -105,7 +108,7 @@ def test_tokens_and_ids_match_diffusers_prepare_latents(
     kontext_dir: Path, target: tuple, cond: tuple
 ) -> None:
     oracle = _oracle_pipeline(kontext_dir / "vae")
-    codec = LatentCodec(load_autoencoder(kontext_dir))
+    codec = LatentCodec(load_autoencoder_weights(kontext_dir))
     b = 2
     image = torch.rand(b, 3, *cond, generator=torch.Generator().manual_seed(3)) * 2 - 1
     with torch.no_grad():
@@ -145,7 +148,7 @@ class Identity16(PixelCodec):
 
 def test_velocity_matches_diffusers_transformer_and_keeps_target_shape() -> None:
     ref = _tiny_transformer()
-    model = Flux(params_from_diffusers_config(dict(ref.config))).eval()
+    model = Flux(flux_params_from_diffusers_config(dict(ref.config))).eval()
     model.load_state_dict(diffusers_to_bfl(ref.state_dict()), strict=True)
     pipe = FluxTextToImage(
         model, Identity16(), resolution=4, patch_size=2

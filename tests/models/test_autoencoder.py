@@ -1,4 +1,5 @@
-"""fluxlab's FLUX autoencoder against diffusers' AutoencoderKL (the numerical oracle), on tiny random models."""
+"""fluxlab's FLUX autoencoder against diffusers' AutoencoderKL (the numerical oracle), on tiny
+random models."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from fluxlab.models.autoencoder import (
 from fluxlab.models.weights.autoencoder_diffusers import (
     detect_layout,
     diffusers_to_bfl_autoencoder,
-    load_autoencoder,
+    load_autoencoder_weights,
 )
 
 diffusers = pytest.importorskip("diffusers")
@@ -223,7 +224,9 @@ def test_bad_inputs_raise() -> None:
 @torch.no_grad()
 def test_load_diffusers_folder(oracle: AutoencoderKL, images: torch.Tensor, tmp_path) -> None:
     oracle.save_pretrained(tmp_path / "pipe" / "vae")
-    model = load_autoencoder(tmp_path / "pipe")  # a pipeline root resolves to its vae/ folder
+    model = load_autoencoder_weights(
+        tmp_path / "pipe"
+    )  # a pipeline root resolves to its vae/ folder
     assert (
         model.params.ch == 32
         and model.params.ch_mult == [1, 1, 2, 2]
@@ -234,7 +237,7 @@ def test_load_diffusers_folder(oracle: AutoencoderKL, images: torch.Tensor, tmp_
     ref = oracle.encode(images).latent_dist.mean
     torch.testing.assert_close(model.encode(images), SCALE * (ref - SHIFT), atol=ATOL, rtol=0)
 
-    half = load_autoencoder(tmp_path / "pipe" / "vae", dtype=torch.bfloat16)
+    half = load_autoencoder_weights(tmp_path / "pipe" / "vae", dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 and not p.is_meta for p in half.parameters())
 
 
@@ -248,19 +251,22 @@ def test_load_bfl_file(ours: AutoEncoder, images: torch.Tensor, tmp_path) -> Non
 
     # Scale/shift are not in the tensors, so a non-FLUX architecture needs them from somewhere.
     with pytest.raises(ValueError, match="pass params="):
-        load_autoencoder(plain)
-    loaded = load_autoencoder(plain, params=ours.params)
+        load_autoencoder_weights(plain)
+    loaded = load_autoencoder_weights(plain, params=ours.params)
     torch.testing.assert_close(loaded.encode(images), ours.encode(images), atol=0, rtol=0)
-    assert (load_autoencoder(tagged).scale_factor, load_autoencoder(tagged).shift_factor) == (
+    assert (
+        load_autoencoder_weights(tagged).scale_factor,
+        load_autoencoder_weights(tagged).shift_factor,
+    ) == (
         0.5,
         0.25,
     )
-    from_prefixed = load_autoencoder(prefixed, params=ours.params)
+    from_prefixed = load_autoencoder_weights(prefixed, params=ours.params)
     torch.testing.assert_close(
         from_prefixed.decode(ours.encode(images)), ours(images), atol=0, rtol=0
     )
     with pytest.raises(ValueError, match="do not fit"):
-        load_autoencoder(plain, params=ae_params("ae-debug"))
+        load_autoencoder_weights(plain, params=ae_params("ae-debug"))
 
 
 def test_quant_conv_is_rejected(tmp_path) -> None:
@@ -269,7 +275,7 @@ def test_quant_conv_is_rejected(tmp_path) -> None:
         diffusers_to_bfl_autoencoder(sd_style.state_dict())
     sd_style.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="use_quant_conv"):
-        load_autoencoder(tmp_path)
+        load_autoencoder_weights(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["use_quant_conv"] is True
 
 

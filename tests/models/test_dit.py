@@ -6,9 +6,13 @@ import torch
 
 from fluxlab.diffusion.ddpm import DDPMObjective, DDPMSchedule, ddim_sample
 from fluxlab.diffusion.guidance import classifier_free_guidance
-from fluxlab.models.dit import DIT_PRESETS, DiT, DiTParams, sincos_2d, timestep_embedding
+from fluxlab.models.dit import DIT_PRESETS, DiT, DiTParams, TimestepEmbedder, sincos_2d
 
 diffusers = pytest.importorskip("diffusers")
+from diffusers.models.embeddings import (  # noqa: E402
+    get_2d_sincos_pos_embed,
+    get_timestep_embedding,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +30,7 @@ def tiny(**overrides: object) -> DiTParams:
 
 
 def _randomize(model: DiT, seed: int = 0) -> None:
-    # A fresh DiT is the zero function; perturb every weight so shapes and wiring are really exercised.
+    # A fresh DiT is the zero function; perturb every weight so shapes and wiring are exercised.
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -91,13 +95,11 @@ def test_learned_pos_embed_trains_and_sincos_is_fixed() -> None:
 
 
 def test_sincos_and_timestep_embeddings_match_diffusers() -> None:
-    from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_embedding
-
     ref = get_2d_sincos_pos_embed(48, 6, base_size=6, output_type="pt")
     torch.testing.assert_close(sincos_2d(48, 6), ref.float(), atol=1e-6, rtol=0)
     t = torch.tensor([0.0, 1.0, 17.0, 999.0])
     ref_t = get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0)
-    torch.testing.assert_close(timestep_embedding(t, 256), ref_t)
+    torch.testing.assert_close(TimestepEmbedder.timestep_embedding(t, 256), ref_t)
 
 
 def _to_diffusers(model: DiT) -> dict[str, torch.Tensor]:
@@ -163,7 +165,7 @@ def test_forward_matches_diffusers_dit(patch: int) -> None:
 def test_time_is_scaled_by_1000() -> None:
     model = DiT(tiny())
     t = torch.tensor([0.25, 0.999])
-    freq = timestep_embedding(torch.tensor([250.0, 999.0]), 256)
+    freq = TimestepEmbedder.timestep_embedding(torch.tensor([250.0, 999.0]), 256)
     torch.testing.assert_close(model.t_embedder(t), model.t_embedder.mlp(freq))
 
 

@@ -2,14 +2,18 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fluxlab.conditioning.tokens import image_ids, text_ids
 from fluxlab.models.flux.model import Flux
+from fluxlab.models.flux.presets import flux_params
 from fluxlab.models.weights.flux_diffusers import (
     bfl_to_diffusers,
     diffusers_to_bfl,
-    params_from_diffusers_config,
+    flux_params_from_diffusers_config,
 )
+from fluxlab.parallel import epilogues
+from fluxlab.parallel.epilogues import use_inference_epilogues
 
 diffusers = pytest.importorskip(
     "diffusers", reason="diffusers is the numerical oracle (test dependency)"
@@ -40,7 +44,7 @@ def _tiny_diffusers(guidance: bool) -> "diffusers.FluxTransformer2DModel":
 @pytest.mark.parametrize("guidance", [False, True])
 def test_matches_diffusers(guidance: bool) -> None:
     ref = _tiny_diffusers(guidance)
-    params = params_from_diffusers_config(dict(ref.config))
+    params = flux_params_from_diffusers_config(dict(ref.config))
     ours = Flux(params).eval()
     ours.load_state_dict(diffusers_to_bfl(ref.state_dict()), strict=True)
 
@@ -73,7 +77,7 @@ def test_matches_diffusers(guidance: bool) -> None:
 
 def test_round_trip_conversion() -> None:
     ref = _tiny_diffusers(True)
-    params = params_from_diffusers_config(dict(ref.config))
+    params = flux_params_from_diffusers_config(dict(ref.config))
     sd = ref.state_dict()
     back = bfl_to_diffusers(diffusers_to_bfl(sd), params)
     assert back.keys() == sd.keys()
@@ -82,8 +86,6 @@ def test_round_trip_conversion() -> None:
 
 
 def test_bfl_names_and_shapes() -> None:
-    from fluxlab.models.flux.presets import flux_params
-
     with torch.device("meta"):
         model = Flux(flux_params("flux-dev"))
     sd = model.state_dict()
@@ -105,15 +107,11 @@ def test_bfl_names_and_shapes() -> None:
     }
     for k, shape in expected.items():
         assert tuple(sd[k].shape) == shape, k
-    assert (
-        len([k for k in sd if k.startswith("double_blocks.")]) == 19 * 24
-    )  # 12 tensors per stream
+    assert len([k for k in sd if k.startswith("double_blocks.")]) == 19 * 24  # 12 per stream
     assert sum(p.numel() for p in model.parameters()) == 11_901_408_320
 
 
 def test_fresh_model_predicts_zero() -> None:
-    from fluxlab.models.flux.presets import flux_params
-
     model = Flux(flux_params("flux-debug", in_channels=12, context_in_dim=8, vec_in_dim=8))
     model.initialize_weights()
     out = model(
@@ -128,8 +126,6 @@ def test_fresh_model_predicts_zero() -> None:
 
 
 def test_bad_params_are_named() -> None:
-    from fluxlab.models.flux.presets import flux_params
-
     with pytest.raises(ValueError, match="num_heads"):
         flux_params("flux-debug", num_heads=3)
     with pytest.raises(ValueError, match="axes_dim"):
@@ -137,14 +133,12 @@ def test_bad_params_are_named() -> None:
 
 
 def test_inference_epilogue_path_matches_the_plain_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CUDA inference path (GELU in the matmul epilogue, linear2 split at the concatenation) computes the
-    same function. Run on CPU with a tanh-GELU stand-in for cuBLASLt's epilogue, which CPU lacks."""
-    import torch.nn.functional as F
-
-    from fluxlab.models.flux import layers
+    """The CUDA inference path (GELU in the matmul epilogue, linear2 split at the concatenation)
+    computes the same function. Run on CPU with a tanh-GELU stand-in for cuBLASLt's epilogue,
+    which CPU lacks."""
 
     ref = _tiny_diffusers(True)
-    ours = Flux(params_from_diffusers_config(dict(ref.config))).eval()
+    ours = Flux(flux_params_from_diffusers_config(dict(ref.config))).eval()
     ours.load_state_dict(diffusers_to_bfl(ref.state_dict()), strict=True)
     g = torch.Generator().manual_seed(2)
     inputs = dict(
@@ -164,21 +158,20 @@ def test_inference_epilogue_path_matches_the_plain_one(monkeypatch: pytest.Monke
 
     def addmm_gelu(bias, mat1, mat2, beta=1, alpha=1, use_gelu=False):
         calls.append(mat1.shape)
-        assert (
-            use_gelu and mat1.dtype == mat2.dtype == bias.dtype
-        )  # as cuBLAS requires (autocast skips this op)
+        # As cuBLAS requires (autocast skips this op).
+        assert use_gelu and mat1.dtype == mat2.dtype == bias.dtype
         return F.gelu(torch.addmm(bias, mat1, mat2), approximate="tanh")
 
-    monkeypatch.setattr(layers, "gemm_epilogues", lambda x: not torch.is_grad_enabled())
+    use_inference_epilogues(ours)
+    monkeypatch.setattr(epilogues, "epilogues_apply", lambda x: not torch.is_grad_enabled())
     monkeypatch.setattr(torch, "_addmm_activation", addmm_gelu)
     with torch.no_grad():
         fused = ours(**inputs)
     assert len(calls) == 2 * 2 + 2  # two MLPs per double block, one per single block
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
-    # fluxlab samples under bf16 autocast, with fp32 weights: the epilogue's operands must be cast too
+    # fluxlab samples under bf16 autocast with fp32 weights: the epilogue's operands are cast too.
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         fused_bf16 = ours(**inputs)
     assert len(calls) == 2 * (2 * 2 + 2)
-    torch.testing.assert_close(
-        fused_bf16, plain_bf16, atol=0.05, rtol=0.02
-    )  # bf16 rounding: 1 ulp at 4–8 is 0.031
+    # bf16 rounding: 1 ulp at 4–8 is 0.031.
+    torch.testing.assert_close(fused_bf16, plain_bf16, atol=0.05, rtol=0.02)

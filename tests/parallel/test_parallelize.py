@@ -1,10 +1,11 @@
 """Parallel training on the CPU with gloo: 2 processes must train exactly what 1 process trains.
 
-One torchrun launch (2 workers) runs DDP, FSDP2 and HSDP + activation checkpointing + compile one after
-the other in a shared process group, so the ~10 s launch is paid once. Each is compared with a
-single-process reference on the same global batch (8 = 2 × 4), with gradient accumulation: losses and final
-weights agree to float rounding. Checkpoints cross world sizes both ways: HSDP resumes the reference's step-2
-checkpoint at world size 2, and the reference resumes FSDP's step-2 checkpoint at world size 1.
+One torchrun launch (2 workers) runs DDP, FSDP2 and HSDP + activation checkpointing + compile one
+after the other in a shared process group, so the ~10 s launch is paid once. Each is compared with
+a single-process reference on the same global batch (8 = 2 × 4), with gradient accumulation: losses
+and final weights agree to float rounding. Checkpoints cross world sizes both ways: HSDP resumes the
+reference's step-2 checkpoint at world size 2, and the reference resumes FSDP's step-2 checkpoint at
+world size 1.
 """
 
 from __future__ import annotations
@@ -16,12 +17,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from fluxlab.cli import main
 from fluxlab.config.schema import ParallelConfig, load_config
 from fluxlab.data.samplers import InfiniteBatchSampler
-from fluxlab.parallel.parallelize import wrap_blocks
+from fluxlab.models.flux.model import Flux
+from fluxlab.models.flux.presets import flux_params
+from fluxlab.parallel.distributed import DistInfo
+from fluxlab.parallel.parallelize import (
+    check_training_memory,
+    materialize_like,
+    meta_copy,
+    wrap_blocks,
+)
+from fluxlab.train.checkpoint import load_weights
 from fluxlab.train.rng import SampleGenerators
 from fluxlab.train.trainer import Trainer
 
@@ -48,7 +63,8 @@ import torch.distributed as dist
 from fluxlab.config.schema import load_config
 from fluxlab.train.trainer import Trainer
 
-dist.init_process_group("gloo")  # shared by every run below: the trainer leaves a group it did not create alone
+# Shared by every run below: the trainer leaves a group it did not create alone.
+dist.init_process_group("gloo")
 for args, resume in json.loads(open(sys.argv[1]).read()):
     Trainer(load_config("debug", args), resume=resume, quiet=True).train()
 dist.destroy_process_group()
@@ -77,19 +93,20 @@ def _train(run: Path, extra: list[str], resume: bool = False) -> None:
 
 
 def _seed_from(src: Path, dst: Path, step: int) -> None:
-    """A new run folder holding only ``src``'s checkpoint ``step``: resuming it continues from there."""
+    """A new run folder holding only ``src``'s checkpoint ``step``: resuming it continues from
+    there."""
     shutil.copytree(_ckpt(src, step), _ckpt(dst, step))
 
 
 def _assert_close_weights(a: Path, b: Path, name: str = "model.safetensors") -> None:
-    """Weights of two checkpoints, whole (safetensors) or DCP shards (FSDP/HSDP), read as ``fluxlab sample`` does."""
-    from fluxlab.train.checkpoint import load_weights
-
+    """Weights of two checkpoints, whole (safetensors) or DCP shards (FSDP/HSDP), read as
+    ``fluxlab sample`` does."""
     wa, wb = (load_weights(c, ema=name.startswith("ema")) for c in (a, b))
     assert wa.keys() == wb.keys()
     for k in wa:
+        where = f"{name}:{k}"
         torch.testing.assert_close(
-            wa[k], wb[k], atol=TOL, rtol=TOL, msg=lambda m: f"{name}:{k}: {m}"
+            wa[k], wb[k], atol=TOL, rtol=TOL, msg=lambda m, where=where: f"{where}: {m}"
         )
 
 
@@ -151,8 +168,6 @@ def _optimizer_state(ckpt: Path) -> dict:
     state = torch.load(ckpt / "train_state.pt", weights_only=False)["optimizer"]
     if state != "optimizer":
         return state
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     dcp_to_torch_save(ckpt / "optimizer", ckpt.parent / "optimizer.pt")
     return torch.load(ckpt.parent / "optimizer.pt", weights_only=False)["optimizer"]
 
@@ -165,7 +180,8 @@ def test_two_processes_train_what_one_trains(runs: dict[str, Path], mode: str) -
     assert set(_losses(run)) == set(range(1, STEPS + 1))
     for name in ("model.safetensors", "ema.safetensors"):
         _assert_close_weights(_ckpt(ref, STEPS), _ckpt(run, STEPS), name)
-    # the optimizer state is keyed by parameter name, however it was sharded (FSDP: DCP shards, no rank-0 gather)
+    # The optimizer state is keyed by parameter name, however it was sharded (FSDP: DCP shards, no
+    # rank-0 gather).
     sa, sb = _optimizer_state(_ckpt(ref, STEPS)), _optimizer_state(_ckpt(run, STEPS))
     assert (_ckpt(run, STEPS) / "optimizer").is_dir() == (mode == "fsdp")
     # FSDP: the weights too are DCP shards written by every rank, with no gathered safetensors copy
@@ -181,10 +197,8 @@ def test_two_processes_train_what_one_trains(runs: dict[str, Path], mode: str) -
 @gloo
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "hsdp"])
 def test_two_processes_sample_what_one_samples(runs: dict[str, Path], mode: str) -> None:
-    """The final grid: under FSDP/HSDP every rank runs the sharded EMA in lockstep and rank 0 writes it."""
-    import numpy as np
-    from PIL import Image
-
+    """The final grid: under FSDP/HSDP every rank runs the sharded EMA in lockstep and rank 0
+    writes it."""
     name = f"samples/step_{STEPS:07d}.png"
     ref, got = (np.asarray(Image.open(runs[r] / name), dtype=np.int16) for r in ("ref", mode))
     assert ref.shape == got.shape and ref.std() > 1  # a real picture
@@ -193,8 +207,6 @@ def test_two_processes_sample_what_one_samples(runs: dict[str, Path], mode: str)
 
 @gloo
 def test_fsdp_writes_weight_histograms_gathered_from_the_shards(runs: dict[str, Path]) -> None:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     events = EventAccumulator(str(runs["fsdp"] / "tb"), size_guidance={"histograms": 0}).Reload()
     tags = events.Tags()["histograms"]
     assert "predictions/output" in tags
@@ -244,11 +256,8 @@ def test_inductor_compile_trains_like_eager(tmp_path: Path) -> None:
     _assert_close_weights(_ckpt(eager, 2), _ckpt(compiled, 2))
 
 
-# ------------------------------------------------------------------------------------------------ units
+# -------------------------------------------------------------------------------------------- units
 def test_checkpointing_and_compile_keep_parameter_names_and_outputs() -> None:
-    from fluxlab.models.flux.model import Flux
-    from fluxlab.models.flux.presets import flux_params
-
     torch.manual_seed(0)
     params = flux_params("flux-debug", in_channels=12, context_in_dim=16, vec_in_dim=8)
     model = Flux(params)
@@ -278,7 +287,9 @@ def test_checkpointing_and_compile_keep_parameter_names_and_outputs() -> None:
     out.square().sum().backward()
     ref.square().sum().backward()
     for (n, a), b in zip(model.named_parameters(), plain.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(
+            a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}"
+        )
 
 
 def test_ranks_split_each_global_batch_and_draw_its_numbers() -> None:
@@ -320,12 +331,8 @@ def test_fsdp_alone_and_hsdp_that_divides_are_fine() -> None:
 
 
 def test_ema_copy_is_built_on_meta_then_filled_from_the_model() -> None:
-    """The EMA never exists as a second whole model before sharding: a meta copy, then only this rank's part."""
-    from fluxlab.models.flux.model import Flux
-    from fluxlab.models.flux.presets import flux_params
-    from fluxlab.parallel.distributed import DistInfo
-    from fluxlab.parallel.parallelize import materialize_like, meta_copy
-
+    """The EMA never exists as a second whole model before sharding: a meta copy, then only this
+    rank's part."""
     model = Flux(flux_params("flux-debug"))
     shadow = meta_copy(model)
     assert (
@@ -338,8 +345,6 @@ def test_ema_copy_is_built_on_meta_then_filled_from_the_model() -> None:
 
 
 def test_training_that_cannot_fit_is_refused_with_the_gpus_it_needs() -> None:
-    from fluxlab.parallel.parallelize import check_training_memory
-
     flux_dev, h200, h100 = 11_901_408_320, 143_771_000_000, 85_031_000_000
     check_training_memory(flux_dev, ParallelConfig(mode="fsdp"), 2, h200)  # 111 GiB per rank: fits
     with pytest.raises(
@@ -360,11 +365,8 @@ def test_training_that_cannot_fit_is_refused_with_the_gpus_it_needs() -> None:
 def test_sample_reads_a_checkpoint_of_dcp_weight_shards(
     runs: dict[str, Path], tmp_path: Path
 ) -> None:
-    """`fluxlab sample` consolidates an FSDP checkpoint's weight shards in one process, as it would on a laptop."""
-    from PIL import Image
-
-    from fluxlab.cli import main
-
+    """`fluxlab sample` consolidates an FSDP checkpoint's weight shards in one process, as it would
+    on a laptop."""
     out = tmp_path / "grid.png"
     assert (
         main(

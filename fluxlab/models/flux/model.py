@@ -1,4 +1,4 @@
-"""The FLUX.1 MM-DiT: double-stream blocks over separate text and image weights, then single-stream blocks."""
+"""The FLUX.1 MM-DiT (BFL's ``model.py``): double-stream blocks, then single-stream blocks."""
 
 from __future__ import annotations
 
@@ -36,13 +36,15 @@ class FluxParams:
     def validate(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(
-                f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}"
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_heads={self.num_heads}: pick a width that is a multiple of the heads"
             )
         head_dim = self.hidden_size // self.num_heads
         if sum(self.axes_dim) != head_dim:
             raise ValueError(
-                f"model.axes_dim={self.axes_dim} sums to {sum(self.axes_dim)}, but the head dimension "
-                f"(hidden_size / num_heads) is {head_dim}; the RoPE axes must cover it exactly"
+                f"model.axes_dim={self.axes_dim} sums to {sum(self.axes_dim)}, but the head "
+                f"dimension (hidden_size / num_heads) is {head_dim}; the RoPE axes must cover it "
+                "exactly"
             )
         if any(d % 2 for d in self.axes_dim):
             raise ValueError(f"model.axes_dim={self.axes_dim}: every RoPE axis width must be even")
@@ -83,7 +85,7 @@ class Flux(nn.Module):
         self.final_layer = LastLayer(self.hidden_size, 1, self.out_channels)
 
     def initialize_weights(self) -> None:
-        """Training from scratch: Xavier linears, then adaLN-Zero (modulations and output start at zero).
+        """Training from scratch: Xavier linears, then adaLN-Zero (modulations and output at zero).
 
         With zero gates every block starts as the identity and the model predicts zero velocity,
         the DiT recipe that keeps early training stable.
@@ -119,7 +121,8 @@ class Flux(nn.Module):
         y: Tensor,
         guidance: Tensor | None = None,
     ) -> Tensor:
-        """img [B, L_img, in], txt [B, L_txt, context], ids [B, L, 3], timesteps [B] in [0, 1], y [B, vec]."""
+        """Velocity [B, L_img, out] from img [B, L_img, in], txt [B, L_txt, context],
+        ids [B, L, 3], timesteps [B] in [0, 1] and the pooled text vector y [B, vec]."""
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError("img and txt must be token sequences [batch, length, channels]")
         img = self.img_in(img)
@@ -133,14 +136,15 @@ class Flux(nn.Module):
         vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)
 
-        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+        ids = torch.cat((txt_ids, img_ids), dim=1)
+        pe = self.pe_embedder(ids)
+
         for block in self.double_blocks:
             img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
-        x = torch.cat((txt, img), dim=1)
+
+        img = torch.cat((txt, img), 1)
         for block in self.single_blocks:
-            x = block(x, vec=vec, pe=pe)
-        return self.final_layer(x[:, txt.shape[1] :], vec)
+            img = block(img, vec=vec, pe=pe)
+        img = img[:, txt.shape[1] :, ...]
 
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+        return self.final_layer(img, vec)  # [B, L_img, patch_size² · out_channels]

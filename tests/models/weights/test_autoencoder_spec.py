@@ -1,4 +1,4 @@
-"""encoding.autoencoder specs → AutoEncoder, and a latent-space Flux trained and sampled end to end."""
+"""encoding.autoencoder specs → AutoEncoder; a latent-space Flux trained and sampled end to end."""
 
 import json
 from pathlib import Path
@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from fluxlab.cli import main
 from fluxlab.config.schema import load_config
 from fluxlab.models.weights.autoencoder_spec import describe, load_autoencoder, save_autoencoder
+from fluxlab.pipelines.build import load_for_sampling
 
 LATENT = [
     "--encoding.space=latent",
@@ -146,8 +147,6 @@ def test_latent_flux_trains_and_samples_through_the_autoencoder(tmp_path: Path) 
         )
         == 0
     )
-    from fluxlab.pipelines.build import load_for_sampling
-
     _, pipe, _ = load_for_sampling(run, torch.device("cpu"))
     assert pipe.codec.downsample == 2 and pipe.latent_size == 8
     assert not any(p.requires_grad for p in pipe.codec.parameters())

@@ -1,4 +1,5 @@
-"""Released-FLUX loading (diffusers sharded folder, BFL single file) with meta init, and model.init_from."""
+"""Released-FLUX loading (diffusers sharded folder, BFL single file) with meta init;
+model.init_from."""
 
 import json
 from pathlib import Path

@@ -1,0 +1,157 @@
+"""The implementations ``fluxlab bench`` compares: our Flux, diffusers' ``FluxTransformer2DModel``
+with the same weights, and ours without the sampling GEMM epilogues.
+
+Each builds its model, applies what fluxlab's trainer or sampler would apply from outside (the
+attention kernel, the epilogues), compiles it, and calls it on the benchmark's input dict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fluxlab.models.flux.model import Flux, FluxParams
+from fluxlab.models.weights.flux_diffusers import bfl_to_diffusers
+from fluxlab.parallel.attention_kernels import attention_function, use_attention
+from fluxlab.parallel.epilogues import use_inference_epilogues
+
+
+def diffusers_inputs(inputs: dict[str, Tensor]) -> dict[str, Any]:
+    """The same tensors under diffusers' argument names (2-D ids, as current diffusers expects)."""
+    return dict(
+        hidden_states=inputs["img"],
+        encoder_hidden_states=inputs["txt"],
+        pooled_projections=inputs["y"],
+        timestep=inputs["timesteps"],
+        img_ids=inputs["img_ids"][0],
+        txt_ids=inputs["txt_ids"][0],
+        guidance=inputs["guidance"],
+        return_dict=False,
+    )
+
+
+class Impl:
+    """One implementation under test: builds the model and calls it on our input dict."""
+
+    name = "fluxlab"
+    fullgraph = True
+
+    def build(
+        self, params: FluxParams, device: torch.device, dtype: torch.dtype, seed: int
+    ) -> nn.Module:
+        torch.manual_seed(seed)
+        with torch.device(device), _default_dtype(dtype):
+            return Flux(params)
+
+    def prepare_training(self, model: nn.Module, attention: Sequence[str]) -> None:
+        """Sets the training attention kernel named in ``attention`` on our blocks."""
+        use_attention(model, attention_function(attention))
+
+    def prepare_inference(self, model: nn.Module) -> None:
+        """The sampling path fluxlab's pipeline runs on CUDA: the GEMM epilogues."""
+        use_inference_epilogues(model)
+
+    def forward(self, model: nn.Module, x: dict[str, Tensor]) -> Tensor:
+        return model(
+            x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["timesteps"], x["y"], x["guidance"]
+        )
+
+    def compile(self, model: nn.Module, spec: str) -> nn.Module:
+        """``spec``: ``block`` or ``full``, then optional ``+`` extras: ``max`` (inductor's GEMM
+        autotuning with epilogue fusion, no CUDA graphs), ``graphs`` (CUDA graphs, mode
+        reduce-overhead)."""
+        scope, *extras = spec.split("+")
+        unknown = set(extras) - {"max", "graphs"}
+        if scope not in ("block", "full") or unknown:
+            raise ValueError(
+                f"compile spec {spec!r}: expected block or full, optionally +max or +graphs"
+            )
+        mode = None
+        if "max" in extras:
+            mode = "max-autotune-no-cudagraphs"
+        elif "graphs" in extras:
+            mode = "reduce-overhead"
+        if scope == "full":
+            return torch.compile(model, mode=mode)
+        for block in self.blocks(model):
+            # Compile the bound forward, not the module: hooks (FSDP2's all-gather) stay outside the
+            # graph and the state-dict keys stay unchanged.
+            block.forward = torch.compile(block.forward, fullgraph=self.fullgraph, mode=mode)
+        return model
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return [*model.double_blocks, *model.single_blocks]
+
+
+class DiffusersImpl(Impl):
+    """diffusers' model with our weights; its attention goes through SDPA's kernels only."""
+
+    name = "diffusers"
+    fullgraph = False
+
+    def build(
+        self, params: FluxParams, device: torch.device, dtype: torch.dtype, seed: int
+    ) -> nn.Module:
+        # diffusers is an optional dependency: only this implementation needs it.
+        from diffusers import FluxTransformer2DModel
+
+        # Ours is built on the GPU: a CPU init of flux-dev takes minutes.
+        sd = bfl_to_diffusers(Impl().build(params, device, dtype, seed).state_dict(), params)
+        with torch.device("meta"):
+            model = FluxTransformer2DModel(
+                in_channels=params.in_channels,
+                num_layers=params.depth,
+                num_single_layers=params.depth_single_blocks,
+                attention_head_dim=params.hidden_size // params.num_heads,
+                num_attention_heads=params.num_heads,
+                joint_attention_dim=params.context_in_dim,
+                pooled_projection_dim=params.vec_in_dim,
+                guidance_embeds=params.guidance_embed,
+                axes_dims_rope=tuple(params.axes_dim),
+            )
+        model.load_state_dict(sd, assign=True, strict=True)
+        return model.to(device)
+
+    def prepare_training(self, model: nn.Module, attention: Sequence[str]) -> None:
+        pass  # SDPA's kernels, restricted by sdpa_backends around the step
+
+    def prepare_inference(self, model: nn.Module) -> None:
+        pass
+
+    def forward(self, model: nn.Module, x: dict[str, Tensor]) -> Tensor:
+        # diffusers multiplies timestep and guidance by 1000 itself, as our embedder does.
+        return model(**diffusers_inputs(x))[0]
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return [*model.transformer_blocks, *model.single_transformer_blocks]
+
+
+class PlainGemmImpl(Impl):
+    """fluxlab without the sampling GEMM epilogues (the GELU as its own kernel, linear2 on a
+    concatenation): what the epilogues buy."""
+
+    name = "fluxlab-plain"
+
+    def prepare_inference(self, model: nn.Module) -> None:
+        pass
+
+
+IMPLS: dict[str, type[Impl]] = {
+    "fluxlab": Impl,
+    "diffusers": DiffusersImpl,
+    "fluxlab-plain": PlainGemmImpl,
+}
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)

@@ -1,0 +1,101 @@
+"""Flux's sampling path with GEMM epilogues, swapped into a model from outside it.
+
+On CUDA without autograd, cuBLASLt can apply the MLP's tanh-GELU inside the matmul that feeds it
+(``torch._addmm_activation``), and a single block's ``linear2`` can run as two accumulating matmuls,
+one over the attention output and one over the MLP activation. Neither the activation nor the
+[attention, MLP] concatenation then makes a trip through memory. :func:`use_inference_epilogues`
+swaps these forwards into a model's blocks (as ``parallelize`` swaps in compiled ones); with
+autograd on (training, which needs a backward) or off CUDA each falls back to the block's own
+forward, so the model computes the same function either way.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from fluxlab.models.flux.layers import DoubleStreamBlock, SingleStreamBlock, attention
+
+
+def epilogues_apply(x: Tensor) -> bool:
+    """Whether the epilogue path may run on ``x``: a CUDA tensor with autograd off.
+
+    ``_addmm_activation`` has no backward, and on CPU it computes the exact (erf) GELU instead of
+    FLUX's tanh approximation.
+    """
+    return x.is_cuda and not torch.is_grad_enabled()
+
+
+def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """tanh-GELU(x @ weightᵀ + bias) for 2-D ``x``, the GELU in cuBLASLt's epilogue.
+
+    ``_addmm_activation`` is not on autocast's list, so under autocast (fluxlab samples in bf16
+    autocast on CUDA) the operands are cast here, as ``F.linear``'s would be.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+
+
+def mlp_forward(mlp: nn.Sequential, plain_forward: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """A double block's MLP (Linear → tanh-GELU → Linear), the GELU in the first matmul."""
+    if not epilogues_apply(x):
+        return plain_forward(x)
+    first, _, second = mlp
+    hidden = linear_gelu(x.flatten(0, 1), first.weight, first.bias)
+    return second(hidden).view(*x.shape[:-1], -1)
+
+
+def single_block_forward(
+    block: SingleStreamBlock,
+    plain_forward: Callable[..., Tensor],
+    x: Tensor,
+    vec: Tensor,
+    pe: Tensor,
+) -> Tensor:
+    """``SingleStreamBlock.forward``, the GELU in ``linear1``'s epilogue and ``linear2`` split."""
+    if not epilogues_apply(x):
+        return plain_forward(x, vec=vec, pe=pe)
+    mod, _ = block.modulation(vec)
+    x_mod = (1 + mod.scale) * block.pre_norm(x) + mod.shift
+    d = block.hidden_size
+    w1, b1, w2 = block.linear1.weight, block.linear1.bias, block.linear2.weight
+    qkv = F.linear(x_mod, w1[: 3 * d], b1[: 3 * d])
+    act = linear_gelu(x_mod.flatten(0, 1), w1[3 * d :], b1[3 * d :])
+
+    q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=block.num_heads)
+    q, k = block.norm(q, k, v)
+    attn = attention(q, k, v, pe, block.attention_fn)
+
+    out = torch.addmm(block.linear2.bias, attn.flatten(0, 1), w2[:, :d].t())
+    out = torch.addmm(out, act, w2[:, d:].t()).view_as(x)
+    return x + mod.gate * out
+
+
+def _swap_forward(module: nn.Module, fused: Callable[..., Any]) -> None:
+    current = module.forward
+    if isinstance(current, functools.partial) and current.func is fused:
+        return  # already swapped in
+    # An instance attribute, as parallelize's: nn.Module.__call__ and its hooks still run.
+    module.forward = functools.partial(fused, module, current)
+
+
+def use_inference_epilogues(model: nn.Module) -> nn.Module:
+    """Swaps the epilogue forwards into every Flux block of ``model``; returns ``model``.
+
+    Apply it before ``torch.compile``, so that the compiled graphs hold the epilogue path.
+    """
+    for module in model.modules():
+        if isinstance(module, SingleStreamBlock):
+            _swap_forward(module, single_block_forward)
+        elif isinstance(module, DoubleStreamBlock):
+            _swap_forward(module.img_mlp, mlp_forward)
+            _swap_forward(module.txt_mlp, mlp_forward)
+    return model
