@@ -57,7 +57,7 @@ def time_steps(
         trainer.clip_gradients()
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
-        trainer._update_ema()
+        trainer.update_ema()
         images += len(batch["caption"])
     _sync(device)
     seconds = time.perf_counter() - start

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fluxlab.config.schema import Config
 
 ACCEPTS_OVERRIDES = True
 
@@ -12,8 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a model",
-        description="Train from a preset or a YAML file; override any field with --section.key=value "
-        "(e.g. --optim.lr=3e-4 --train.output_dir=runs/x).",
+        description="Train from a preset or a YAML file; override any field with "
+        "--section.key=value (e.g. --optim.lr=3e-4 --train.output_dir=runs/x).",
     )
     p.add_argument(
         "--config",
@@ -30,13 +34,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="size a job before renting its GPUs: run as rank 0 of N on this one GPU (fake process group: "
-        "no communication, real allocations) for --optim.steps steps and a sample grid, then print the "
-        "peak memory one GPU of the N needs; writes no checkpoint, and its losses mean nothing",
+        help="size a job before renting its GPUs: run as rank 0 of N on this one GPU (fake process "
+        "group: no communication, real allocations) for --optim.steps steps and a sample grid, "
+        "then print the peak memory one GPU of the N needs; writes no checkpoint, and its losses "
+        "mean nothing",
     )
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    # Imported here: every command module loads for `fluxlab --help`, which must stay fast.
     from fluxlab.config.schema import load_config
     from fluxlab.train.trainer import NonFiniteLossError, Trainer
 
@@ -59,7 +65,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _simulate(cfg, world: int) -> int:
+def _simulate(cfg: Config, world: int) -> int:
+    """Trains as rank 0 of a fake ``world``-process group and prints the peak memory of one GPU."""
+    # Imported here: every command module loads for `fluxlab --help`, which must stay fast.
     import torch.distributed as dist
 
     from fluxlab.parallel import distributed
@@ -74,10 +82,12 @@ def _simulate(cfg, world: int) -> int:
         dist.destroy_process_group()
     if not trainer.memory.peaks:
         print(
-            f"simulated {world} processes on {trainer.device}: no GPU, so no memory figure (run it on one GPU)"
+            f"simulated {world} processes on {trainer.device}: no GPU, so no memory figure "
+            "(run it on one GPU)"
         )
         return 0
     print(
-        f"peak memory of one GPU of {world} ({cfg.parallel.mode}, {trainer.device}): {trainer.memory.summary()}"
+        f"peak memory of one GPU of {world} ({cfg.parallel.mode}, {trainer.device}): "
+        f"{trainer.memory.summary()}"
     )
     return 0

@@ -1,4 +1,4 @@
-"""``fluxlab train-ae``: train a FLUX-style autoencoder for latent-space runs (``encoding.autoencoder``)."""
+"""``fluxlab train-ae``: train an autoencoder for latent-space runs (``encoding.autoencoder``)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train-ae",
         help="train an autoencoder for latent-space runs",
-        description="Train a KL autoencoder from scratch (an `ae` section + `data`/`train`), then measure its "
-        "latent scale/shift and write RUN/ae/{ae.safetensors,ae.json}; override any field with --section.key=value "
-        "(e.g. --ae.kl_weight=1e-5 --train.output_dir=runs/ae).",
+        description="Train a KL autoencoder from scratch (an `ae` section + `data`/`train`), then "
+        "measure its latent scale/shift and write RUN/ae/{ae.safetensors,ae.json}; override any "
+        "field with --section.key=value (e.g. --ae.kl_weight=1e-5 --train.output_dir=runs/ae).",
     )
     p.add_argument(
         "--config",
@@ -28,6 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    # Imported here: every command module loads for `fluxlab --help`, which must stay fast.
     from fluxlab.config.autoencoder import load_ae_config
     from fluxlab.train.autoencoder import AETrainer
 
@@ -35,7 +36,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     trainer = AETrainer(cfg, resume=args.resume)
     folder = trainer.train()
     print(
-        f"autoencoder: {folder}   (use it with --encoding.space=latent --encoding.autoencoder={trainer.run_dir})"
+        f"autoencoder: {folder}   (use it with --encoding.space=latent "
+        f"--encoding.autoencoder={trainer.run_dir})"
     )
     print(f"metrics:     {trainer.run_dir / 'metrics.json'}")
     print(f"grids:       {trainer.run_dir / 'samples'}")

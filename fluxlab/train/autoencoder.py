@@ -1,40 +1,47 @@
-"""``fluxlab train-ae``: a FLUX-style KL autoencoder trained from scratch, then its latent scale/shift.
+"""``fluxlab train-ae``: a FLUX-style KL autoencoder trained from scratch, then its latent scale
+and shift.
 
-Loss = recon (L1/L2) + kl_weight · KL/(C·H·W) [+ perceptual_weight · Inception-LPIPS]. At the end the
-latents' statistics over training images give shift = mean(z) and scale = 1/std(z − shift) (what BFL and
-diffusers store as shift_factor/scaling_factor), so a Flux trained on ``scale·(z − shift)`` sees ~unit
-variance. The run folder gets ``ae/ae.safetensors`` + ``ae/ae.json`` (``load_autoencoder`` reads either the
-run or ``ae/``), ``metrics.json``, ``log.jsonl``, ``tb/``, ``samples/recon_*.png`` and resumable checkpoints.
+Loss = recon (L1/L2) + kl_weight · KL/(C·H·W) [+ perceptual_weight · Inception-LPIPS]. At the end
+the latents' statistics over training images give shift = mean(z) and scale = 1/std(z − shift) (what
+BFL and diffusers store as shift_factor/scaling_factor), so a Flux trained on ``scale·(z − shift)``
+sees ~unit variance. The run folder gets ``ae/ae.safetensors`` + ``ae/ae.json``
+(``load_autoencoder`` reads either the run or ``ae/``), ``metrics.json``, ``log.jsonl``, ``tb/``,
+``samples/recon_*.png`` and resumable checkpoints, written and resumed as ``fluxlab train`` writes
+and resumes its own.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from fluxlab.config.autoencoder import ae_params_from_config, validate_ae
 from fluxlab.config.schema import Config
+from fluxlab.data import build_dataset, collate_skip_bad, make_grid
+from fluxlab.data.samplers import InfiniteBatchSampler
+from fluxlab.eval.perceptual import load_perceptual
 from fluxlab.models.autoencoder import AutoEncoder, kl_divergence, sample_posterior
 from fluxlab.models.weights.autoencoder_spec import save_autoencoder
 from fluxlab.pipelines.build import resolve_device
 from fluxlab.pipelines.text_to_image import autocast_for
-from fluxlab.train.checkpoint import latest_checkpoint, save_checkpoint
+from fluxlab.train.progress import TimeBudget
+from fluxlab.train.run_folder import RunFolder
+from fluxlab.train.run_log import RunLog
 
 
 def psnr(reconstruction: Tensor, target: Tensor) -> Tensor:
-    """Per-image PSNR in dB of images in [-1, 1], measured on the [0, 1] scale (peak 1), as is usual."""
+    """Per-image PSNR in dB of images in [-1, 1], measured on the [0, 1] scale (peak 1) as usual."""
     mse = ((reconstruction.float().clamp(-1, 1) - target.float()) / 2).square().mean(dim=(1, 2, 3))
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
@@ -61,13 +68,15 @@ def latent_statistics(latents: Iterator[Tensor]) -> tuple[float, float]:
 
 
 class AETrainer:
-    def __init__(self, cfg: Config, resume: bool = False, quiet: bool = False):
-        from fluxlab.data import build_dataset
+    """Trains ``ae`` on ``data``, then measures the latent scale/shift and writes ``ae/``."""
 
+    def __init__(self, cfg: Config, resume: bool = False, quiet: bool = False):
         validate_ae(cfg)
-        self.cfg, self.quiet = cfg, quiet
+        self.cfg = cfg
         a, d = cfg.ae, cfg.data
         self.run_dir = Path(cfg.train.output_dir)
+        self.log = RunLog(self.run_dir, quiet=quiet)
+        self.folder = RunFolder(self.run_dir, keep_last=cfg.train.keep_last, log=self.log)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = resolve_device(cfg.train.device)
@@ -87,15 +96,12 @@ class AETrainer:
         if len(self.dataset) < a.batch_size or len(self.val_dataset) == 0:
             raise ValueError(
                 f"data.dataset={d.dataset!r} has {len(self.dataset)} training and "
-                f"{len(self.val_dataset)} held-out images; need ≥ ae.batch_size={a.batch_size} and ≥ 1"
+                f"{len(self.val_dataset)} held-out images; need ≥ ae.batch_size={a.batch_size} "
+                "and ≥ 1"
             )
         self.params = ae_params_from_config(cfg)
         self.model = AutoEncoder(self.params).to(self.device)
-        self.perceptual = None
-        if a.perceptual_weight > 0:
-            from fluxlab.eval.perceptual import load_perceptual
-
-            self.perceptual = load_perceptual().to(self.device)
+        self.perceptual = load_perceptual().to(self.device) if a.perceptual_weight > 0 else None
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=a.lr,
@@ -108,27 +114,20 @@ class AETrainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / warm)
         )
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed + 1)
-        self.step, self.batches_seen, self.writer = 0, 0, None
+        self.step, self.batches_seen = 0, 0
         n = sum(p.numel() for p in self.model.parameters())
-        self._log(
-            f"autoencoder: {a.preset} {self.params.downsample_factor}× down to {self.params.z_channels} "
-            f"channels, {n / 1e6:.2f}M parameters on {self.device}; {len(self.dataset)} train / "
-            f"{len(self.val_dataset)} held-out images"
+        self.log.info(
+            f"autoencoder: {a.preset} {self.params.downsample_factor}× down to "
+            f"{self.params.z_channels} channels, {n / 1e6:.2f}M parameters on {self.device}; "
+            f"{len(self.dataset)} train / {len(self.val_dataset)} held-out images"
         )
         if resume:
-            self._resume()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(self.run_dir / "config.json")
+            self.folder.resume(self._restore)
+        self.folder.create(cfg)
 
-    def _log(self, msg: str) -> None:
-        if not self.quiet:
-            tqdm.write(msg)
-
-    # ------------------------------------------------------------------------------------------ data
+    # ------------------------------------------------------------------------------- data
     def _batches(self) -> Iterator[Tensor]:
-        from fluxlab.data import collate_skip_bad
-        from fluxlab.train.trainer import InfiniteBatchSampler
-
+        """Training images batch after batch from ``batches_seen`` on, which counts every batch."""
         sampler = InfiniteBatchSampler(
             len(self.dataset),
             self.cfg.ae.batch_size,
@@ -150,13 +149,11 @@ class AETrainer:
             if batch is not None:  # None: every image of the batch was unreadable
                 yield batch["image"].to(self.device, non_blocking=True)
 
-    def _images(self, dataset: Any, limit: int) -> Iterator[Tensor]:
-        """The first ``limit`` images of ``dataset`` in order, in batches: the same ones at every evaluation."""
-        from fluxlab.data import collate_skip_bad
-
+    def _images(self, dataset: Dataset, limit: int) -> Iterator[Tensor]:
+        """The first ``limit`` images of ``dataset`` in order, in batches: the same each time."""
         indices = list(range(min(limit, len(dataset))))
         loader = DataLoader(
-            torch.utils.data.Subset(dataset, indices),
+            Subset(dataset, indices),
             batch_size=self.cfg.ae.batch_size,
             num_workers=self.cfg.data.num_workers,
             collate_fn=collate_skip_bad,
@@ -165,8 +162,9 @@ class AETrainer:
             if batch is not None:
                 yield batch["image"].to(self.device)
 
-    # ------------------------------------------------------------------------------------------ loss
+    # ------------------------------------------------------------------------------- loss
     def loss(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The training loss of ``images`` and its parts, detached for the log."""
         a = self.cfg.ae
         with autocast_for(self.device, self.cfg.train.mixed_precision):
             mean, logvar = self.model.encode_moments(images)
@@ -190,7 +188,7 @@ class AETrainer:
 
     @torch.no_grad()
     def reconstruct(self, images: Tensor) -> Tensor:
-        """Posterior mean → decoder, as the diffusion pipeline uses it (encode(sample=False) → decode)."""
+        """Posterior mean → decoder, as the diffusion pipeline uses it (encode without sampling)."""
         with autocast_for(self.device, self.cfg.train.mixed_precision):
             mean, _ = self.model.encode_moments(images)
             return self.model.decoder(mean).float().clamp(-1, 1)
@@ -198,8 +196,6 @@ class AETrainer:
     @torch.no_grad()
     def evaluate(self, name: str) -> float:
         """Mean held-out PSNR; writes originals over reconstructions to samples/recon_{name}.png."""
-        from fluxlab.data import make_grid
-
         self.model.eval()
         values, shown = [], None
         for images in self._images(self.val_dataset, self.cfg.ae.val_images):
@@ -211,16 +207,14 @@ class AETrainer:
         value = torch.cat(values).mean().item()
         assert shown is not None
         grid = make_grid(torch.cat(shown), nrow=shown[0].shape[0])
-        out = self.run_dir / "samples" / f"recon_{name}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(out)
-        if self.writer is not None:
-            self.writer.add_scalar("psnr/val", value, self.step)
-            self.writer.add_image("reconstructions", np.asarray(grid), self.step, dataformats="HWC")
+        grid.save(self.folder.sample_file(f"recon_{name}"))
+        self.log.scalars({"psnr/val": value}, self.step)
+        self.log.image("reconstructions", grid, self.step)
         return value
 
-    # ------------------------------------------------------------------------------------------ state
+    # ------------------------------------------------------------------------------- state
     def save(self) -> Path:
+        """Writes checkpoint ``self.step``: weights, optimizer, schedule, RNGs, data position."""
         state = {
             "step": self.step,
             "batches_seen": self.batches_seen,
@@ -229,147 +223,106 @@ class AETrainer:
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
         }
-        desc = {
+        description = {
             "config": self.cfg.to_dict(),
             "format": "fluxlab-v1",
             "task": "autoencoder",
             "ae_params": asdict(self.params),
         }
-        return save_checkpoint(
-            self.run_dir,
-            self.step,
-            self.model.state_dict(),
-            None,
-            desc,
-            state,
-            keep_last=self.cfg.train.keep_last,
-        )
+        return self.folder.save(self.step, self.model.state_dict(), None, description, state)
 
-    def _resume(self) -> None:
-        from safetensors.torch import load_file
-
-        path = latest_checkpoint(self.run_dir, need_train_state=True)
-        if path is None:
-            self._log(f"--resume: no checkpoint in {self.run_dir}, starting from scratch")
-            return
-        self.model.load_state_dict(
-            load_file(path / "model.safetensors", device=str(self.device)), strict=True
-        )
-        state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
+    def _restore(self, path: Path, state: dict[str, Any]) -> int:
+        """Loads checkpoint ``path`` into this run; returns its step."""
+        weights = load_file(path / "model.safetensors", device=str(self.device))
+        self.model.load_state_dict(weights, strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.batches_seen = state["step"], state["batches_seen"]
-        log = self.run_dir / "log.jsonl"  # lines past the checkpoint belong to the run that died
-        if log.is_file():
-            kept = [
-                ln
-                for ln in log.read_text().splitlines()
-                if ln.strip().startswith("{") and json.loads(ln).get("step", 0) <= self.step
-            ]
-            log.write_text("".join(ln + "\n" for ln in kept))
-        self._log(f"resumed from {path} at step {self.step}")
+        return self.step
 
-    def _write_log(self, record: dict[str, Any]) -> None:
-        with open(self.run_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+    # ------------------------------------------------------------------------------- loop
+    def train_step(self, batches: Iterator[Tensor]) -> tuple[dict[str, Tensor], Tensor] | None:
+        """One AdamW step on the next batch: its loss and the loss's parts, and the gradient norm;
+        None when the loss or gradient was not finite and the step was skipped."""
+        loss, parts = self.loss(next(batches))
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.ae.grad_clip)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            warnings.warn(
+                f"step {self.step}: non-finite loss or gradient, step skipped", stacklevel=2
+            )
+            return None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": loss.detach(), **parts}, grad_norm
 
-    # ------------------------------------------------------------------------------------------ loop
     def train(self) -> Path:
-        """Trains to ae.steps or ae.max_minutes, then measures scale/shift and writes ``ae/``; returns it."""
+        """Trains to ae.steps or ae.max_minutes, then measures scale/shift and writes ``ae/``."""
         cfg, a = self.cfg, self.cfg.ae
-        if cfg.train.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.run_dir / "tb"))
-        start = time.monotonic()
+        self.log.start(
+            desc="train-ae", total=a.steps, initial=self.step, tensorboard=cfg.train.tensorboard
+        )
+        budget = TimeBudget(a.max_minutes)
         sums: dict[str, float] = {}
-        count, val_psnr = 0, None
+        count = 0
         batches = self._batches()
         self.model.train()
-        bar = tqdm(
-            total=a.steps,
-            initial=self.step,
-            desc="train-ae",
-            dynamic_ncols=True,
-            disable=self.quiet,
-        )
         while self.step < a.steps:
-            images = next(batches)
-            loss, parts = self.loss(images)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.grad_clip)
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                self.optimizer.zero_grad(set_to_none=True)
-                warnings.warn(
-                    f"step {self.step}: non-finite loss or gradient, step skipped", stacklevel=2
-                )
+            result = self.train_step(batches)
+            if result is None:
                 continue
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            bar.update(1)
-            for k, v in {"loss": loss.detach(), **parts}.items():
+            losses, grad_norm = result
+            self.log.advance()
+            for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
             count += 1
-            out_of_time = (
-                a.max_minutes is not None and time.monotonic() - start > 60 * a.max_minutes
-            )
+            out_of_time = budget.exhausted()
             finished = self.step >= a.steps or out_of_time
+            val_psnr = None
             if a.eval_every and self.step % a.eval_every == 0 and not finished:
                 val_psnr = self.evaluate(f"step_{self.step:07d}")
             if self.step % cfg.train.log_every == 0 or finished or val_psnr is not None:
                 means = {k: v / count for k, v in sums.items()}
-                lr = self.scheduler.get_last_lr()[0]
-                bar.set_postfix(loss=f"{means['loss']:.4f}", psnr=f"{means['psnr']:.2f}")
-                record = {
-                    "step": self.step,
-                    **means,
-                    "lr": lr,
-                    "grad_norm": grad_norm.item(),
-                    "seconds": round(time.monotonic() - start, 2),
-                }
-                if val_psnr is not None:
-                    record["psnr_val"] = val_psnr
-                self._write_log(record)
-                if self.writer is not None:
-                    for k, v in means.items():
-                        self.writer.add_scalar(f"{k}/train", v, self.step)
-                    self.writer.add_scalar("lr", lr, self.step)
-                sums, count, val_psnr = {}, 0, None
+                self._log_step(means, grad_norm.item(), val_psnr, budget)
+                sums, count = {}, 0
             if self.step % cfg.train.checkpoint_every == 0 or finished:
                 self.save()
             if out_of_time:
-                self._log(f"ae.max_minutes={a.max_minutes} reached at step {self.step}")
+                self.log.info(f"ae.max_minutes={a.max_minutes} reached at step {self.step}")
                 break
-        bar.close()
-        return self.finish(time.monotonic() - start)
+        self.log.end_progress()
+        return self.finish(budget.elapsed())
+
+    def _log_step(
+        self, means: dict[str, float], grad_norm: float, val_psnr: float | None, budget: TimeBudget
+    ) -> None:
+        """A log.jsonl line, TensorBoard scalars and the bar's loss and PSNR."""
+        lr = self.scheduler.get_last_lr()[0]
+        self.log.show(loss=f"{means['loss']:.4f}", psnr=f"{means['psnr']:.2f}")
+        record = {
+            "step": self.step,
+            **means,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "seconds": round(budget.elapsed(), 2),
+        }
+        if val_psnr is not None:
+            record["psnr_val"] = val_psnr
+        self.log.record(record)
+        self.log.scalars({**{f"{k}/train": v for k, v in means.items()}, "lr": lr}, self.step)
 
     def finish(self, seconds: float) -> Path:
         """Final held-out PSNR and grid, latent scale/shift, then ``ae/`` and ``metrics.json``."""
-        if latest_checkpoint(self.run_dir) is None:
+        if self.folder.latest() is None:
             self.save()
         psnr_val = self.evaluate("final")
         self.model.eval()
-
-        def latents() -> Iterator[Tensor]:
-            bar = tqdm(
-                total=min(self.cfg.ae.stats_images, len(self.dataset)),
-                desc="latent stats",
-                disable=self.quiet,
-                dynamic_ncols=True,
-            )
-            with torch.no_grad():
-                for images in self._images(self.dataset, self.cfg.ae.stats_images):
-                    # The posterior mean: what LatentCodec.encode hands to the diffusion model.
-                    with autocast_for(self.device, self.cfg.train.mixed_precision):
-                        yield self.model.encode_moments(images)[0].float()
-                    bar.update(images.shape[0])
-            bar.close()
-
-        shift, scale = latent_statistics(latents())
+        shift, scale = latent_statistics(self._latents())
         self.params.shift_factor, self.params.scale_factor = shift, scale
         info = {
             "psnr_val": psnr_val,
@@ -387,10 +340,27 @@ class AETrainer:
             "downsample_factor": self.params.downsample_factor,
         }
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        self._write_log(
+        self.log.record(
             {"step": self.step, "psnr_val": psnr_val, "scale_factor": scale, "shift_factor": shift}
         )
-        if self.writer is not None:
-            self.writer.close()
-        self._log(f"held-out PSNR {psnr_val:.2f} dB; latent shift {shift:.4f}, scale {scale:.4f}")
+        self.log.close()
+        self.log.info(
+            f"held-out PSNR {psnr_val:.2f} dB; latent shift {shift:.4f}, scale {scale:.4f}"
+        )
         return folder
+
+    @torch.no_grad()
+    def _latents(self) -> Iterator[Tensor]:
+        """Posterior means of the first ``ae.stats_images`` training images: what
+        ``LatentCodec.encode`` hands to the diffusion model."""
+        bar = tqdm(
+            total=min(self.cfg.ae.stats_images, len(self.dataset)),
+            desc="latent stats",
+            disable=self.log.quiet,
+            dynamic_ncols=True,
+        )
+        for images in self._images(self.dataset, self.cfg.ae.stats_images):
+            with autocast_for(self.device, self.cfg.train.mixed_precision):
+                yield self.model.encode_moments(images)[0].float()
+            bar.update(images.shape[0])
+        bar.close()

@@ -1,9 +1,10 @@
 """Checkpoints that survive being killed mid-save.
 
-Each checkpoint is a folder ``checkpoints/step_XXXXXXX`` holding the weights as safetensors (model and
-EMA), a JSON description (run config, model params, step) and the training state (optimizer, schedule,
-RNG, data position) for ``--resume``. It is written under a temporary name, flushed and renamed, and the
-manifest ``meta.json`` is written last: a folder without a readable manifest is incomplete and skipped.
+Each checkpoint is a folder ``checkpoints/step_XXXXXXX`` holding the weights as safetensors (model
+and EMA), a JSON description (run config, model params, step) and the training state (optimizer,
+schedule, RNG, data position) for ``--resume``. It is written under a temporary name, flushed and
+renamed, and the manifest ``meta.json`` is written last: a folder without a readable manifest is
+incomplete and skipped.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from safetensors.torch import load_file, save_file
 
 CHECKPOINT_DIR = "checkpoints"
 PREFIX = "step_"
-# FSDP/HSDP runs store model and EMA weights as DCP shards in this folder, keys "model.<name>" and "ema.<name>",
-# instead of two gathered safetensors files; ``load_weights`` reads both layouts.
+# FSDP/HSDP runs store model and EMA weights as DCP shards in this folder, keys "model.<name>" and
+# "ema.<name>", instead of two gathered safetensors files; ``load_weights`` reads both layouts.
 SHARDED_WEIGHTS = "weights"
 
 
@@ -51,8 +52,8 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
 
 
 def staging_path(run_dir: str | Path, step: int, name: str, owner_pid: int) -> Path:
-    """A folder that ranks fill before ``save_checkpoint`` moves it in; named like a temporary of ``owner_pid``
-    (rank 0), so a save killed half-way leaves nothing the next save keeps."""
+    """A folder that ranks fill before ``save_checkpoint`` moves it in; named like a temporary of
+    ``owner_pid`` (rank 0), so a save killed half-way leaves nothing the next save keeps."""
     final = checkpoint_path(run_dir, step)
     return final.parent / f".tmp-{final.name}-{name}-{owner_pid}"
 
@@ -69,9 +70,9 @@ def save_checkpoint(
 ) -> Path:
     """Writes checkpoint ``step`` atomically, then prunes all but the newest ``keep_last``.
 
-    ``staged`` folders (written beforehand, e.g. by every rank's DCP shards) move in under the given names and
-    join the manifest file by file, so a truncated shard is caught like a truncated weight file. Without
-    ``model_state`` the weights must be among them (``SHARDED_WEIGHTS``)."""
+    ``staged`` folders (written beforehand, e.g. by every rank's DCP shards) move in under the
+    given names and join the manifest file by file, so a truncated shard is caught like a truncated
+    weight file. Without ``model_state`` the weights must be among them (``SHARDED_WEIGHTS``)."""
     if model_state is None and SHARDED_WEIGHTS not in (staged or {}):
         raise ValueError(
             f"a checkpoint needs its weights: a model state or a staged {SHARDED_WEIGHTS!r} folder"
@@ -121,9 +122,9 @@ def prune_checkpoints(
 ) -> list[Path]:
     """Deletes all but the newest ``keep_last`` *valid* checkpoints and returns what it deleted.
 
-    Validity, not the folder name, decides: a corrupt ``step_9`` left by an earlier crash must not push
-    the only good checkpoints out. Corrupt folders older than the newest kept one go too; newer corrupt
-    ones stay (a resume warns about them) until a save of that step replaces them.
+    Validity, not the folder name, decides: a corrupt ``step_9`` left by an earlier crash must
+    not push the only good checkpoints out. Corrupt folders older than the newest kept one go too;
+    newer corrupt ones stay (a resume warns about them) until a save of that step replaces them.
     """
     found = list_checkpoints(run_dir)
     valid = [p for p in found if p == just_saved or verify_checkpoint(p, full=False) is None]
@@ -226,7 +227,7 @@ def read_description(path: Path) -> dict[str, Any]:
 
 
 def load_weights(path: Path, ema: bool = True) -> dict[str, torch.Tensor]:
-    """The EMA weights when present (what we sample with), else the raw model's; whole, on the CPU."""
+    """The EMA weights when present (what we sample with), else the model's; whole, on the CPU."""
     if (path / SHARDED_WEIGHTS).is_dir():
         return read_sharded_weights(path / SHARDED_WEIGHTS, "ema" if ema else "model")
     f = path / "ema.safetensors"
@@ -234,8 +235,9 @@ def load_weights(path: Path, ema: bool = True) -> dict[str, torch.Tensor]:
 
 
 def read_sharded_weights(folder: Path, which: str) -> dict[str, torch.Tensor]:
-    """``which`` ("model" or "ema", the model's when there is no EMA) of a DCP weights folder, consolidated
-    in this one process: any world size wrote it, a laptop reads it."""
+    """``which`` ("model" or "ema", the model's when there is no EMA) of a DCP weights folder,
+    consolidated in this one process: any world size wrote it, a laptop reads it."""
+    # Imported here: slow to import and only sharded checkpoints need it (`fluxlab sample`).
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -254,7 +256,8 @@ def read_sharded_weights(folder: Path, which: str) -> dict[str, torch.Tensor]:
 
 
 def forget_log_after(run_dir: str | Path, step: int) -> None:
-    """Drops ``log.jsonl`` lines past ``step``: they belong to a run that died before its next checkpoint."""
+    """Drops ``log.jsonl`` lines past ``step``: they belong to a run that died before its next
+    checkpoint. A line torn by the kill is dropped too."""
     log = Path(run_dir) / "log.jsonl"
     if not log.is_file():
         return

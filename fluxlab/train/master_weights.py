@@ -1,19 +1,21 @@
 """AdamW on fp32 master weights for a model that computes with bf16 matmul weights.
 
-Under bf16 autocast, every training step casts each fp32 matmul weight to bf16 in the forward pass and each bf16
-weight gradient back to fp32 in the backward pass: 12 bytes of memory traffic a parameter, ~31 GB a step for a
-2.56B Flux, on top of the 28 bytes a parameter that AdamW itself reads and writes. ``MasterWeightAdamW`` makes
-the bf16 copies the model's own parameters instead (the matmuls get exactly the weights autocast would have made,
-and their gradients stay in bf16, as the matmuls produce them), keeps the fp32 master weights and both moments
-itself, and updates them in one fused pass per tensor that also rewrites the bf16 copy (compiled on CUDA).
+Under bf16 autocast, every training step casts each fp32 matmul weight to bf16 in the forward pass
+and each bf16 weight gradient back to fp32 in the backward pass: 12 bytes of memory traffic a
+parameter, on top of the 28 that AdamW itself reads and writes. ``MasterWeightAdamW`` makes the bf16
+copies the model's own parameters instead (the matmuls get exactly the weights autocast would have
+made, and their gradients stay in bf16, as the matmuls produce them), keeps the fp32 master weights
+and both moments itself, and updates them in one fused pass per tensor that also rewrites the bf16
+copy (compiled on CUDA). What it buys: docs/performance.md.
 
-The arithmetic is AdamW's on the same gradients, so a step equals autocast + ``torch.optim.AdamW`` to fp32
-rounding. Parameters that autocast leaves in fp32 (RMSNorm scales) stay fp32 and are updated in the same pass.
-Apex's "O2" mixed precision and Megatron's distributed optimizer keep master weights the same way.
+The arithmetic is AdamW's on the same gradients, so a step equals autocast + ``torch.optim.AdamW``
+to fp32 rounding. Parameters that autocast leaves in fp32 (RMSNorm scales) stay fp32 and are updated
+in the same pass. Apex's "O2" mixed precision and Megatron's distributed optimizer keep master
+weights the same way.
 
-With gradient accumulation (``accumulate_fp32=True``) each micro-batch's bf16 gradient is added into an fp32
-sum as soon as it is produced, as autocast's fp32 ``.grad`` would have summed it, so the update sees the same
-numbers; without it the gradients must be final after one backward pass.
+With gradient accumulation (``accumulate_fp32=True``) each micro-batch's bf16 gradient is added into
+an fp32 sum as soon as it is produced, as autocast's fp32 ``.grad`` would have summed it, so the
+update sees the same numbers; without it the gradients must be final after one backward pass.
 """
 
 from __future__ import annotations
@@ -40,12 +42,13 @@ def _adamw_tensor_(
     beta2: float,
     eps: float,
 ) -> None:
-    """``torch.optim.AdamW``'s update of one tensor in place, operation for operation, then the master written
-    into its compute copy.
+    """``torch.optim.AdamW``'s update of one tensor in place, operation for operation, then the
+    master written into its compute copy.
 
-    ``decay`` (1 - lr·weight_decay), ``step_size`` (lr / bias correction 1) and ``bias2_sqrt`` are 0-d tensors, so
-    a compiled version is not recompiled when they change; they are computed in Python floats, as AdamW does.
-    ``clip`` scales the gradient first, as ``clip_grad_norm_`` would have in place.
+    ``decay`` (1 - lr·weight_decay), ``step_size`` (lr / bias correction 1) and ``bias2_sqrt`` are
+    0-d tensors, so a compiled version is not recompiled when they change; they are computed in
+    Python floats, as AdamW does. ``clip`` scales the gradient first, as ``clip_grad_norm_`` would
+    have in place.
     """
     g = grad.float() * clip
     master.mul_(decay)
@@ -57,14 +60,15 @@ def _adamw_tensor_(
 
 
 def _flat(t: Tensor) -> Tensor:
-    """A 1-D view for the update (one compiled kernel serves every length); a non-contiguous tensor, which no
-    view can flatten, is passed as it is and gets a kernel of its own."""
+    """A 1-D view for the update (one compiled kernel serves every length); a non-contiguous tensor,
+    which no view can flatten, is passed as it is and gets a kernel of its own."""
     return t.view(-1) if t.is_contiguous() else t
 
 
 def swap_in_compute_weights(model: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
-    """Replaces every ``nn.Linear`` weight and bias (what autocast casts) by a ``dtype`` copy; returns the
-    originals (fp32, the masters) by parameter name. A parameter shared by several layers stays shared."""
+    """Replaces every ``nn.Linear`` weight and bias (what autocast casts) by a ``dtype`` copy;
+    returns the originals (fp32, the masters) by parameter name. A parameter shared by several
+    layers stays shared."""
     holders: dict[int, list[tuple[nn.Module, str]]] = {}
     for module in model.modules():
         if isinstance(module, nn.Linear):
@@ -86,10 +90,11 @@ def swap_in_compute_weights(model: nn.Module, dtype: torch.dtype) -> dict[str, T
 class MasterWeightAdamW(torch.optim.Optimizer):
     """AdamW whose fp32 master weights live here while the model computes with bf16 copies.
 
-    Construct it before the model's first forward (after wrapping or compiling is fine: compilation is lazy). It
-    replaces every ``nn.Linear`` weight and bias by a bf16 parameter, so the forward needs no casts. Its state
-    dict has ``torch.optim.AdamW``'s layout over ``model.parameters()``, so checkpoints move freely between the
-    two; ``master_state_dict()`` is the model's state dict in fp32.
+    Construct it before the model's first forward (after wrapping or compiling is fine:
+    compilation is lazy). It replaces every ``nn.Linear`` weight and bias by a bf16 parameter, so
+    the forward needs no casts. Its state dict has ``torch.optim.AdamW``'s layout over
+    ``model.parameters()``, so checkpoints move freely between the two; ``master_state_dict()`` is
+    the model's state dict in fp32.
     """
 
     def __init__(
@@ -106,7 +111,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         for name, p in model.named_parameters():
             if p.dtype != torch.float32:
                 raise ValueError(
-                    f"MasterWeightAdamW needs fp32 parameters to keep as masters; {name} is {p.dtype}"
+                    "MasterWeightAdamW needs fp32 parameters to keep as masters; "
+                    f"{name} is {p.dtype}"
                 )
         originals = swap_in_compute_weights(model, compute_dtype)
         self.names: list[str] = []
@@ -122,17 +128,17 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         device = self.masters[0].device
         self.exp_avgs = [torch.zeros_like(m) for m in self.masters]
         self.exp_avg_sqs = [torch.zeros_like(m) for m in self.masters]
-        # What the update reads and writes besides the gradient, as flat views made once: these tensors live as
-        # long as the optimizer (checkpoints are copied into them), so the training step builds none of them.
+        # What the update reads and writes besides the gradient, as flat views made once: these
+        # tensors live as long as the optimizer (checkpoints are copied into them), so the training
+        # step builds none.
         self._flat_state = [
             (_flat(p), _flat(m), _flat(v), None if c is None else _flat(c))
             for p, m, v, c in zip(self.masters, self.exp_avgs, self.exp_avg_sqs, self.copies)
         ]
         self.step_count = 0
-        self._scalars = torch.ones(
-            4, device=device
-        )  # decay, step size, sqrt of bias correction 2, clip factor
-        # fp32 sums of the bf16 gradients over a step's micro-batches (accumulate_fp32), filled by hooks.
+        # Decay, step size, square root of bias correction 2, clip factor.
+        self._scalars = torch.ones(4, device=device)
+        # fp32 sums of the bf16 gradients of a step's micro-batches (accumulate_fp32), from hooks.
         self._sums: list[Tensor | None] = [None] * len(params)
         if accumulate_fp32:
             for i, (p, copy) in enumerate(zip(params, self.copies)):
@@ -140,11 +146,10 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                     p.register_post_accumulate_grad_hook(self._summer(i))
         self._update: Callable[..., None] = _adamw_tensor_
         if device.type == "cuda":
-            # One fused kernel per tensor: reads master, gradient and moments, writes them and the bf16 copy.
-            # Compiled for 1-D tensors of any length (step passes flat views), so a model compiles about three
-            # variants (dynamo tells flat views of 1-D and 2-D tensors apart, and tensors with and without a
-            # copy) whatever its number of tensors; a compile of the update over the whole list of tensors built
-            # one kernel per tensor and took ~1 min on small models of many tensors.
+            # One fused kernel per tensor: reads master, gradient and moments, writes them and the
+            # bf16 copy. Compiled for 1-D tensors of any length (step passes flat views), so a model
+            # compiles about three variants (dynamo tells flat views of 1-D and 2-D tensors apart,
+            # and tensors with and without a copy) whatever its number of tensors.
             self._update = torch.compile(_adamw_tensor_, fullgraph=True, dynamic=True)
 
     @property
@@ -174,7 +179,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
-        """``torch.nn.utils.clip_grad_norm_``'s global norm, in fp32; the scaling happens inside the next ``step``."""
+        """``torch.nn.utils.clip_grad_norm_``'s global norm, in fp32; the scaling happens inside the
+        next ``step``."""
         grads = list(self._gradients().values())
         if not grads:
             return torch.zeros((), device=self._scalars.device)
@@ -206,9 +212,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             flat = (master, _flat(grad), exp_avg, exp_avg_sq, copy)
             try:
                 self._update(*flat, *constants)
-            except (
-                Exception
-            ) as err:  # compilation failed (no Triton for this GPU, ...): this tensor is untouched
+            # Compilation failed (no Triton for this GPU, ...): this tensor is still untouched.
+            except Exception as err:
                 if self._update is _adamw_tensor_:
                     raise
                 warnings.warn(
@@ -237,13 +242,14 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def load_master_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Loads fp32 weights into the masters and the model (whose copies are the masters rounded)."""
+        """Loads fp32 weights into the masters, and into the model as the masters rounded."""
         self.model.load_state_dict(state, strict=True)
         for name, master in zip(self.names, self.masters):
             master.copy_(state[name])
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """``torch.optim.AdamW``'s layout: per-parameter state by position in ``model.parameters()``."""
+        """``torch.optim.AdamW``'s layout: per-parameter state by position in
+        ``model.parameters()``."""
         step = torch.tensor(float(self.step_count))
         group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
         state = (
@@ -264,7 +270,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         (saved,) = state_dict["param_groups"]
         if len(saved["params"]) != len(self.params):
             raise ValueError(
-                f"optimizer state for {len(saved['params'])} parameters, this model has {len(self.params)}"
+                f"optimizer state for {len(saved['params'])} parameters, this model has "
+                f"{len(self.params)}"
             )
         group = self.param_groups[0]
         group.update(

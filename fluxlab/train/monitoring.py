@@ -1,7 +1,9 @@
-"""TensorBoard extras a person reads to see inside a run: histograms of predictions and weights, the graph.
+"""What a person reads to see inside a run: TensorBoard histograms of predictions and weights, the
+model graph, and the peak GPU memory of each phase.
 
-All of it runs only on sample steps (or once), never per step, and never touches the training RNGs: the
-extra forward pass uses its own generator, so a run with TensorBoard on trains exactly as one with it off.
+The TensorBoard extras run only on sample steps (or once), never per step, and never touch the
+training RNGs: the extra forward pass uses its own generator, so a run with TensorBoard on trains
+exactly as one with it off.
 """
 
 from __future__ import annotations
@@ -12,6 +14,26 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+
+class PeakMemory:
+    """Peak GPU memory per phase (training steps, sample grids), for the summary a run ends with."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peaks: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        """Charges the peak since the last mark to ``phase`` and starts counting afresh."""
+        if self.device.type != "cuda":
+            return
+        gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.peaks[phase] = max(self.peaks.get(phase, 0.0), gib)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def summary(self) -> str:
+        names = {"train": "training steps", "sample": "sample grids"}
+        return ", ".join(f"{names.get(k, k)} {v:.1f} GiB" for k, v in self.peaks.items())
 
 
 class _CapturedCall:
@@ -41,7 +63,7 @@ class _CapturedCall:
 
 @torch.no_grad()
 def capture_forward(task: Any, model: nn.Module, batch: dict[str, Any], seed: int) -> _CapturedCall:
-    """One loss evaluation of ``task`` on ``batch``, recording what ``model`` was called with and returned."""
+    """One loss of ``task`` on ``batch``, recording the call of ``model`` and its output."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     captured = _CapturedCall(model)
@@ -58,8 +80,8 @@ def capture_forward(task: Any, model: nn.Module, batch: dict[str, Any], seed: in
 def add_histograms(
     writer: Any, weights: Iterable[tuple[str, Tensor]], predictions: Tensor | None, step: int
 ) -> None:
-    """Weight histograms (one per named tensor, e.g. ``model.named_parameters()``) and, when given, the
-    distribution of model outputs."""
+    """Weight histograms (one per named tensor, e.g. ``model.named_parameters()``) and, when given,
+    the distribution of model outputs."""
     if predictions is not None:
         writer.add_histogram("predictions/output", predictions.float().flatten().cpu(), step)
     for name, param in weights:
@@ -67,7 +89,7 @@ def add_histograms(
 
 
 class _Bound(nn.Module):
-    """``model`` with its non-tensor keyword arguments fixed, callable on positional tensors (for tracing)."""
+    """``model`` with its non-tensor keywords fixed, callable on tensors alone (for tracing)."""
 
     def __init__(self, model: nn.Module, num_args: int, names: list[str], fixed: dict[str, Any]):
         super().__init__()
@@ -79,7 +101,7 @@ class _Bound(nn.Module):
 
 
 def add_model_graph(writer: Any, model: nn.Module, captured: _CapturedCall) -> bool:
-    """The model graph, traced on a recorded call; a model that does not trace only costs a warning."""
+    """The model graph, traced on a recorded call; a model that does not trace costs a warning."""
     try:
         if captured.output is None or not all(isinstance(a, Tensor) for a in captured.args):
             raise ValueError("no forward call with tensor arguments was recorded")

@@ -1,14 +1,15 @@
-"""AdamW stepped block by block during the backward pass, overlapping the optimizer with the backward GEMMs.
+"""AdamW stepped block by block during the backward pass, overlapping the optimizer with the GEMMs.
 
-A training step of a large Flux ends with AdamW reading and writing every fp32 parameter and both moments
-(~28 bytes a parameter: 72 GB for 2.56B parameters, ~15 ms of pure memory traffic on an H200) while the
-GPU's tensor cores sit idle. Each block's gradients are final as soon as the backward pass has left that
-block, so its update can start then, on a side CUDA stream, while the backward pass computes the blocks
-before it. This is torchtitan's "optimizer in backward" idea, kept to plain ``torch.optim.AdamW`` (fused) per
-block, so each update is the same arithmetic as one AdamW over all parameters.
+A training step of a large Flux ends with AdamW reading and writing every fp32 parameter and both
+moments (28 bytes a parameter, pure memory traffic) while the GPU's tensor cores sit idle. Each
+block's gradients are final as soon as the backward pass has left that block, so its update can
+start then, on a side CUDA stream, while the backward pass computes the blocks before it. This is
+torchtitan's "optimizer in backward" idea, kept to plain ``torch.optim.AdamW`` (fused) per block, so
+each update is the same arithmetic as one AdamW over all parameters. What it buys:
+docs/performance.md.
 
-It needs every gradient to be final after one backward: no gradient clipping by the global norm (which
-needs all gradients first) and no gradient accumulation.
+It needs every gradient to be final after one backward: no gradient clipping by the global norm
+(which needs all gradients first) and no gradient accumulation.
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ from torch import nn
 class BlockwiseAdamW:
     """One AdamW per parameter group, each stepped as soon as the group's last gradient has arrived.
 
-    Call ``finish()`` after ``loss.backward()``: it makes the default stream wait for the updates (the next
-    forward reads the parameters) and re-arms the hooks. ``param_groups`` exposes every group's settings so an
-    LR schedule can set ``lr`` on all of them.
-    """
+    Call ``finish()`` after ``loss.backward()``: it makes the default stream wait for the updates
+    (the next forward reads the parameters) and re-arms the hooks. ``param_groups`` exposes every
+    group's settings so an LR schedule can set ``lr`` on all of them."""
 
     def __init__(self, groups: list[list[nn.Parameter]], **adamw: Any):
         groups = [g for g in groups if g]
@@ -59,12 +59,12 @@ class BlockwiseAdamW:
         if self.stream is None:
             opt.step()
         else:
-            # The gradients were written on the backward's stream; the update must see them complete.
+            # The backward's stream wrote the gradients: the update must see them complete.
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream):
                 opt.step()
             for p in params:
-                # Freed below while the side stream may still read it: keep the allocator from reusing it early.
+                # Freed below while the side stream may still read it: no early reuse.
                 p.grad.record_stream(self.stream)
         for p in params:
             p.grad = None
@@ -90,7 +90,8 @@ class BlockwiseAdamW:
 
 
 def block_groups(blocks: list[nn.Module], model: nn.Module) -> list[list[nn.Parameter]]:
-    """One group per block, then one for every parameter outside the blocks (embedders, final layer)."""
+    """One group per block, then one for the parameters outside the blocks (embedders, final
+    layer)."""
     groups = [[p for p in b.parameters() if p.requires_grad] for b in blocks]
     in_blocks = {id(p) for g in groups for p in g}
     return [*groups, [p for p in model.parameters() if p.requires_grad and id(p) not in in_blocks]]

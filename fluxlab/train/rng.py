@@ -1,11 +1,12 @@
-"""Training randomness that belongs to a sample, not to a process: the same numbers at any world size.
+"""Training randomness that belongs to a sample, not to a process: the same numbers at any world
+size.
 
 A loss draws caption dropout, t and noise for every sample of a micro-batch. With one generator per
 process those numbers depend on how the global batch was split over ranks, so a run on 2 GPUs could
-never reproduce a run on 1. Here each global micro-batch gets a generator seeded by (train.seed, global
-micro-batch index) that draws for the whole global batch, and each rank keeps its samples' positions;
-sample j of micro-batch k draws the same dropout, t and noise whether it lands on rank 0 of 1 or rank 1
-of 2, and a resumed run needs no generator state.
+never reproduce a run on 1. Here each global micro-batch gets a generator seeded by (train.seed,
+global micro-batch index) that draws for the whole global batch, and each rank keeps its samples'
+positions; sample j of micro-batch k draws the same dropout, t and noise whether it lands on rank 0
+of 1 or rank 1 of 2, and a resumed run needs no generator state.
 
 The draw helpers accept either a plain ``torch.Generator`` (sampling, validation, tests) or
 ``SampleGenerators``, so tasks and objectives stay agnostic of which one the trainer passes.
@@ -14,6 +15,7 @@ The draw helpers accept either a plain ``torch.Generator`` (sampling, validation
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,10 +41,10 @@ def batch_seed(seed: int, micro_batch: int) -> int:
 class SampleGenerators:
     """Draws for this rank's samples of a global micro-batch, equal at any world size.
 
-    One generator per global micro-batch draws every value for the *whole* global batch (local size × world)
-    and each rank keeps its own positions ``i·world + rank`` (see InfiniteBatchSampler). Drawing world×
-    more numbers than needed costs one kernel launch a draw; a generator per sample would cost one per sample
-    (hundreds per step on a GPU).
+    One generator per global micro-batch draws every value for the *whole* global batch (local size
+    × world) and each rank keeps its own positions ``i·world + rank`` (see InfiniteBatchSampler).
+    Drawing world× more numbers than needed costs one kernel launch a draw; a generator per sample
+    would cost one per sample (hundreds per step on a GPU).
     """
 
     def __init__(self, seed: int, size: int, rank: int, world: int, device: torch.device):
@@ -119,6 +121,13 @@ def randint(
     ).to(device)
 
 
+def seed_everything(seed: int) -> None:
+    """Seeds this process's global RNGs (model initialisation, random augmentations)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def process_rng_state() -> dict[str, Any]:
     """This process's global RNGs (data augmentation draws from them), for a checkpoint."""
     return {
@@ -135,3 +144,17 @@ def set_process_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     np.random.set_state(state["numpy_rng"])
     random.setstate(state["python_rng"])
+
+
+def restore_process_rng_state(state: dict[str, Any], rank: int, world: int, source: Any) -> None:
+    """This rank's global RNGs from a checkpoint's training state (``source`` names it). Written at
+    another world size, they cannot be matched to ranks: a warning says what still replays."""
+    per_rank = state.get("rank_rng") or [state]
+    if len(per_rank) == world:
+        set_process_rng_state(per_rank[rank])
+        return
+    warnings.warn(
+        f"{source} was written by {len(per_rank)} process(es), this run has {world}: data order, "
+        "dropout, t and noise still replay exactly, random augmentations (per-process RNG) do not",
+        stacklevel=3,
+    )

@@ -1,4 +1,4 @@
-"""fluxlab train-ae at toy size: loss, PSNR, scale/shift, ae/ folder, resume, and loading it back."""
+"""fluxlab train-ae at toy size: loss, PSNR, scale/shift, ae/ folder, resume, loading it back."""
 
 import json
 import math
@@ -72,32 +72,23 @@ def test_train_ae_writes_a_loadable_autoencoder(tmp_path: Path) -> None:
         )
 
 
-def test_train_ae_resume_is_exact(tmp_path: Path) -> None:
+def test_train_ae_resume_is_exact_after_a_torn_log_line(tmp_path: Path) -> None:
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert main(["train-ae", "--config", "ae-tiny", f"--train.output_dir={straight}", *FAST]) == 0
-    assert (
-        main(
-            [
-                "train-ae",
-                "--config",
-                "ae-tiny",
-                f"--train.output_dir={resumed}",
-                *FAST,
-                "--ae.steps=2",
-            ]
-        )
-        == 0
-    )
-    assert (
-        main(
-            ["train-ae", "--config", "ae-tiny", f"--train.output_dir={resumed}", *FAST, "--resume"]
-        )
-        == 0
-    )
+    base = ["train-ae", "--config", "ae-tiny", *FAST]
+    assert main([*base, f"--train.output_dir={straight}"]) == 0
+    assert main([*base, f"--train.output_dir={resumed}", "--ae.steps=2"]) == 0
+    # As if a killed run had logged past its last checkpoint, the kill landing mid-line.
+    with open(resumed / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 99.0}\n{"step": 9999, "lo')
+    assert main([*base, f"--train.output_dir={resumed}", "--resume"]) == 0
     a = load_file(straight / "ae" / "ae.safetensors")
     b = load_file(resumed / "ae" / "ae.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((resumed / "metrics.json").read_text())["step"] == 4
+    # The log reads as one run: the dead run's lines past step 2 are gone, the torn one too.
+    records = [json.loads(line) for line in (resumed / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert 99.0 not in [r["loss"] for r in records if "loss" in r]
 
 
 def test_bad_ae_config_is_reported(tmp_path: Path, capsys) -> None:

@@ -1,4 +1,4 @@
-"""Atomic checkpoints: partial or corrupt ones are detected and skipped, the previous one stays loadable."""
+"""Atomic checkpoints: partial or corrupt ones are detected and skipped; the previous one loads."""
 
 import json
 import warnings

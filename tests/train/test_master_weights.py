@@ -1,4 +1,4 @@
-"""MasterWeightAdamW: bf16 matmul weights + fp32 masters give autocast + AdamW's training, without the casts."""
+"""MasterWeightAdamW: bf16 matmul weights and fp32 masters train as autocast + AdamW, no casts."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 from fluxlab.conditioning.tokens import image_ids, text_ids
 from fluxlab.models.flux.model import Flux
@@ -65,7 +66,7 @@ def test_master_weights_train_like_autocast_and_adamw(clip) -> None:
     model = copy.deepcopy(ref)
     adamw = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.1, foreach=False)
     master = MasterWeightAdamW(model, lr=1e-3, weight_decay=0.1)
-    # Every matmul weight is a bf16 parameter now; the RMSNorm scales, which autocast leaves alone, stay fp32.
+    # Every matmul weight is a bf16 parameter now; RMSNorm scales (left by autocast) stay fp32.
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert dtypes["double_blocks.0.img_attn.qkv.weight"] == torch.bfloat16
     assert dtypes["single_blocks.0.linear2.bias"] == torch.bfloat16
@@ -75,7 +76,7 @@ def test_master_weights_train_like_autocast_and_adamw(clip) -> None:
     losses = [_step(model, master, x, target, clip) for _ in range(4)]
     if clip is not None:  # the gradient norms agree too, and were large enough to be clipped
         assert _step.norms[:4] == _step.norms[4:] and min(_step.norms) > clip
-    # Same bf16 weights, the same gradients and the same AdamW arithmetic: equal to the last bit on the CPU.
+    # Same bf16 weights, gradients and AdamW arithmetic: equal to the last bit on the CPU.
     assert losses == ref_losses
     assert losses[-1] < losses[0]
     state = master.master_state_dict()
@@ -128,13 +129,13 @@ def test_state_dict_resumes_the_same_trajectory_in_either_optimizer() -> None:
     saved = copy.deepcopy(
         parallelize.optimizer_state(a, opt_a)
     )  # the trainer's name-keyed checkpoint format
-    # Restarted from a's fp32 masters and optimizer state, a second model continues exactly like a ...
+    # Restarted from a's fp32 masters and optimizer state, a second model continues exactly as a ...
     b = copy.deepcopy(fresh)
     opt_b = MasterWeightAdamW(b, lr=5.0)
     opt_b.load_master_state_dict(weights)
     parallelize.load_optimizer_state(b, opt_b, saved)
     assert opt_b.param_groups[0]["lr"] == 1e-3 and opt_b.step_count == 2
-    # ... and so does a plain fp32 model under autocast with torch's fused-or-not AdamW, from the same checkpoint.
+    # ... and so does an fp32 model under autocast with torch's AdamW, from the same checkpoint.
     c = copy.deepcopy(fresh)
     c.load_state_dict(weights)
     opt_c = torch.optim.AdamW(c.parameters(), lr=5.0, foreach=False)
@@ -158,7 +159,7 @@ def test_state_dict_resumes_the_same_trajectory_in_either_optimizer() -> None:
 
 
 def test_a_non_contiguous_weight_is_updated_in_place_like_adamw() -> None:
-    # The update flattens tensors to 1-D views; a transposed weight has none and must still be updated in place.
+    # The update flattens tensors to 1-D views; a transposed weight has none, yet updates in place.
     torch.manual_seed(0)
     ref = torch.nn.Linear(6, 4)
     ref.weight = torch.nn.Parameter(torch.randn(6, 4).t())
@@ -190,10 +191,8 @@ def test_refuses_non_fp32_parameters() -> None:
     "(the CPU runs the same function eagerly, tested above)",
 )
 def test_compiled_update_on_cuda_matches_fused_adamw() -> None:
-    from torch._dynamo.utils import counters
-
     torch.manual_seed(0)
-    # Linear weights and biases of several sizes (bf16 copies) and a LayerNorm's fp32 scale and shift (no copy).
+    # Linear weights and biases of several sizes (bf16 copies), LayerNorm fp32 parameters (none).
     ref = torch.nn.Sequential(
         torch.nn.Linear(64, 128),
         torch.nn.GELU(),
@@ -222,9 +221,8 @@ def test_compiled_update_on_cuda_matches_fused_adamw() -> None:
         assert torch.equal(live.float(), master.master_state_dict()[name].to(live.dtype).float()), (
             name
         )
-    # A few compiled updates serve every tensor length (dynamo guards flat views of 1-D and 2-D tensors apart,
-    # and tensors with and without a bf16 copy), not one per tensor (12 here): that made the first step of small
-    # many-tensor models compile for a minute.
+    # A few compiled updates serve every tensor length (dynamo guards flat views of 1-D and 2-D
+    # tensors apart, and tensors with and without a bf16 copy), not one per tensor (12 here).
     assert counters["stats"]["unique_graphs"] - graphs_before <= 3
 
 

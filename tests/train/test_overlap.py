@@ -1,4 +1,4 @@
-"""BlockwiseAdamW: the block-by-block update during backward equals one AdamW step over all parameters."""
+"""BlockwiseAdamW: the block-by-block update during backward equals one AdamW step over all."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Runs that die, data that lies, numbers that blow up: each one is survived, reported and resumed exactly.
+"""Runs that die, data that lies, numbers that blow up: each is survived, reported, resumed exactly.
 
-The SIGKILL tests run ``fluxlab train`` in a child process and kill it for real; the torchrun test launches
-two gloo workers on the CPU and has torchrun's elastic agent restart them after one is killed.
+The SIGKILL tests run ``fluxlab train`` in a child process and kill it for real; the torchrun test
+launches two gloo workers on the CPU; torchrun's elastic agent restarts them after one is killed.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fluxlab.cli import main
-from fluxlab.data import BadImageError, load_image
+from fluxlab.data import BadImageError, ImageTransform, ShardDataset, load_image
+from fluxlab.data.shard_writer import folder_samples, shard_pattern, write_shards
+from fluxlab.tasks.text_to_image import TextToImageTask
 from fluxlab.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -33,8 +35,8 @@ from fluxlab.train.checkpoint import (
 )
 
 FAST = ["--train.tensorboard=false", "--train.threads=1", "--data.limit=24", "--optim.batch_size=4"]
-# Everything resume must restore: caption-dropout draws, random flips/jitter (global RNG), warmup + cosine LR,
-# EMA, AdamW moments, gradient accumulation and the data position.
+# Everything resume must restore: caption-dropout draws, random flips/jitter (global RNG), warmup +
+# cosine LR, EMA, AdamW moments, gradient accumulation and the data position.
 EXACT = [
     "--config",
     "debug",
@@ -58,7 +60,8 @@ def _ckpt(run: Path, step: int) -> Path:
 def _assert_same_checkpoint(a: Path, b: Path) -> None:
     """Weights, EMA, optimizer moments, LR schedule, RNG and data position all bitwise equal.
 
-    (Dropout, t and noise come from per-sample generators seeded by the data position: no state to compare.)
+    (Dropout, t and noise come from per-sample generators seeded by the data position: no state to
+    compare.)
     """
     for name in ("model.safetensors", "ema.safetensors"):
         wa, wb = load_file(a / name), load_file(b / name)
@@ -85,7 +88,8 @@ def _wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float = 120
     while not predicate():
         if proc.poll() is not None:
             pytest.fail(
-                f"child exited ({proc.returncode}) before the kill point:\n{log.read_text()[-3000:]}"
+                f"child exited ({proc.returncode}) before the kill point:\n"
+                + log.read_text()[-3000:]
             )
         if time.monotonic() > deadline:
             proc.kill()
@@ -93,14 +97,14 @@ def _wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float = 120
         time.sleep(0.01)
 
 
-# ------------------------------------------------------------------------------------------- 1. SIGKILL
+# -------------------------------------------------------------------------------------- 1. SIGKILL
 def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path: Path, capsys) -> None:
     n = 40
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     common = [*EXACT, f"--optim.steps={n}", "--train.checkpoint_every=3"]
     log = tmp_path / "child.log"
     proc = _child(["train", *common, f"--train.output_dir={killed}"], log)
-    # Kill at whatever point training has reached once a checkpoint exists: mid-step, mid-save, anywhere.
+    # Kill wherever training is once a checkpoint exists: mid-step, mid-save, anywhere.
     _wait_for(lambda: bool(list_checkpoints(killed)), proc, log)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
@@ -115,7 +119,7 @@ def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path: Path, capsys
     assert main(["train", *common, f"--train.output_dir={killed}", "--resume"]) == 0
     assert f"resumed from {killed / 'checkpoints' / 'step_'}" in capsys.readouterr().out
     _assert_same_checkpoint(_ckpt(straight, n), _ckpt(killed, n))
-    # the log reads as one run: steps logged by the killed process after its last checkpoint were dropped
+    # The log reads as one run: what the killed process logged after its last checkpoint is gone.
     records = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, n + 1))
     # keep_last=2 held across the kill and the resume
@@ -123,7 +127,7 @@ def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path: Path, capsys
     assert len(list_checkpoints(killed)) == 2
 
 
-# ------------------------------------------------------------------------------------- 2. kill during save
+# ----------------------------------------------------------------------------- 2. kill during save
 SLOW_SAVE = """
 import os, sys, time
 from pathlib import Path
@@ -166,8 +170,8 @@ def test_sigkill_during_save_keeps_previous_and_resume_falls_back(tmp_path: Path
     assert [p.name for p in list_checkpoints(run)] == ["step_0000002"]
     assert verify_checkpoint(_ckpt(run, 2)) is None
 
-    # The same half-written folder under its final name (a writer without the rename, a lost directory
-    # update): resume must see it is incomplete, say so, and fall back to step 2.
+    # The same half-written folder under its final name (a writer without the rename, a lost
+    # directory update): resume must see it is incomplete, say so, and fall back to step 2.
     partial[0].rename(_ckpt(run, 4))
     with pytest.warns(UserWarning, match=r"step_0000004: no readable meta.json"):
         assert main(["train", *common, f"--train.output_dir={run}", "--resume"]) == 0
@@ -208,9 +212,9 @@ def test_keep_last_never_prunes_the_valid_ones_for_a_corrupt_one(tmp_path: Path)
     assert [p.name for p in list_checkpoints(other)] == ["step_0000002", "step_0000005"]
 
 
-# ----------------------------------------------------------------------------------------- 3. bad data
+# ------------------------------------------------------------------------------------- 3. bad data
 def _png_bomb(path: Path, side: int = 20_000) -> None:
-    """A tiny PNG whose header claims side² pixels (400 M: past PIL's and our decompression-bomb limits)."""
+    """A tiny PNG whose header claims side² pixels (400 M: past PIL's and our bomb limits)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return (
@@ -272,7 +276,7 @@ def _make_messy_folder(root: Path) -> tuple[list[str], list[str]]:
 def test_training_runs_through_a_messy_folder(tmp_path: Path, capsys, caplog) -> None:
     folder, run = tmp_path / "messy", tmp_path / "run"
     good, bad = _make_messy_folder(folder)
-    # Preconditions, so the count below means what it says: good odd modes decode to RGB, bad files raise.
+    # Preconditions, so that the count below means what it says: odd modes decode, bad files raise.
     for name in good:
         assert load_image(folder / name).mode == "RGB", name
     for name in bad:
@@ -313,9 +317,6 @@ def test_training_runs_through_a_messy_folder(tmp_path: Path, capsys, caplog) ->
 
 def test_training_runs_through_broken_shards(tmp_path: Path, capsys, caplog) -> None:
     """The same messy images as WebDataset shards, one shard cut in half by a failed copy."""
-    from fluxlab.data import ImageTransform, ShardDataset
-    from fluxlab.data.shard_writer import folder_samples, shard_pattern, write_shards
-
     _make_messy_folder(tmp_path / "messy")
     total, samples = folder_samples(tmp_path / "messy")
     paths = write_shards(samples, tmp_path / "shards", shard_size=5, total=total)
@@ -352,7 +353,7 @@ def test_training_runs_through_broken_shards(tmp_path: Path, capsys, caplog) -> 
     assert f"skipped {n_bad} unreadable images" in capsys.readouterr().out
 
 
-# -------------------------------------------------------------------------------------- 4. config errors
+# -------------------------------------------------------------------------------- 4. config errors
 @pytest.mark.parametrize(
     "override, field",
     [
@@ -399,13 +400,11 @@ def test_yaml_and_data_errors_leave_no_run_folder(tmp_path: Path, capsys) -> Non
     assert "nope" in capsys.readouterr().err and not run.exists()
 
 
-# ------------------------------------------------------------------------------------- 5. non-finite
+# ----------------------------------------------------------------------------------- 5. non-finite
 def _poison_from(
     monkeypatch, start_call: int, stop_call: int | None = None, grad_only: bool = False
 ) -> None:
-    """From the ``start_call``-th loss call on (until ``stop_call``), the loss or only its gradient is NaN."""
-    from fluxlab.tasks.text_to_image import TextToImageTask
-
+    """From loss call ``start_call`` on (until ``stop_call``), the loss or its gradient is NaN."""
     real = TextToImageTask.loss
     calls = {"n": 0}
 
@@ -483,20 +482,21 @@ def test_too_many_nonfinite_steps_stop_with_the_last_good_checkpoint(
     )
 
 
-# ---------------------------------------------------------------------------------- 6. torchrun restart
+# ----------------------------------------------------------------------------- 6. torchrun restart
 KILL_RANK = """
 import os, signal, sys
 from fluxlab.train import trainer
 
-real = trainer.Trainer._update_ema
+real = trainer.Trainer.update_ema
 
 def update_ema(self):
     real(self)
     # Rank 1 dies hard in the middle of step {kill_step}, in the first attempt only.
-    if self.dist.rank == 1 and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and self.step + 1 == {kill_step}:
+    first_attempt = os.environ["TORCHELASTIC_RESTART_COUNT"] == "0"
+    if self.dist.rank == 1 and first_attempt and self.step + 1 == {kill_step}:
         os.kill(os.getpid(), signal.SIGKILL)
 
-trainer.Trainer._update_ema = update_ema
+trainer.Trainer.update_ema = update_ema
 from fluxlab.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -1,14 +1,20 @@
-"""The whole stack at toy size: train → checkpoint → resume → sample, through the CLI as a user runs it."""
+"""The whole stack at toy size: train → checkpoint → resume → sample, through the CLI."""
 
+import json
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from PIL import Image
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fluxlab.cli import main
 from fluxlab.config.schema import load_config
-from fluxlab.train.trainer import InfiniteBatchSampler, Trainer
+from fluxlab.data.samplers import InfiniteBatchSampler
+from fluxlab.train.trainer import Trainer
 
 FAST = ["--train.tensorboard=false", "--data.limit=24", "--optim.batch_size=4"]
 
@@ -43,8 +49,6 @@ def test_train_then_sample_through_cli(tmp_path: Path) -> None:
         )
         == 0
     )
-    from PIL import Image
-
     assert Image.open(out).size[0] >= 2 * 96  # two tiles, upscaled for legibility
 
 
@@ -86,8 +90,6 @@ def test_loss_decreases_on_a_tiny_set(tmp_path: Path) -> None:
     )
     trainer = Trainer(cfg, quiet=True)
     trainer.train()
-    import json
-
     losses = [
         json.loads(line)["loss"] for line in (tmp_path / "log.jsonl").read_text().splitlines()
     ]
@@ -127,11 +129,8 @@ def test_bad_config_exits_with_a_message(tmp_path: Path, capsys) -> None:
 
 
 def test_simulated_world_trains_one_rank_and_writes_no_checkpoint(tmp_path, capsys) -> None:
-    """`fluxlab train --simulate-world 2`: rank 0 of a fake 2-process FSDP job runs its steps and grid, saves nothing."""
-    import torch.distributed as dist
-
-    from fluxlab.cli import main
-
+    """`fluxlab train --simulate-world 2`: rank 0 of a fake 2-process FSDP job runs its steps and
+    grid, and saves nothing."""
     out = tmp_path / "sim"
     args = [
         "train",
@@ -153,8 +152,8 @@ def test_simulated_world_trains_one_rank_and_writes_no_checkpoint(tmp_path, caps
 
 
 def test_master_weights_train_and_resume_like_autocast(tmp_path: Path, capsys) -> None:
-    """optim.master_weights (bf16 matmul weights, fp32 masters) trains exactly like autocast + AdamW, clipping and
-    EMA included, and resumes from (and into) either kind of run."""
+    """optim.master_weights (bf16 matmul weights, fp32 masters) trains exactly like autocast +
+    AdamW, clipping and EMA included, and resumes from (and into) either kind of run."""
     common = [
         "--config",
         "debug",
@@ -240,10 +239,6 @@ def test_master_weights_sum_accumulated_gradients_in_fp32(tmp_path: Path) -> Non
 
 
 def test_master_weights_write_tensorboard_graph_and_histograms(tmp_path: Path) -> None:
-    import warnings
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert (
