@@ -1,5 +1,5 @@
 # fluxlab: `make demo` trains the embedded OpenMoji default and writes a grid; `make test` runs the suite.
-# Both create .venv on first use. TORCH picks the PyTorch build (the CPU wheel here; `make demo TORCH=torch` elsewhere).
+# Both create .venv on first use; `make test` also runs ruff (lint, import order, format). TORCH picks the PyTorch build (the CPU wheel here; `make demo TORCH=torch` elsewhere).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -32,6 +32,8 @@ demo: install
 	$(BIN)/fluxlab sample --checkpoint runs/openmoji-cpu $(PROMPTS) --out outputs/openmoji-cpu.png
 
 test: install-test
+	$(BIN)/ruff check fluxlab tests
+	$(BIN)/ruff format --check fluxlab tests
 	$(BIN)/python -m pytest -q
 
 clean:

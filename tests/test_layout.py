@@ -84,3 +84,12 @@ def test_no_import_cycle_among_fluxlab_modules() -> None:
 def test_cycle_finder_finds_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_readme_python_example_imports_resolve() -> None:
+    """The README's Python example names modules and functions that exist."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    imports = [line for line in block.splitlines() if line.startswith(("import ", "from "))]
+    assert any("fluxlab" in line for line in imports)
+    exec("\n".join(imports), {})  # raises ImportError if a name moved
