@@ -1,11 +1,12 @@
 """Which attention kernel fluxlab's models run, set on the model from outside it.
 
 Every Flux and DiT module that attends calls its ``attention_fn`` (PyTorch's SDPA by default);
-:func:`use_attention` sets it on a whole model. On Hopper GPUs cuDNN's attention forward pass is the
-fastest, but its backward pass crashed Flux training runs (docs/performance.md), so training pairs
-cuDNN's forward with FlashAttention-2's backward (:func:`cudnn_forward_flash_backward`, which
-``parallelize`` sets through :func:`training_attention`) and limits SDPA itself to flash/efficient
-(:func:`for_training`, around the loss). Sampling keeps PyTorch's default choice.
+:func:`use_attention` sets it on a whole model. Where FlashAttention-4 is installed on a Hopper or
+Blackwell GPU, training and sampling use it (``fluxlab.parallel.flash4``). Otherwise, on Hopper,
+training pairs cuDNN's forward with FlashAttention-2's backward
+(:func:`cudnn_forward_flash_backward`; cuDNN's own backward crashed Flux training runs,
+docs/performance.md) and limits SDPA itself to flash/efficient (:func:`for_training`, around the
+loss); sampling keeps PyTorch's default choice.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fluxlab.models.flux.layers import AttentionFn
-from fluxlab.parallel.attention_names import CUDNN_FORWARD, TRAINING_BACKENDS, check_backend_names
+from fluxlab.parallel.attention_names import (
+    CUDNN_FORWARD,
+    FLASH4,
+    TRAINING_BACKENDS,
+    check_backend_names,
+)
+from fluxlab.parallel.flash4 import flash4_attention, flash4_available
 
 _SDPA_KERNELS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -48,9 +55,12 @@ def has_cudnn_forward() -> bool:
 
 
 def attention_function(names: Sequence[str]) -> AttentionFn:
-    """The ``attention_fn`` for fluxlab's models given the kernels ``names``: the cuDNN/flash
-    pairing when named and the GPU has it, else SDPA (restricted by :func:`sdpa_backends`)."""
+    """The ``attention_fn`` for fluxlab's models given the kernels ``names``: FA4 or the
+    cuDNN/flash pairing when named and the machine has it (in that order), else SDPA (restricted by
+    :func:`sdpa_backends`)."""
     check_backend_names(names)
+    if FLASH4 in names and flash4_available():
+        return flash4_attention
     if CUDNN_FORWARD in names and has_cudnn_forward():
         return cudnn_forward_flash_backward
     return F.scaled_dot_product_attention
@@ -61,6 +71,13 @@ def training_attention(device: torch.device) -> AttentionFn:
     if device.type != "cuda":
         return F.scaled_dot_product_attention
     return attention_function(TRAINING_BACKENDS)
+
+
+def use_sampling_attention(model: nn.Module) -> nn.Module:
+    """FA4 on ``model`` when it sits on a GPU that has it; otherwise the model's kernel stays."""
+    if next(model.parameters()).is_cuda and flash4_available():
+        use_attention(model, flash4_attention)
+    return model
 
 
 def for_training(device: torch.device) -> contextlib.AbstractContextManager[None]:

@@ -1,8 +1,9 @@
 """Names of the attention kernels a run can choose (no torch import: ``fluxlab --help`` reads them).
 
-SDPA's kernels are ``flash``, ``efficient``, ``cudnn`` and ``math``. ``cudnn-forward`` is fluxlab's
-pairing for its own models: cuDNN's forward pass with FlashAttention-2's backward pass
-(``fluxlab.parallel.attention_kernels``).
+SDPA's kernels are ``flash``, ``efficient``, ``cudnn`` and ``math``. fluxlab's own, for its models:
+``fa4`` (FlashAttention-4 where installed, ``fluxlab.parallel.flash4``) and ``cudnn-forward``
+(cuDNN's forward pass with FlashAttention-2's backward pass,
+``fluxlab.parallel.attention_kernels``).
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from collections.abc import Sequence
 
 SDPA_NAMES = ("flash", "efficient", "cudnn", "math")
 CUDNN_FORWARD = "cudnn-forward"
-BACKEND_NAMES = (*SDPA_NAMES, CUDNN_FORWARD)
-# cuDNN's own backward pass crashed Flux training (docs/performance.md): never SDPA's "cudnn" here.
-TRAINING_BACKENDS = (CUDNN_FORWARD, "flash", "efficient")
+FLASH4 = "fa4"
+MODEL_KERNELS = (FLASH4, CUDNN_FORWARD)  # set on fluxlab's models, not SDPA's
+BACKEND_NAMES = (*SDPA_NAMES, *MODEL_KERNELS)
+# The first of the model kernels that this machine has wins. cuDNN's own backward pass crashed Flux
+# training (docs/performance.md): never SDPA's "cudnn" here.
+TRAINING_BACKENDS = (FLASH4, CUDNN_FORWARD, "flash", "efficient")
 
 
 def check_backend_names(names: Sequence[str]) -> None:
@@ -23,7 +27,7 @@ def check_backend_names(names: Sequence[str]) -> None:
         raise ValueError(
             f"unknown attention backend(s) {unknown}: choose from {sorted(BACKEND_NAMES)}"
         )
-    if all(n == CUDNN_FORWARD for n in names):
+    if all(n in MODEL_KERNELS for n in names):
         raise ValueError(
             f"attention backends {list(names)} name no SDPA kernel to fall back on: "
             "add flash or efficient"

@@ -19,6 +19,7 @@ from fluxlab.diffusion.ddpm import DDPMObjective, Spacing
 from fluxlab.diffusion.guidance import classifier_free_guidance
 from fluxlab.diffusion.samplers import sample
 from fluxlab.models.flux.model import Flux
+from fluxlab.parallel.attention_kernels import use_sampling_attention
 from fluxlab.parallel.epilogues import use_inference_epilogues
 
 
@@ -177,6 +178,7 @@ class FluxTextToImage:
         """
         # The GEMM-epilogue sampling path on CUDA (idempotent; the same function elsewhere).
         model = use_inference_epilogues(model if model is not None else self.model)
+        use_sampling_attention(model)
         device = next(model.parameters()).device
         b = text.txt.shape[0]
         gen = torch.Generator(device="cpu").manual_seed(seed)

@@ -20,6 +20,7 @@ from fluxlab.parallel.attention_kernels import (
     use_attention,
 )
 from fluxlab.parallel.attention_names import check_backend_names
+from fluxlab.parallel.flash4 import flash4_attention, flash4_available
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 
@@ -38,8 +39,9 @@ def test_training_on_cuda_excludes_cudnn_and_restores_the_defaults() -> None:
         torch.backends.cuda.cudnn_sdp_enabled(),
         torch.backends.cuda.flash_sdp_enabled(),
     ) == before
-    # The pairing needs cuDNN's Hopper kernel; elsewhere training runs SDPA.
+    # FA4 where installed; else the pairing needs cuDNN's Hopper kernel; elsewhere SDPA.
     expected = cudnn_forward_flash_backward if HOPPER else F.scaled_dot_product_attention
+    expected = flash4_attention if flash4_available() else expected
     assert training_attention(torch.device("cuda")) is expected
     assert training_attention(torch.device("cpu")) is F.scaled_dot_product_attention
 
@@ -52,6 +54,7 @@ def test_pairing_falls_back_to_sdpa_where_it_does_not_apply(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     assert has_cudnn_forward()
+    monkeypatch.setattr("fluxlab.parallel.attention_kernels.flash4_available", lambda: False)
     attention_fn = attention_function(["cudnn-forward", "math"])
     assert attention_fn is cudnn_forward_flash_backward
     assert attention_function(["flash"]) is F.scaled_dot_product_attention
