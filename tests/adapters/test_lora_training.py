@@ -1,0 +1,131 @@
+"""A LoRA trained by fluxlab on a released-style FLUX folder (a tiny random diffusers transformer):
+only the adapter trains and is checkpointed, it resumes bitwise, and the exported file changes
+diffusers' transformer exactly as the run changes fluxlab's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lora_helpers import run_diffusers, run_fluxlab
+from safetensors.torch import load_file
+
+from fluxlab.adapters.formats import merge_into_model, read_lora
+from fluxlab.cli import main
+from fluxlab.conditioning.tokens import image_ids, text_ids
+from fluxlab.models.weights.pretrained import load_flux
+from fluxlab.pipelines.build import load_for_sampling
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is the oracle (test extra)")
+pytest.importorskip("peft", reason="LoRA training needs peft (the lora extra)")
+
+# The debug preset's Flux (hidden 64, 2 heads, one block of each kind) on 4×4 RGB patches (48
+# features) and MiniLM text (384 wide), with a guidance embedding as FLUX.1-dev has.
+TOKEN_DIM, TEXT_DIM = 48, 384
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=TOKEN_DIM,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=32,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM,
+        pooled_projection_dim=TEXT_DIM,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 14, 14),
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    folder = tmp_path_factory.mktemp("FLUX.1-tiny")
+    model.save_pretrained(str(folder / "transformer"))
+    return folder
+
+
+def _train(folder: Path, run: Path, *extra: str) -> None:
+    args = ["train", "--config", "debug", "--train.tensorboard=false", "--data.limit=24"]
+    args += ["--optim.batch_size=4", "--optim.lr=3e-2", "--model.guidance_embed=true"]
+    args += [f"--model.init_from={folder}", "--lora.enabled=true", "--lora.rank=4"]
+    args += ["--lora.targets=img_attn.qkv,txt_attn.qkv,img_mlp.0,linear1,linear2,img_mod.lin"]
+    assert main([*args, "--train.checkpoint_every=2", f"--train.output_dir={run}", *extra]) == 0
+
+
+def _inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return dict(
+        img=torch.randn(2, 16, TOKEN_DIM, generator=g),
+        img_ids=image_ids(2, 4, 4),
+        txt=torch.randn(2, 8, TEXT_DIM, generator=g),
+        txt_ids=text_ids(2, 8),
+        timesteps=torch.rand(2, generator=g),
+        y=torch.randn(2, TEXT_DIM, generator=g),
+        guidance=torch.full((2,), 1.0),
+    )
+
+
+def test_lora_run_trains_resumes_and_exports(flux_folder: Path, tmp_path: Path) -> None:
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _train(flux_folder, straight)
+    _train(flux_folder, resumed, "--optim.steps=2")
+    _train(flux_folder, resumed, "--resume")
+    ckpt = straight / "checkpoints" / "step_0000004"
+    weights = load_file(ckpt / "model.safetensors")
+    assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
+    assert "single_blocks.0.linear1.lora_B.weight" in weights
+    state = torch.load(ckpt / "train_state.pt", weights_only=False)
+    moments = {k.replace(".default.", ".") for k in state["optimizer"]["state"]}  # peft's names
+    assert moments == set(weights)  # the optimizer holds the adapters' moments only
+    again = load_file(resumed / "checkpoints" / "step_0000004" / "model.safetensors")
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    assert any(v.abs().max() > 0 for k, v in weights.items() if ".lora_B." in k)
+
+    # Sampling rebuilds base + adapter; the exported diffusers file does the same in diffusers.
+    _, pipe, _ = load_for_sampling(straight, torch.device("cpu"))
+    out = tmp_path / "lora"
+    assert (
+        main(
+            [
+                "export",
+                "lora",
+                "--source",
+                str(straight),
+                "--format",
+                "diffusers",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    ref = diffusers.FluxTransformer2DModel.from_pretrained(str(flux_folder / "transformer"))
+    x = _inputs()
+    before = run_diffusers(ref.eval(), x)
+    pipeline = diffusers.FluxPipeline(None, None, None, None, None, None, ref)
+    pipeline.load_lora_weights(str(out))
+    after, ours = run_diffusers(pipeline.transformer, x), run_fluxlab(pipe.model, x)
+    assert (after - before).abs().max() > 1e-3  # the trained adapter moves the output
+    torch.testing.assert_close(after, ours, atol=1e-5, rtol=1e-5)
+
+    # The same adapter from the file, merged at a scale, and the merged export.
+    base = load_flux(flux_folder, dtype=torch.float32)
+    merge_into_model(base, read_lora(out / "pytorch_lora_weights.safetensors"), 0.5)
+    half = run_fluxlab(base, x)
+    plain = run_fluxlab(load_flux(flux_folder, dtype=torch.float32), x)
+    assert (half - plain).abs().max() > 1e-4 and (half - ours).abs().max() > 1e-4
+    merged = tmp_path / "merged"
+    argv = ["export", "transformer", "--source", str(straight), "--format", "diffusers"]
+    assert main([*argv, "--out", str(merged)]) == 0
+    exported = diffusers.FluxTransformer2DModel.from_pretrained(str(merged / "transformer"))
+    torch.testing.assert_close(run_diffusers(exported.eval(), x), ours, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_needs_a_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "--config", "debug", "--lora.enabled=true", f"--train.output_dir={tmp_path}"]
+    assert main(argv) == 2
+    assert "model.init_from" in capsys.readouterr().err
