@@ -92,8 +92,10 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
 
 
 def lora_weights(state: dict[str, Tensor], cfg: LoraConfig) -> LoraWeights:
-    """``LoraWeights`` of checkpoint adapter weights trained under ``cfg`` (its alpha)."""
+    """``LoraWeights`` of the adapter weights in ``state``, trained under ``cfg`` (its alpha)."""
     alpha = float(cfg.alpha if cfg.alpha is not None else cfg.rank)
+    # FSDP checkpoints hold the whole model under peft's names: keep the adapters, renamed.
+    state = {_checkpoint_name(k): v for k, v in state.items() if is_adapter_parameter(k)}
     modules = sorted({key.split(_A)[0] for key in state if _A in key})
     return {m: LoraPair(state[f"{m}{_A}weight"], state[f"{m}{_B}weight"], alpha) for m in modules}
 

@@ -3,6 +3,7 @@ Flux holding the same weights, plus inputs that exercise every term."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -82,3 +83,27 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 3) -> None:
         for name, p in model.named_parameters():
             if ".lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def save_debug_base(folder: Path, in_channels: int = 48, guidance: bool = False) -> Path:
+    """A released-style FLUX folder (``transformer/`` only) holding a random transformer the size
+    of the ``debug`` preset's Flux (hidden 64, one block of each kind, MiniLM's 384-wide text)."""
+    diffusers = pytest.importorskip("diffusers", reason="builds the base folder (test extra)")
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=in_channels,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=32,
+        num_attention_heads=2,
+        joint_attention_dim=384,
+        pooled_projection_dim=384,
+        guidance_embeds=guidance,
+        axes_dims_rope=(4, 14, 14),
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(str(folder / "transformer"))
+    return folder

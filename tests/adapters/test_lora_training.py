@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_helpers import run_diffusers, run_fluxlab
+from lora_helpers import run_diffusers, run_fluxlab, save_debug_base
 from safetensors.torch import load_file
 
 from fluxlab.adapters.formats import merge_into_model, read_lora
@@ -27,25 +27,7 @@ TOKEN_DIM, TEXT_DIM = 48, 384
 
 @pytest.fixture(scope="module")
 def flux_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = diffusers.FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=TOKEN_DIM,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=32,
-        num_attention_heads=2,
-        joint_attention_dim=TEXT_DIM,
-        pooled_projection_dim=TEXT_DIM,
-        guidance_embeds=True,
-        axes_dims_rope=(4, 14, 14),
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.1)
-    folder = tmp_path_factory.mktemp("FLUX.1-tiny")
-    model.save_pretrained(str(folder / "transformer"))
-    return folder
+    return save_debug_base(tmp_path_factory.mktemp("FLUX.1-tiny"), TOKEN_DIM, guidance=True)
 
 
 def _train(folder: Path, run: Path, *extra: str) -> None:
@@ -129,3 +111,29 @@ def test_lora_needs_a_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     argv = ["train", "--config", "debug", "--lora.enabled=true", f"--train.output_dir={tmp_path}"]
     assert main(argv) == 2
     assert "model.init_from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("config", "token_dim", "extra"),
+    [
+        ("edit-debug", 48, []),  # Kontext editing: the condition's tokens ride along
+        (
+            "debug",
+            16,  # preset:ae-tiny latents: 4 channels in 2×2 patches
+            ["--encoding.space=latent", "--encoding.autoencoder=preset:ae-tiny"]
+            + ["--encoding.patch_size=2"],
+        ),
+    ],
+)
+def test_lora_trains_edits_and_latents(
+    tmp_path: Path, config: str, token_dim: int, extra: list[str]
+) -> None:
+    base = save_debug_base(tmp_path / "base", token_dim)
+    run = tmp_path / "run"
+    args = ["train", "--config", config, "--train.tensorboard=false", "--optim.steps=2"]
+    args += ["--optim.batch_size=4", "--train.sample_every=2", "--train.checkpoint_every=2"]
+    args += [f"--model.init_from={base}", "--lora.enabled=true", "--lora.rank=2", *extra]
+    assert main([*args, f"--train.output_dir={run}"]) == 0
+    weights = load_file(run / "checkpoints" / "step_0000002" / "model.safetensors")
+    assert weights and all(".lora_" in k for k in weights)
+    assert (run / "samples" / "step_0000002.png").is_file()
