@@ -90,7 +90,16 @@ def build_model(cfg: Config, params: FluxParams, device: torch.device) -> Flux:
         model.initialize_weights()
         return model
     model = _init_from(cfg, params, device)
-    return add_lora(model, cfg.lora) if cfg.lora.enabled else model
+    if not cfg.lora.enabled:
+        return model
+    mp = cfg.train.mixed_precision
+    if cfg.lora.base_dtype == "bfloat16" and not (mp == "bf16" or device.type == "cuda"):
+        raise ValueError(
+            f"lora.base_dtype=bfloat16 computes under bf16 autocast, which "
+            f"train.mixed_precision={mp} on {device.type} does not use: set "
+            "train.mixed_precision=bf16 or lora.base_dtype=float32"
+        )
+    return add_lora(model, cfg.lora)
 
 
 def _init_from(cfg: Config, params: FluxParams, device: torch.device) -> Flux:

@@ -137,3 +137,18 @@ def test_lora_trains_edits_and_latents(
     weights = load_file(run / "checkpoints" / "step_0000002" / "model.safetensors")
     assert weights and all(".lora_" in k for k in weights)
     assert (run / "samples" / "step_0000002.png").is_file()
+
+
+def test_bf16_base_trains_under_autocast(tmp_path: Path) -> None:
+    """lora.base_dtype=bfloat16 stores the frozen base in bf16; the adapters stay float32."""
+    base = save_debug_base(tmp_path / "base", TOKEN_DIM)
+    run = tmp_path / "run"
+    args = ["train", "--config", "debug", "--train.tensorboard=false", "--optim.steps=2"]
+    args += ["--optim.batch_size=4", "--train.sample_every=2", "--train.checkpoint_every=2"]
+    args += [f"--model.init_from={base}", "--lora.enabled=true", "--lora.base_dtype=bfloat16"]
+    assert main([*args, "--train.mixed_precision=bf16", f"--train.output_dir={run}"]) == 0
+    weights = load_file(run / "checkpoints" / "step_0000002" / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    assert any(v.abs().max() > 0 for k, v in weights.items() if ".lora_B." in k)
+    # without bf16 autocast the bf16 base is refused up front
+    assert main([*args, "--train.mixed_precision=no", f"--train.output_dir={run}2"]) == 2
