@@ -174,15 +174,17 @@ def _pretrained_batches(
     del encoder
     distilled = pipe.model.params.guidance_embed  # dev-style; schnell has no guidance input
     steps = args.steps or (DEV_STEPS if distilled else SCHNELL_STEPS)
-    guidance = args.guidance if args.guidance is not None else DEV_GUIDANCE
+    # --guidance is the embedded strength of a dev-style model (CFG off), else the CFG scale.
+    embedded = args.guidance if args.guidance is not None and distilled else DEV_GUIDANCE
+    cfg_scale = args.guidance if args.guidance is not None and not distilled else 1.0
 
     def generate_batch(items: slice, seed: int, progress: bool) -> torch.Tensor:
         return pipe.generate(
             text[items],
             negative,
             steps=steps,
-            guidance=1.0 if distilled else (args.guidance or 1.0),
-            distilled_guidance=guidance,
+            guidance=cfg_scale,
+            distilled_guidance=embedded,
             shift=distilled if args.shift is None else args.shift,
             sampler=args.sampler or "euler",
             seed=seed,

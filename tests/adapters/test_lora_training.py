@@ -11,7 +11,7 @@ import torch
 from lora_helpers import run_diffusers, run_fluxlab, save_debug_base
 from safetensors.torch import load_file
 
-from fluxlab.adapters.formats import merge_into_model, read_lora
+from fluxlab.adapters.formats import LoraPair, merge_into_model, read_lora, write_lora
 from fluxlab.cli import main
 from fluxlab.conditioning.tokens import image_ids, text_ids
 from fluxlab.models.weights.pretrained import load_flux
@@ -152,3 +152,39 @@ def test_bf16_base_trains_under_autocast(tmp_path: Path) -> None:
     assert any(v.abs().max() > 0 for k, v in weights.items() if ".lora_B." in k)
     # without bf16 autocast the bf16 base is refused up front
     assert main([*args, "--train.mixed_precision=no", f"--train.output_dir={run}2"]) == 2
+
+
+def test_released_folder_samples_with_a_lora(tmp_path: Path) -> None:
+    """`fluxlab sample` on a released-style folder (transformer/ + a FLUX-style vae/, MiniLM in
+    place of T5/CLIP) with a LoRA file merged at a scale: scale 0 is the base, bitwise."""
+    folder = save_debug_base(tmp_path / "FLUX.1-tiny", 16, guidance=True)  # 4 latents × 2×2
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 32),
+        latent_channels=4,
+        layers_per_block=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.1,
+        scaling_factor=0.5,
+    )
+    vae.save_pretrained(str(folder / "vae"))
+    model = load_flux(folder, dtype=torch.float32)
+    lora = {"double_blocks.0.img_attn.proj": LoraPair(torch.randn(2, 64), torch.randn(64, 2), 2.0)}
+    write_lora(lora, tmp_path / "lora", "diffusers")
+    assert model.params.guidance_embed
+
+    def sample(name: str, *extra: str) -> bytes:
+        out = tmp_path / f"{name}.png"
+        argv = ["sample", "--checkpoint", str(folder), "--text-encoder", "minilm", "--size", "32"]
+        argv += ["--prompt", "red heart", "--steps", "2", "--device", "cpu", *extra]
+        assert main([*argv, "--out", str(out)]) == 0
+        return out.read_bytes()
+
+    plain = sample("plain")
+    assert sample("zero", "--lora", str(tmp_path / "lora"), "--lora-scale", "0") == plain
+    assert sample("full", "--lora", str(tmp_path / "lora")) != plain
