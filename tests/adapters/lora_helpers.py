@@ -11,7 +11,7 @@ import torch
 
 from fluxlab.conditioning.tokens import image_ids, text_ids
 from fluxlab.models.flux.model import Flux
-from fluxlab.models.weights.flux_diffusers import diffusers_to_bfl, params_from_diffusers_config
+from fluxlab.models.weights.flux_diffusers import diffusers_to_bfl, flux_params_from_diffusers_config
 
 TOKEN_DIM, CONTEXT_DIM, POOLED_DIM = 16, 24, 12
 
@@ -38,7 +38,7 @@ def tiny_diffusers(guidance: bool = True, single_layers: int = 2) -> Any:
 
 
 def fluxlab_twin(ref: Any) -> Flux:
-    model = Flux(params_from_diffusers_config(dict(ref.config))).eval()
+    model = Flux(flux_params_from_diffusers_config(dict(ref.config))).eval()
     model.load_state_dict(diffusers_to_bfl(ref.state_dict()), strict=True)
     return model
 
