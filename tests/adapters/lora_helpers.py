@@ -11,7 +11,10 @@ import torch
 
 from fluxlab.conditioning.tokens import image_ids, text_ids
 from fluxlab.models.flux.model import Flux
-from fluxlab.models.weights.flux_diffusers import diffusers_to_bfl, flux_params_from_diffusers_config
+from fluxlab.models.weights.flux_diffusers import (
+    diffusers_to_bfl,
+    flux_params_from_diffusers_config,
+)
 
 TOKEN_DIM, CONTEXT_DIM, POOLED_DIM = 16, 24, 12
 
