@@ -12,6 +12,7 @@ COMMANDS = [
     "train-ae",
     "sample",
     "edit",
+    "export",
     "eval",
     "plot",
     "shard",

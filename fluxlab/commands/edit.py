@@ -13,6 +13,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fluxlab.commands.lora_options import add_lora_options
+
 if TYPE_CHECKING:
     import torch
 
@@ -59,15 +61,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="Kontext folders only: another text encoder than the folder's",
     )
+    add_lora_options(s)
     s.add_argument("--out", required=True, help="PNG file for the edited image")
-
-
-def _is_pretrained_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "transformer").is_dir() and (path / "vae").is_dir()
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     # Imported here, as in every command: `fluxlab --help` should not load torch.
+    from fluxlab.adapters.runs import merge_lora_files
     from fluxlab.conditioning.kontext import encode_condition
     from fluxlab.conditioning.text_encoders import build_text_encoder
     from fluxlab.data import load_image, to_pil
@@ -75,17 +75,19 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from fluxlab.pipelines.batches import generate_in_batches
     from fluxlab.pipelines.build import (
         encode_prompts,
+        is_pretrained_folder,
         load_for_sampling,
-        load_pretrained_edit_pipeline,
+        load_pretrained_pipeline,
         resolve_device,
     )
     from fluxlab.pipelines.text_to_image import FluxTextToImage
+    from fluxlab.tasks.guidance import sampling_guidance
 
     device = resolve_device(args.device)
     source = Path(args.checkpoint).expanduser()
-    if _is_pretrained_folder(source):
+    if is_pretrained_folder(source):
         size = args.size or 1024
-        pipe, encoder = load_pretrained_edit_pipeline(
+        pipe, encoder = load_pretrained_pipeline(
             source, size, device, text_encoder=args.text_encoder
         )
         steps, shift, negative_prompt = (
@@ -112,12 +114,13 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         negative_prompt = (
             args.negative_prompt if args.negative_prompt is not None else s.negative_prompt
         )
-        guidance = args.guidance if args.guidance is not None else s.guidance
-        cfg_scale, distilled = (
-            (1.0, guidance)
-            if pipe.model.params.guidance_embed
-            else (guidance, s.distilled_guidance)
-        )
+        if pipe.model.params.guidance_embed:  # --guidance is the embedded strength, CFG off
+            trained = sampling_guidance(cfg)
+            cfg_scale, distilled = 1.0, args.guidance if args.guidance is not None else trained
+        else:
+            cfg_scale = args.guidance if args.guidance is not None else s.guidance
+            distilled = sampling_guidance(cfg)  # unused by a model without the embedding
+    merge_lora_files(pipe.model, args.lora, args.lora_scale)
     text = encode_prompts(encoder, [args.prompt])
     negative = encode_prompts(encoder, [negative_prompt])
     del encoder

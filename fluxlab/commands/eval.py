@@ -110,6 +110,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from fluxlab.eval.validation import limit_dataset
     from fluxlab.pipelines.batches import generate_in_batches
     from fluxlab.pipelines.build import encode_prompts, load_for_sampling, resolve_device
+    from fluxlab.tasks.guidance import sampling_guidance
 
     if (args.checkpoint is None) == (args.generated is None):
         raise ValueError(
@@ -194,7 +195,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                 negative,
                 steps=args.steps or s.steps,
                 guidance=args.guidance if args.guidance is not None else s.guidance,
-                distilled_guidance=s.distilled_guidance,
+                distilled_guidance=sampling_guidance(cfg),
                 shift=s.shift,
                 sampler=args.sampler or s.sampler,
                 seed=seed,

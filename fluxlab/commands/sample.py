@@ -1,4 +1,9 @@
-"""``fluxlab sample``: a captioned grid of images from a checkpoint."""
+"""``fluxlab sample``: a captioned grid of images from a checkpoint or a released FLUX.1 folder.
+
+A released folder (diffusers layout: ``transformer/``, ``vae/``, ``tokenizer*/``,
+``text_encoder*/``) samples as BFL does: FLUX.1-dev with its embedded guidance (``--guidance``,
+3.5 by default) and CFG off in 28 steps, schnell without guidance or schedule shift in 4.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,24 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fluxlab.commands.lora_options import add_lora_options
+
 if TYPE_CHECKING:
     import torch
 
     from fluxlab.pipelines.batches import BatchGenerator
 
 ACCEPTS_OVERRIDES = False
+# Released FLUX.1 folders: (steps, embedded guidance) of dev-style and of schnell-style models.
+DEV_STEPS, DEV_GUIDANCE, SCHNELL_STEPS = 28, 3.5, 4
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("sample", help="generate images from a checkpoint")
+    s = sub.add_parser("sample", help="generate images from a checkpoint or a FLUX.1 folder")
     s.add_argument(
-        "--checkpoint", required=True, help="a run folder or one of its checkpoints/step_* folders"
+        "--checkpoint",
+        required=True,
+        help="a run folder, one of its checkpoints/step_* folders, or a released FLUX.1 folder",
     )
     s.add_argument(
         "--prompt",
@@ -29,7 +40,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--negative-prompt", default=None)
     s.add_argument("--steps", type=int, default=None)
     s.add_argument(
-        "--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)"
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (1 = off); the embedded guidance for FLUX.1 folders",
     )
     s.add_argument(
         "--sampler",
@@ -58,6 +72,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--no-ema", action="store_true", help="sample the raw weights instead of the EMA"
     )
+    s.add_argument("--size", type=int, default=None, help="FLUX.1 folders only: image side (1024)")
+    s.add_argument(
+        "--text-encoder",
+        default=None,
+        help="FLUX.1 folders only: another text encoder than the folder's",
+    )
+    add_lora_options(s)
     s.add_argument("--out", required=True, help="PNG file for the grid")
 
 
@@ -65,14 +86,17 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     # Imported here, as in every command: `fluxlab --help` should not load torch.
     from fluxlab.data import make_grid
     from fluxlab.pipelines.batches import generate_in_batches
-    from fluxlab.pipelines.build import resolve_device
+    from fluxlab.pipelines.build import is_pretrained_folder, resolve_device
     from fluxlab.train.checkpoint import read_description, resolve_checkpoint
 
     if args.num < 1 or args.batch_size < 1:
         raise ValueError("--num and --batch-size must be at least 1")
     device = resolve_device(args.device)
-    task = read_description(resolve_checkpoint(args.checkpoint)).get("task", "text_to_image")
-    batches = _class_batches if task == "class_to_image" else _prompt_batches
+    if is_pretrained_folder(args.checkpoint):
+        batches = _pretrained_batches
+    else:
+        desc = read_description(resolve_checkpoint(args.checkpoint))
+        batches = _class_batches if desc.get("task") == "class_to_image" else _prompt_batches
     generate_batch, captions, path = batches(args, device)
     images = generate_in_batches(
         generate_batch, len(captions), batch_size=args.batch_size, seed=args.seed
@@ -90,14 +114,17 @@ def _prompt_batches(
     args: argparse.Namespace, device: torch.device
 ) -> tuple[BatchGenerator, list[str], Path]:
     """A text-to-image checkpoint: (batch generator, one caption per image, checkpoint)."""
+    from fluxlab.adapters.runs import merge_lora_files
     from fluxlab.conditioning.text_encoders import build_text_encoder  # imported here: see run()
     from fluxlab.diffusion.ddpm import DDPMObjective
     from fluxlab.diffusion.objectives import objective_from_config
     from fluxlab.pipelines.build import encode_prompts, load_for_sampling
+    from fluxlab.tasks.guidance import sampling_guidance
 
     if not args.prompt:
         raise ValueError("--prompt is required for a text-to-image checkpoint")
     cfg, pipe, path = load_for_sampling(args.checkpoint, device, ema=not args.no_ema)
+    merge_lora_files(pipe.model, args.lora, args.lora_scale)
     s = cfg.sample
     prompts = [p for p in args.prompt for _ in range(args.num)]
     encoder = build_text_encoder(cfg.encoding.text_encoder, cfg.encoding.text_max_length, device)
@@ -115,7 +142,7 @@ def _prompt_batches(
             negative,
             steps=args.steps or s.steps,
             guidance=args.guidance if args.guidance is not None else s.guidance,
-            distilled_guidance=s.distilled_guidance,
+            distilled_guidance=sampling_guidance(cfg),
             shift=s.shift if args.shift is None else args.shift,
             sampler=args.sampler or s.sampler,
             seed=seed,
@@ -126,6 +153,45 @@ def _prompt_batches(
         )
 
     return generate_batch, prompts, path
+
+
+def _pretrained_batches(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[BatchGenerator, list[str], Path]:
+    """A released FLUX.1 folder: distilled guidance, CFG off (see the module doc)."""
+    from fluxlab.adapters.runs import merge_lora_files  # imported here: see run()
+    from fluxlab.pipelines.build import encode_prompts, load_pretrained_pipeline
+
+    if not args.prompt:
+        raise ValueError("--prompt is required for a FLUX.1 folder")
+    pipe, encoder = load_pretrained_pipeline(
+        args.checkpoint, args.size or 1024, device, text_encoder=args.text_encoder
+    )
+    merge_lora_files(pipe.model, args.lora, args.lora_scale)
+    prompts = [p for p in args.prompt for _ in range(args.num)]
+    text = encode_prompts(encoder, prompts)
+    negative = encode_prompts(encoder, [args.negative_prompt or ""])
+    del encoder
+    distilled = pipe.model.params.guidance_embed  # dev-style; schnell has no guidance input
+    steps = args.steps or (DEV_STEPS if distilled else SCHNELL_STEPS)
+    # --guidance is the embedded strength of a dev-style model (CFG off), else the CFG scale.
+    embedded = args.guidance if args.guidance is not None and distilled else DEV_GUIDANCE
+    cfg_scale = args.guidance if args.guidance is not None and not distilled else 1.0
+
+    def generate_batch(items: slice, seed: int, progress: bool) -> torch.Tensor:
+        return pipe.generate(
+            text[items],
+            negative,
+            steps=steps,
+            guidance=cfg_scale,
+            distilled_guidance=embedded,
+            shift=distilled if args.shift is None else args.shift,
+            sampler=args.sampler or "euler",
+            seed=seed,
+            progress=progress,
+        )
+
+    return generate_batch, prompts, Path(args.checkpoint)
 
 
 def _class_batches(

@@ -4,6 +4,46 @@ from __future__ import annotations
 
 from typing import Any
 
+# Validation prompts of the DreamBooth-style LoRA presets: the trigger word "sks" in new scenes.
+_SKS = ["photo of sks", "photo of sks on a beach", "painting of sks", "sks in the snow"]
+
+
+def _dreambooth_data() -> dict[str, Any]:
+    """A few images at 1024² with .txt sidecar captions; every image trains, none is held out."""
+    return {
+        "dataset": "DATASET_PLACEHOLDER",
+        "resolution": 1024,
+        "val_fraction": 0.0,
+        "caption_dropout": 0.0,  # a guidance-distilled model samples without CFG
+        "num_workers": 2,
+    }
+
+
+def _flux_encoding(folder: str) -> dict[str, Any]:
+    """FLUX.1's own autoencoder and T5 + CLIP from the released folder."""
+    return {
+        "space": "latent",
+        "autoencoder": folder,
+        "patch_size": 2,
+        "text_encoder": folder,
+        "text_max_length": 512,
+    }
+
+
+def _lora_optim() -> dict[str, Any]:
+    return {"lr": 1e-4, "warmup_steps": 10, "batch_size": 1, "steps": 1000, "ema_decay": 0.99}
+
+
+def _lora_train(output_dir: str) -> dict[str, Any]:
+    return {
+        "output_dir": output_dir,
+        "mixed_precision": "bf16",
+        "log_every": 10,
+        "sample_every": 250,
+        "checkpoint_every": 250,
+    }
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The embedded default: FLUX architecture, pixel space, OpenMoji at 16², ~10 minutes on 2 cores.
     "openmoji-cpu": {
@@ -209,6 +249,46 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sample": {"steps": 28, "guidance": 1.0, "distilled_guidance": 3.5},
         "cache": {"latents": "sample", "dtype": "bfloat16", "batch_size": 8, "shard_size": 256},
         "parallel": {"mode": "fsdp", "activation_checkpointing": True, "compile": True},
+    },
+    # LoRA on FLUX.1-dev (docs/lora.md), one GPU: the base frozen in bf16 (24 GB), rank-16 adapters
+    # on attention and MLPs. DreamBooth style: a folder of a few images with .txt captions naming a
+    # trigger word ("photo of sks dog"); replace the placeholders (the FLUX folder in three fields).
+    "flux-dev-lora": {
+        "model": {"preset": "flux-dev", "init_from": "FLUX_DEV_PLACEHOLDER"},
+        "lora": {"enabled": True, "rank": 16, "base_dtype": "bfloat16"},
+        "data": _dreambooth_data(),
+        "encoding": _flux_encoding("FLUX_DEV_PLACEHOLDER"),
+        # kohya's advice for FLUX.1-dev LoRAs: train at guidance 1, sample at 3.5.
+        "objective": {"kind": "flow", "t_sampler": "logit_normal", "shift": True},
+        "optim": _lora_optim(),
+        "train": _lora_train("runs/flux-dev-lora"),
+        "sample": {"steps": 28, "guidance": 1.0, "distilled_guidance": 3.5, "prompts": _SKS},
+        "parallel": {"activation_checkpointing": True},
+    },
+    # The same on FLUX.1-schnell: no guidance input, no schedule shift, 4 sampling steps.
+    "flux-schnell-lora": {
+        "model": {"preset": "flux-schnell", "init_from": "FLUX_SCHNELL_PLACEHOLDER"},
+        "lora": {"enabled": True, "rank": 16, "base_dtype": "bfloat16"},
+        "data": _dreambooth_data(),
+        "encoding": _flux_encoding("FLUX_SCHNELL_PLACEHOLDER"),
+        "objective": {"kind": "flow", "t_sampler": "logit_normal", "shift": False},
+        "optim": _lora_optim(),
+        "train": _lora_train("runs/flux-schnell-lora"),
+        "sample": {"steps": 4, "guidance": 1.0, "shift": False, "prompts": _SKS},
+        "parallel": {"activation_checkpointing": True},
+    },
+    # LoRA on FLUX.1-Kontext-dev for an edit: a folder of (condition, instruction, target) rows in
+    # metadata.jsonl (docs/kontext.md); samples edit the folder's pairs.
+    "kontext-dev-lora": {
+        "model": {"preset": "flux-dev", "init_from": "KONTEXT_DEV_PLACEHOLDER"},
+        "lora": {"enabled": True, "rank": 16, "base_dtype": "bfloat16"},
+        "data": {**_dreambooth_data(), "task": "edit"},
+        "encoding": _flux_encoding("KONTEXT_DEV_PLACEHOLDER"),
+        "objective": {"kind": "flow", "t_sampler": "logit_normal", "shift": True},
+        "optim": _lora_optim(),
+        "train": _lora_train("runs/kontext-dev-lora"),
+        "sample": {"steps": 28, "guidance": 1.0, "distilled_guidance": 2.5},
+        "parallel": {"activation_checkpointing": True},
     },
     # Seconds on a CPU: latent space end to end (random preset:ae-tiny, 2× down, 4 channels) for the
     # cache tests.

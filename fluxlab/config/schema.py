@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from fluxlab.config.adapters import LoraConfig
 from fluxlab.config.files import read_config_file
 from fluxlab.config.model_params import dit_params
 from fluxlab.config.presets import PRESETS
@@ -24,8 +25,14 @@ from fluxlab.data.buckets import check_buckets
 from fluxlab.models.flux.presets import flux_params
 from fluxlab.models.weights.autoencoder_spec import describe
 
-# The stand-in for a local FLUX.1-dev folder in the flux-dev-finetune preset; must be overridden.
+# Stand-ins for local downloads in the fine-tuning presets; each must be overridden.
 FLUX_DEV_PLACEHOLDER = "FLUX_DEV_PLACEHOLDER"
+PLACEHOLDERS = {
+    FLUX_DEV_PLACEHOLDER: "your local FLUX.1-dev folder",
+    "FLUX_SCHNELL_PLACEHOLDER": "your local FLUX.1-schnell folder",
+    "KONTEXT_DEV_PLACEHOLDER": "your local FLUX.1-Kontext-dev folder",
+    "DATASET_PLACEHOLDER": "your folder of images with .txt captions",
+}
 
 
 @dataclass(kw_only=True)
@@ -130,6 +137,15 @@ class ObjectiveConfig:
     prediction: Literal["epsilon", "v", "x0"] = "epsilon"
     loss: Literal["mse", "l1"] = "mse"
     min_snr_gamma: float | None = None  # min-SNR-γ loss weighting (5.0 in the paper); None = off
+    # Guidance-embedded models (model.guidance_embed) only: the guidance strength fed while
+    # training, a constant or a [low, high] range drawn per sample. 1.0 is kohya's advice for
+    # FLUX.1-dev LoRAs; 3.5 is diffusers' default.
+    train_guidance: float | list[float] = 1.0
+
+    def guidance_range(self) -> tuple[float, float]:
+        """``train_guidance`` as (low, high); equal for a constant."""
+        g = self.train_guidance
+        return (float(g), float(g)) if isinstance(g, (int, float)) else (g[0], g[-1])
 
 
 @dataclass(kw_only=True)
@@ -223,7 +239,9 @@ class SampleConfig:
     eta: float = 0.0  # DDIM noise (0 = deterministic, 1 = DDPM-like)
     spacing: Literal["leading", "linspace", "trailing"] = "trailing"  # DDIM/DDPM timestep spacing
     guidance: float = 4.0  # classifier-free guidance scale (1 = off)
-    distilled_guidance: float = 3.5  # the value fed to a guidance-embedding model
+    # The value fed to a guidance-embedded model; None = objective.train_guidance (a range's
+    # midpoint), the strength it was trained with.
+    distilled_guidance: float | None = None
     shift: bool = True  # FLUX resolution shift of the schedule (off for schnell-like models)
     seed: int = 0
     negative_prompt: str = ""
@@ -285,6 +303,7 @@ class Config:
         default_factory=AEConfig
     )  # `fluxlab train-ae` only (fluxlab/config/autoencoder.py checks it)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -294,22 +313,7 @@ class Config:
 
     def validate(self) -> None:
         """Checks that need several fields; raised before any work starts."""
-        placeholders = [
-            name
-            for name, value in (
-                ("model.init_from", self.model.init_from),
-                ("encoding.autoencoder", self.encoding.autoencoder),
-                ("encoding.text_encoder", self.encoding.text_encoder),
-            )
-            if value == FLUX_DEV_PLACEHOLDER
-        ]
-        if placeholders:
-            raise ValueError(
-                f"{', '.join(placeholders)} still say {FLUX_DEV_PLACEHOLDER}: point them at your "
-                "local FLUX.1-dev folder (transformer/, vae/, text_encoder*/, tokenizer*/), e.g. "
-                "--model.init_from=/data/FLUX.1-dev --encoding.autoencoder=/data/FLUX.1-dev "
-                "--encoding.text_encoder=/data/FLUX.1-dev"
-            )
+        self._validate_placeholders()
         res, p = self.data.resolution, self.encoding.patch_size
         if res <= 0 or p <= 0:
             raise ValueError("data.resolution and encoding.patch_size must be positive")
@@ -344,6 +348,8 @@ class Config:
                 "train.eval_every needs a held-out split: set data.val_fraction > 0 (e.g. 0.05)"
             )
         self._validate_numbers()
+        self._validate_guidance()
+        self.lora.validate(self.model.init_from, self.train.mixed_precision, self.model.arch)
         if self.data.task == "edit":
             if self.model.arch != "flux" or self.objective.kind != "flow":
                 raise ValueError(
@@ -390,6 +396,39 @@ class Config:
             raise ValueError(f"sample.eta={self.sample.eta} must be at least 0")
         # the world-free checks; the trainer re-checks with the launch's world size
         self.parallel.validate(world=self.parallel.replicate)
+
+    def _validate_placeholders(self) -> None:
+        """Preset stand-ins for local paths must be replaced before anything loads."""
+        fields = (
+            ("model.init_from", self.model.init_from),
+            ("encoding.autoencoder", self.encoding.autoencoder),
+            ("encoding.text_encoder", self.encoding.text_encoder),
+            ("data.dataset", self.data.dataset),
+        )
+        by_value: dict[str, list[str]] = {}
+        for name, value in fields:
+            if value in PLACEHOLDERS:
+                by_value.setdefault(value, []).append(name)
+        if by_value:
+            named = "; ".join(
+                f"{', '.join(names)} still say {value}: point them at {PLACEHOLDERS[value]}"
+                for value, names in by_value.items()
+            )
+            raise ValueError(
+                f"{named}. A FLUX folder is the diffusers "
+                "layout (transformer/, vae/, text_encoder*/, tokenizer*/), e.g. "
+                "--model.init_from=/data/FLUX.1-dev --encoding.autoencoder=/data/FLUX.1-dev "
+                "--encoding.text_encoder=/data/FLUX.1-dev"
+            )
+
+    def _validate_guidance(self) -> None:
+        g = self.objective.train_guidance
+        if isinstance(g, list) and (len(g) != 2 or g[0] > g[1]):
+            raise ValueError(
+                f"objective.train_guidance={g}: give one number or a [low, high] pair, low ≤ high"
+            )
+        if self.objective.guidance_range()[0] < 0:
+            raise ValueError(f"objective.train_guidance={g} must not be negative")
 
     def _validate_numbers(self) -> None:
         """Values that would otherwise fail late or train on garbage without an error."""

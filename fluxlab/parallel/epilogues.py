@@ -46,9 +46,9 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 
 def mlp_forward(mlp: nn.Sequential, plain_forward: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     """A double block's MLP (Linear → tanh-GELU → Linear), the GELU in the first matmul."""
-    if not epilogues_apply(x):
-        return plain_forward(x)
     first, _, second = mlp
+    if not epilogues_apply(x) or not isinstance(first, nn.Linear):  # LoRA layers add their term
+        return plain_forward(x)
     hidden = linear_gelu(x.flatten(0, 1), first.weight, first.bias)
     return second(hidden).view(*x.shape[:-1], -1)
 
@@ -61,7 +61,9 @@ def single_block_forward(
     pe: Tensor,
 ) -> Tensor:
     """``SingleStreamBlock.forward``, the GELU in ``linear1``'s epilogue and ``linear2`` split."""
-    if not epilogues_apply(x):
+    # Plain Linears only: a LoRA-wrapped one must run its own forward to add the adapter.
+    plain = isinstance(block.linear1, nn.Linear) and isinstance(block.linear2, nn.Linear)
+    if not plain or not epilogues_apply(x):
         return plain_forward(x, vec=vec, pe=pe)
     mod, _ = block.modulation(vec)
     x_mod = (1 + mod.scale) * block.pre_norm(x) + mod.shift

@@ -151,7 +151,9 @@ def parallelize(
 TRAINING_BYTES_PER_PARAM = 20
 
 
-def check_training_memory(n_params: int, cfg: ParallelConfig, world: int, gpu_bytes: int) -> None:
+def check_training_memory(
+    n_params: int, cfg: ParallelConfig, world: int, gpu_bytes: int, n_frozen: int = 0
+) -> None:
     """A clear error, before the first step, when the training state alone cannot fit on each GPU.
 
     Only the certain case is refused (the per-rank state over the whole GPU): activations, gathered
@@ -160,11 +162,12 @@ def check_training_memory(n_params: int, cfg: ParallelConfig, world: int, gpu_by
     """
     mode = resolve_mode(cfg, world)
     shards = world if mode == "fsdp" else world // cfg.replicate if mode == "hsdp" else 1
-    need = n_params * TRAINING_BYTES_PER_PARAM / shards
+    # ``n_frozen`` more parameters (a LoRA run's base) hold only their fp32 weights.
+    need = (n_params * TRAINING_BYTES_PER_PARAM + n_frozen * 4) / shards
     if need <= gpu_bytes:
         return
     # Leave a fifth of each GPU for activations and the gathered blocks.
-    gpus = math.ceil(n_params * TRAINING_BYTES_PER_PARAM / (0.8 * gpu_bytes))
+    gpus = math.ceil(need * shards / (0.8 * gpu_bytes))
     raise ValueError(
         f"{n_params / 1e9:.1f}B parameters need {need / 2**30:.0f} GiB per GPU for fp32 weights, "
         f"gradients, AdamW moments and the EMA with parallel.mode={mode} over {world} "
@@ -226,9 +229,14 @@ def ema_update(
 
     ``sources``: the weights to follow in ``model.parameters()`` order, if not the parameters
     themselves (the fp32 masters of ``MasterWeightAdamW``)."""
-    ema_params = [local(p) for p in ema.parameters()]
-    params = sources if sources is not None else [local(p.detach()) for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, params, weight)
+    if sources is not None:
+        torch._foreach_lerp_([local(p) for p in ema.parameters()], sources, weight)
+        return
+    # Frozen weights (a LoRA run's base) never move: only the trained ones are followed.
+    pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
+    torch._foreach_lerp_(
+        [local(e) for e, _ in pairs], [local(p.detach()) for _, p in pairs], weight
+    )
 
 
 def full_norm(norm: torch.Tensor) -> torch.Tensor:
@@ -281,12 +289,13 @@ IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Optimizer state of a plain or DDP-replicated model keyed by parameter name, on rank 0.
 
-    The optimizer must have been built over ``model.parameters()`` (names follow that order).
+    The optimizer must have been built over the model's trainable parameters, in order (names
+    follow that order).
     Sharded optimizer state is written as DCP shards instead (``save_sharded_optimizer``).
     """
     if dist.is_initialized() and dist.get_rank() != 0:
         return {}
-    names = [n for n, _ in model.named_parameters()]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]  # the optimizer's
     sd = optimizer.state_dict()
     return {
         "state": {names[i]: v for i, v in sd["state"].items()},
@@ -313,7 +322,8 @@ def load_optimizer_state(
         set_optimizer_state_dict(model, optimizer, copy.deepcopy(state), options=options)
         return
     if not by_position:
-        index = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        index = {n: i for i, n in enumerate(trainable)}
         missing = sorted(set(keys) - set(index))
         if missing:
             raise ValueError(

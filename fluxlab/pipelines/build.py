@@ -8,14 +8,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fluxlab.adapters.lora import add_lora
+from fluxlab.adapters.runs import checkpoint_weights, init_weights
 from fluxlab.conditioning.text_encoders import TextEncoder, build_text_encoder
 from fluxlab.config.schema import Config, config_from_dict
 from fluxlab.models.flux.model import Flux, FluxParams
 from fluxlab.models.flux.presets import flux_params
 from fluxlab.models.weights.autoencoder_spec import load_autoencoder
-from fluxlab.models.weights.pretrained import load_flux, load_init_weights
+from fluxlab.models.weights.pretrained import load_flux
 from fluxlab.pipelines.text_to_image import FluxTextToImage, LatentCodec, PixelCodec, TextEmbedding
-from fluxlab.train.checkpoint import load_weights, read_description, resolve_checkpoint
+from fluxlab.train.checkpoint import read_description, resolve_checkpoint
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -81,13 +83,29 @@ def model_params(cfg: Config, token_dim: int, context_dim: int, pooled_dim: int)
 
 def build_model(cfg: Config, params: FluxParams, device: torch.device) -> Flux:
     """A Flux to train: adaLN-Zero initialised, or the weights of model.init_from (fp32 master
-    weights)."""
+    weights); with ``lora.enabled`` those are frozen and peft adapters train instead."""
     if not cfg.model.init_from:
         with torch.device(device):  # initialised where it trains: big models take minutes on a CPU
             model = Flux(params)
         model.initialize_weights()
         return model
-    loaded, weights = load_init_weights(cfg.model.init_from, device, torch.float32)
+    model = _init_from(cfg, params, device)
+    if not cfg.lora.enabled:
+        return model
+    mp = cfg.train.mixed_precision
+    if cfg.lora.base_dtype == "bfloat16" and not (mp == "bf16" or device.type == "cuda"):
+        raise ValueError(
+            f"lora.base_dtype=bfloat16 computes under bf16 autocast, which "
+            f"train.mixed_precision={mp} on {device.type} does not use: set "
+            "train.mixed_precision=bf16 or lora.base_dtype=float32"
+        )
+    return add_lora(model, cfg.lora)
+
+
+def _init_from(cfg: Config, params: FluxParams, device: torch.device) -> Flux:
+    """The Flux of model.init_from, checked against the config's architecture."""
+    assert cfg.model.init_from is not None
+    loaded, weights = init_weights(cfg.model.init_from, device, torch.float32)
 
     def fields(p: FluxParams) -> dict:
         return {**p.to_dict(), "out_channels": p.out_channels or p.in_channels}
@@ -138,19 +156,28 @@ def encode_prompts(encoder: TextEncoder, prompts: list[str]) -> TextEmbedding:
 def load_for_sampling(
     checkpoint: str | Path, device: torch.device, ema: bool = True
 ) -> tuple[Config, FluxTextToImage, Path]:
-    """Rebuilds the trained pipeline from a checkpoint (or run) folder, EMA weights by default."""
+    """Rebuilds the trained pipeline from a checkpoint (or run) folder, EMA weights by default; a
+    LoRA run's adapter is merged into its base (``model.init_from``)."""
     path = resolve_checkpoint(checkpoint)
     desc = read_description(path)
     cfg = config_from_dict(desc["config"])
-    params = FluxParams(**desc["model_params"])
+    params, weights = checkpoint_weights(path, ema=ema)
     cfg.train.mixed_precision = "auto"
-    pipe = build_pipeline(cfg, params, device)
-    pipe.model.load_state_dict(load_weights(path, ema=ema), strict=True)
+    with torch.device("meta"):  # every weight is assigned below
+        model = Flux(params)
+    model.load_state_dict(weights, strict=True, assign=True)
+    pipe = build_pipeline(cfg, params, device, model=model.to(device))
     pipe.model.eval()
     return cfg, pipe, path
 
 
-def load_pretrained_edit_pipeline(
+def is_pretrained_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a released FLUX.1 folder in the diffusers layout."""
+    p = Path(path).expanduser()
+    return p.is_dir() and (p / "transformer").is_dir() and (p / "vae").is_dir()
+
+
+def load_pretrained_pipeline(
     folder: str | Path,
     resolution: int = 1024,
     device: torch.device | str = "cpu",
@@ -158,10 +185,10 @@ def load_pretrained_edit_pipeline(
     text_encoder: str | None = None,
     text_max_length: int = 512,
 ) -> tuple[FluxTextToImage, TextEncoder]:
-    """(pipeline, text encoder) for a FLUX.1 Kontext-dev folder in the diffusers layout
-    (``transformer/``, ``vae/``, ``tokenizer*/``, ``text_encoder*/``); ``text_encoder`` overrides
-    the folder's T5 + CLIP. Kontext-dev is a plain Flux, so nothing here is edit-specific; the
-    pipeline works in the autoencoder's latent space with 2×2 patches."""
+    """(pipeline, text encoder) for a released FLUX.1 folder (dev, schnell, Kontext-dev) in the
+    diffusers layout (``transformer/``, ``vae/``, ``tokenizer*/``, ``text_encoder*/``);
+    ``text_encoder`` overrides the folder's T5 + CLIP. Text-to-image and Kontext edits share one
+    plain Flux, in the autoencoder's latent space with 2×2 patches."""
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -25,6 +25,7 @@ from fluxlab.diffusion.objectives import objective_from_config
 from fluxlab.models.flux.model import Flux, FluxParams
 from fluxlab.pipelines.build import build_codec, build_model, build_pipeline, model_params
 from fluxlab.pipelines.text_to_image import FluxTextToImage, TextEmbedding, autocast_for
+from fluxlab.tasks.guidance import guidance_description, sampling_guidance, training_guidance
 from fluxlab.train import rng
 from fluxlab.train.rng import SampleGenerators
 
@@ -58,10 +59,16 @@ class CachedTextToImageTask:
 
     # ------------------------------------------------------------------------------------------
     def velocity(
-        self, model: nn.Module, x_t: Tensor, t: Tensor, text: TextEmbedding, grid: tuple[int, int]
+        self,
+        model: nn.Module,
+        x_t: Tensor,
+        t: Tensor,
+        text: TextEmbedding,
+        grid: tuple[int, int],
+        guidance: Tensor | None = None,
     ) -> Tensor:
         """v(x_t, t) for tokens of a ``grid`` (rows, columns) of latent patches: the batch's
-        bucket."""
+        bucket; ``guidance`` feeds a guidance-embedded model."""
         b, device = x_t.shape[0], x_t.device
         with autocast_for(device, self.cfg.train.mixed_precision):
             out = model(
@@ -71,6 +78,7 @@ class CachedTextToImageTask:
                 txt_ids=text_ids(b, text.txt.shape[1], device=device),
                 timesteps=t,
                 y=text.vec,
+                guidance=guidance,
             )
         return out.float()
 
@@ -99,8 +107,8 @@ class CachedTextToImageTask:
         noise: Tensor | Callable[[torch.Size], Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Training loss; with ``t`` given a measurement (no caption dropout, posterior means).
-        Draws from ``generator`` in the on-the-fly task's order (dropout, then the objective's t
-        and noise)."""
+        Draws from ``generator`` in the on-the-fly task's order (dropout, a guidance range's
+        strengths, then the objective's t and noise)."""
         device = self.device
         txt = batch["txt"].to(device, torch.float32, non_blocking=True)
         vec = batch["vec"].to(device, torch.float32, non_blocking=True)
@@ -108,6 +116,7 @@ class CachedTextToImageTask:
             drop = rng.rand(txt.shape[0], generator, device) < self.cfg.data.caption_dropout
             txt = torch.where(drop[:, None, None], self.empty.txt, txt)
             vec = torch.where(drop[:, None], self.empty.vec, vec)
+        guidance = training_guidance(self.cfg, self.params, txt.shape[0], generator, device)
         latents = self.latents(batch, generator, measure=t is not None)
         p = self.cfg.encoding.patch_size
         grid = (latents.shape[-2] // p, latents.shape[-1] // p)
@@ -116,7 +125,7 @@ class CachedTextToImageTask:
             noise = noise(x0.shape)
         text = TextEmbedding(txt, vec)
         return self.objective.loss(
-            lambda x_t, t_: self.velocity(model, x_t, t_, text, grid),
+            lambda x_t, t_: self.velocity(model, x_t, t_, text, grid, guidance),
             x0,
             generator=generator,
             t=t,
@@ -162,7 +171,7 @@ class CachedTextToImageTask:
             self.embed([s.negative_prompt]),
             steps=s.steps,
             guidance=s.guidance,
-            distilled_guidance=s.distilled_guidance,
+            distilled_guidance=sampling_guidance(self.cfg),
             shift=s.shift,
             sampler=s.sampler,
             seed=s.seed,
@@ -174,4 +183,8 @@ class CachedTextToImageTask:
         return images, list(s.prompts)
 
     def description(self) -> dict[str, Any]:
-        return {"task": "text_to_image", "model_params": self.params.to_dict()}
+        return {
+            "task": "text_to_image",
+            "model_params": self.params.to_dict(),
+            **guidance_description(self.cfg, self.params),
+        }

@@ -22,6 +22,7 @@ from fluxlab.config.schema import Config
 from fluxlab.data.edit_pairs import build_edit_dataset
 from fluxlab.models.flux.model import FluxParams
 from fluxlab.pipelines.text_to_image import FluxTextToImage, TextEmbedding
+from fluxlab.tasks.guidance import guidance_description, sampling_guidance
 from fluxlab.tasks.text_to_image import CaptionTable, TextToImageTask, build_flux_parts
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class EditTask(TextToImageTask):
             self.negative_text,
             steps=s.steps,
             guidance=s.guidance,
-            distilled_guidance=s.distilled_guidance,
+            distilled_guidance=sampling_guidance(self.cfg),
             shift=s.shift,
             sampler=s.sampler,
             seed=s.seed,
@@ -133,4 +134,8 @@ class EditTask(TextToImageTask):
         )
 
     def description(self) -> dict[str, Any]:
-        return {"task": "edit", "model_params": self.params.to_dict()}
+        return {
+            "task": "edit",
+            "model_params": self.params.to_dict(),
+            **guidance_description(self.cfg, self.params),
+        }

@@ -28,6 +28,7 @@ from fluxlab.pipelines.build import (
     token_dim,
 )
 from fluxlab.pipelines.text_to_image import FluxTextToImage, TextEmbedding
+from fluxlab.tasks.guidance import guidance_description, sampling_guidance, training_guidance
 from fluxlab.train import rng
 
 
@@ -115,6 +116,7 @@ class TextToImageTask:
         noise: Tensor | Callable[[torch.Size], Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Training loss; with ``t`` given it is a measurement instead: no caption dropout.
+        Draws caption dropout, then a guidance range's strengths, then the objective's t and noise.
 
         ``noise`` is a tensor shaped like the image tokens, or a function of that shape (so callers
         need not know the token layout).
@@ -125,12 +127,13 @@ class TextToImageTask:
         if t is None:
             drop = rng.rand(images.shape[0], generator, device) < self.cfg.data.caption_dropout
         text = self.captions.lookup(batch["caption"], drop)
+        guidance = training_guidance(self.cfg, self.params, images.shape[0], generator, device)
         condition = self.condition(batch, device)
         x0 = self.pipe.to_tokens(images)
         if callable(noise):
             noise = noise(x0.shape)
         return self.objective.loss(
-            lambda x_t, t_: self.pipe.velocity(model, x_t, t_, text, condition=condition),
+            lambda x_t, t_: self.pipe.velocity(model, x_t, t_, text, guidance, condition),
             x0,
             generator=generator,
             t=t,
@@ -144,7 +147,7 @@ class TextToImageTask:
             self.negative_text,
             steps=s.steps,
             guidance=s.guidance,
-            distilled_guidance=s.distilled_guidance,
+            distilled_guidance=sampling_guidance(self.cfg),
             shift=s.shift,
             sampler=s.sampler,
             seed=s.seed,
@@ -156,4 +159,8 @@ class TextToImageTask:
         return images, list(s.prompts)
 
     def description(self) -> dict[str, Any]:
-        return {"task": "text_to_image", "model_params": self.params.to_dict()}
+        return {
+            "task": "text_to_image",
+            "model_params": self.params.to_dict(),
+            **guidance_description(self.cfg, self.params),
+        }

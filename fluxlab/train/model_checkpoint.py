@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from fluxlab.adapters import lora
 from fluxlab.parallel import distributed, parallelize
 from fluxlab.train.checkpoint import SHARDED_WEIGHTS
 from fluxlab.train.master_weights import MasterWeightAdamW
@@ -67,6 +68,8 @@ class ModelCheckpointer:
             )
             distributed.barrier(self.world)
             return None, None, staged
+        if lora.has_adapters(self.model):  # the base is model.init_from's: adapters are weights
+            return lora.adapter_state_dict(self.model), lora.adapter_state_dict(self.ema), None
         if isinstance(self.optimizer, MasterWeightAdamW):  # the fp32 masters are the weights
             masters = self.optimizer.master_state_dict()
             weights = {k: v.detach().cpu() for k, v in masters.items()}
@@ -80,13 +83,17 @@ class ModelCheckpointer:
             parallelize.load_sharded_weights(self.model, self.ema, path / SHARDED_WEIGHTS)
         else:
             weights = load_file(path / "model.safetensors", device=str(self.device))
-            if isinstance(self.optimizer, MasterWeightAdamW):
+            ema = load_file(path / "ema.safetensors", device=str(self.device))
+            if lora.has_adapters(self.model):
+                lora.load_adapter_state_dict(self.model, weights)
+                lora.load_adapter_state_dict(self.ema, ema)
+            elif isinstance(self.optimizer, MasterWeightAdamW):
                 # Into the fp32 masters, and rounded into the model's bf16 copies.
                 self.optimizer.load_master_state_dict(weights)
             else:
                 parallelize.load_model_state(self.model, weights)
-            ema = load_file(path / "ema.safetensors", device=str(self.device))
-            parallelize.load_model_state(self.ema, ema)
+            if not lora.has_adapters(self.model):
+                parallelize.load_model_state(self.ema, ema)
         if optimizer_state == parallelize.SHARDED_OPTIMIZER:  # resharded to this world size
             parallelize.load_sharded_optimizer(
                 self.model, self.optimizer, path / parallelize.SHARDED_OPTIMIZER

@@ -42,6 +42,8 @@ def use_master_weights(cfg: Config, bf16: bool, device: torch.device, mode: str)
         )
     if mode != "none":
         missing.append(f"a single process without DDP/FSDP (parallel.mode resolves to {mode})")
+    if cfg.lora.enabled:  # the masters would copy the frozen base in fp32
+        missing.append("a full fine-tune (lora.enabled trains float32 adapters)")
     choice = cfg.optim.master_weights
     if choice == "on" and missing:
         raise ValueError(
@@ -60,7 +62,8 @@ def build_optimizer(
     adamw = dict(lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, eps=o.eps)
     if master_weights:
         return MasterWeightAdamW(model, **adamw, accumulate_fp32=o.grad_accum > 1)
-    return torch.optim.AdamW(model.parameters(), **adamw, fused=device.type == "cuda")
+    trainable = [p for p in model.parameters() if p.requires_grad]  # a LoRA's adapters only
+    return torch.optim.AdamW(trainable, **adamw, fused=device.type == "cuda")
 
 
 def build_scheduler(

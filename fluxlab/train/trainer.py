@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fluxlab.adapters import lora
 from fluxlab.config.schema import Config
 from fluxlab.data.samplers import InfiniteBatchSampler
 from fluxlab.data.training import train_batches, train_dataset, val_dataset
@@ -140,13 +141,20 @@ class Trainer:
         """Wraps the model for ``parallel.mode`` (``self.net``) and allocates the EMA alike."""
         cfg = self.cfg
         n_params = sum(p.numel() for p in self.model.parameters())
+        n_frozen = sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
         if self.device.type == "cuda":
             gpu_bytes = torch.cuda.get_device_properties(self.device).total_memory
-            parallelize.check_training_memory(n_params, cfg.parallel, self.dist.world, gpu_bytes)
-        # Before parallelize, which rebinds the blocks' forwards.
-        ema_on_meta = parallelize.meta_copy(self.model)
+            parallelize.check_training_memory(
+                n_params - n_frozen, cfg.parallel, self.dist.world, gpu_bytes, n_frozen
+            )
         self.mode = parallelize.resolve_mode(cfg.parallel, self.dist.world)
         self._sharded = self.mode in parallelize.SHARDED_MODES
+        # Before parallelize, which rebinds the blocks' forwards. A LoRA run's EMA shares the frozen
+        # base and follows the adapters (sharded, each rank keeps only its shards of both).
+        shared_ema = lora.has_adapters(self.model) and not self._sharded
+        ema_template = (
+            lora.shared_base_copy(self.model) if shared_ema else parallelize.meta_copy(self.model)
+        )
         self.log.info(
             f"model: {cfg.model.preset} with {n_params / 1e6:.2f}M parameters on {self.device}, "
             f"parallel.mode={self.mode} over {self.dist.world} process(es)"
@@ -158,8 +166,12 @@ class Trainer:
         self.net = parallelize.parallelize(
             self.model, cfg.parallel, self.device, self.dist, mixed_precision=bf16
         )
-        self.ema = parallelize.materialize_like(
-            ema_on_meta, self.model, cfg.parallel, self.device, self.dist
+        self.ema = (
+            ema_template
+            if shared_ema
+            else parallelize.materialize_like(
+                ema_template, self.model, cfg.parallel, self.device, self.dist
+            )
         )
 
     def _loader(self) -> Iterator[dict[str, Any] | None]:

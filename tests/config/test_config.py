@@ -8,6 +8,10 @@ from fluxlab.config.schema import load_config, parse_overrides
 NEEDS_FILES = {
     "openmoji-latent-gpu": "encoding.autoencoder='runs/ae-openmoji'",
     "flux-dev-finetune": "model.init_from, encoding.autoencoder, encoding.text_encoder",
+    "flux-dev-lora": "model.init_from, encoding.autoencoder, encoding.text_encoder still say "
+    "FLUX_DEV_PLACEHOLDER.*data.dataset",
+    "flux-schnell-lora": "model.init_from, .*FLUX_SCHNELL_PLACEHOLDER.*data.dataset",
+    "kontext-dev-lora": "model.init_from, .*KONTEXT_DEV_PLACEHOLDER.*data.dataset",
 }
 
 

@@ -1,0 +1,1 @@
+"""Adapters on a frozen Flux: LoRA training with peft, LoRA files, merging."""

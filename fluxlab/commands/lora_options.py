@@ -1,0 +1,23 @@
+"""Command-line options shared by the commands that sample: LoRAs merged before sampling."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_lora_options(parser: argparse.ArgumentParser) -> None:
+    """``--lora FILE`` (repeatable) and ``--lora-scale``, for ``fluxlab sample`` and ``edit``."""
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        help="a LoRA to merge before sampling: a diffusers, BFL/ComfyUI or kohya .safetensors, "
+        "or a fluxlab LoRA run; repeat for several",
+    )
+    parser.add_argument(
+        "--lora-scale",
+        type=float,
+        action="append",
+        default=None,
+        help="strength of each --lora (1 = as trained); one value applies to all",
+    )

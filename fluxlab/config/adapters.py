@@ -1,0 +1,83 @@
+"""The ``lora`` config section: low-rank adapters (peft) on a frozen Flux, and its checks.
+
+Module names are BFL's (``img_attn.qkv``, ``linear1``, ...): a target matches every module whose
+name ends with it, in every block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+# Attention q/k/v and output projections of both streams, the MLPs, and the single blocks' fused
+# projections: what diffusers' and kohya's FLUX LoRA scripts adapt by default.
+DEFAULT_TARGETS = [
+    "img_attn.qkv",
+    "img_attn.proj",
+    "txt_attn.qkv",
+    "txt_attn.proj",
+    "img_mlp.0",
+    "img_mlp.2",
+    "txt_mlp.0",
+    "txt_mlp.2",
+    "linear1",
+    "linear2",
+]
+# Further Linear layers a LoRA may adapt (adaLN modulations, embedders, the output layer).
+OPTIONAL_TARGETS = [
+    "img_mod.lin",
+    "txt_mod.lin",
+    "modulation.lin",
+    "img_in",
+    "txt_in",
+    "time_in.in_layer",
+    "time_in.out_layer",
+    "vector_in.in_layer",
+    "vector_in.out_layer",
+    "guidance_in.in_layer",
+    "guidance_in.out_layer",
+    "final_layer.linear",
+    "final_layer.adaLN_modulation.1",
+]
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    enabled: bool = False  # train adapters on a frozen model.init_from instead of every weight
+    rank: int = 16
+    alpha: float | None = None  # the update is scaled by alpha / rank; None = rank (scale 1)
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    # The frozen base's storage; bfloat16 halves its memory and needs bf16 autocast.
+    base_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @property
+    def scale(self) -> float:
+        """The factor peft multiplies ``B·A`` by."""
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    def validate(self, init_from: str | None, mixed_precision: str, arch: str) -> None:
+        if not self.enabled:
+            return
+        if arch != "flux":
+            raise ValueError("lora.enabled trains adapters on a Flux: set model.arch=flux")
+        if not init_from:
+            raise ValueError(
+                "lora.enabled needs a base to adapt: set model.init_from to a fluxlab run, a "
+                "diffusers FLUX folder or a BFL flux1-*.safetensors file"
+            )
+        if self.rank < 1:
+            raise ValueError(f"lora.rank={self.rank} must be at least 1 (16 is usual)")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ValueError(f"lora.alpha={self.alpha} must be positive, or null for the rank")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout={self.dropout} must be in [0, 1)")
+        known = DEFAULT_TARGETS + OPTIONAL_TARGETS
+        unknown = [t for t in self.targets if t not in known]
+        if unknown or not self.targets:
+            raise ValueError(f"lora.targets={self.targets}: name BFL Linear modules, from {known}")
+        if self.base_dtype == "bfloat16" and mixed_precision == "no":
+            raise ValueError(
+                "lora.base_dtype=bfloat16 needs bf16 autocast: set train.mixed_precision=bf16 "
+                "(or auto on a GPU), or keep lora.base_dtype=float32"
+            )

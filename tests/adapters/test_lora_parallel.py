@@ -1,0 +1,89 @@
+"""LoRA under DDP and FSDP2 (gloo, 2 CPU processes): both train the adapter a single process
+trains on the same global batch, to float rounding."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lora_helpers import save_debug_base
+
+from fluxlab.adapters.lora import is_adapter_parameter
+from fluxlab.config.schema import load_config
+from fluxlab.train.checkpoint import load_weights
+from fluxlab.train.trainer import Trainer
+
+pytest.importorskip("diffusers", reason="builds the base folder (test extra)")
+pytest.importorskip("peft", reason="LoRA training needs peft (the lora extra)")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs gloo",
+)
+
+WORKER = """
+import json, sys
+import torch.distributed as dist
+from fluxlab.config.schema import load_config
+from fluxlab.train.trainer import Trainer
+
+dist.init_process_group("gloo")
+for args in json.loads(open(sys.argv[1]).read()):
+    Trainer(load_config("debug", args), quiet=True).train()
+dist.destroy_process_group()
+"""
+
+
+def _adapters(run: Path) -> dict[str, torch.Tensor]:
+    """The step-4 adapter, from adapter-only safetensors or FSDP's DCP shards of the whole model."""
+    weights = load_weights(run / "checkpoints" / "step_0000004", ema=False)
+    return {k.replace(".default.", "."): v for k, v in weights.items() if is_adapter_parameter(k)}
+
+
+def test_ddp_and_fsdp_train_the_single_process_adapter(tmp_path: Path) -> None:
+    base = save_debug_base(tmp_path / "base")
+    common = [
+        "--train.tensorboard=false",
+        "--train.threads=1",
+        "--data.limit=32",
+        "--optim.steps=4",
+        "--optim.lr=1e-2",
+        "--train.sample_every=1000",
+        "--train.checkpoint_every=4",
+        f"--model.init_from={base}",
+        "--lora.enabled=true",
+        "--lora.rank=4",
+    ]
+    Trainer(
+        load_config(
+            "debug", [*common, "--optim.batch_size=8", f"--train.output_dir={tmp_path / 'ref'}"]
+        ),
+        quiet=True,
+    ).train()
+    jobs = [
+        [
+            *common,
+            "--optim.batch_size=4",
+            f"--parallel.mode={mode}",
+            f"--train.output_dir={tmp_path / mode}",
+        ]
+        for mode in ("ddp", "fsdp")
+    ]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    (tmp_path / "worker.py").write_text(WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd += [str(tmp_path / "worker.py"), str(tmp_path / "jobs.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    ref = _adapters(tmp_path / "ref")
+    assert ref and any(v.abs().max() > 0 for k, v in ref.items() if ".lora_B." in k)
+    for mode in ("ddp", "fsdp"):
+        got = _adapters(tmp_path / mode)
+        assert got.keys() == ref.keys(), mode
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5, msg=f"{mode} {k}")
