@@ -139,7 +139,7 @@ def bench_cache(
         },
     }
     log(f"(b) training from the cache: {warmup} warm-up + {steps} timed steps")
-    trainer = Trainer(cfg, quiet=True)
+    trainer = Trainer(cfg, quiet=True, overwrite=True)  # workdir/run is scratch: reruns reuse it
     result["train_cached"] = time_steps(trainer, trainer._loader(), steps, warmup, "cached")
     log(
         "(c) training with the autoencoder + text encoder in the step: "

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from fluxlab.config.schema import Config
+    from fluxlab.train.stop_signals import TrainingInterrupted
 
 ACCEPTS_OVERRIDES = True
 
@@ -24,11 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="preset name (openmoji-cpu, openmoji-gpu, debug) or a YAML file",
     )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint in train.output_dir",
-    )
+    add_run_folder_flags(p)
     p.add_argument(
         "--simulate-world",
         type=int,
@@ -41,22 +39,58 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def add_run_folder_flags(parser: argparse.ArgumentParser) -> None:
+    """--resume and --overwrite: what to do with a train.output_dir that holds a run."""
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest intact checkpoint in train.output_dir",
+    )
+    what.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a train.output_dir that holds a run: its checkpoints, log, samples, "
+        "TensorBoard events and config are removed once the data and model load (without "
+        "--resume or --overwrite such a folder is refused)",
+    )
+
+
+def resume_command(command: str, args: argparse.Namespace, overrides: list[str]) -> str:
+    """The command line that continues this run: the same config and overrides, with --resume."""
+    words = ["fluxlab", command, "--config", args.config, *overrides, "--resume"]
+    return shlex.join(words)
+
+
+def stopped(command: str, interrupted: TrainingInterrupted, resume_with: str) -> int:
+    """Reports a run stopped by a signal in one line; returns its exit code (128 + signal)."""
+    print(f"fluxlab {command}: {interrupted.summary(resume_with)}", file=sys.stderr)
+    return interrupted.exit_code
+
+
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     # Imported here: every command module loads for `fluxlab --help`, which must stay fast.
     from fluxlab.config.schema import load_config
+    from fluxlab.train.stop_signals import TrainingInterrupted
     from fluxlab.train.trainer import NonFiniteLossError, Trainer
 
     cfg = load_config(args.config, overrides)
     if args.simulate_world is not None:
         if args.resume:
             raise ValueError("--simulate-world neither reads nor writes checkpoints: drop --resume")
-        return _simulate(cfg, args.simulate_world)
-    trainer = Trainer(cfg, resume=args.resume)
+        return _simulate(cfg, args.simulate_world, args.overwrite)
+    resume_with = resume_command("train", args, overrides)
     try:
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
         path = trainer.train()
     except NonFiniteLossError as e:  # a diagnosis, not a crash: no traceback
         print(f"fluxlab train: error: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        return stopped("train", e, resume_with)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print(f"fluxlab train: interrupted; continue with: {resume_with}", file=sys.stderr)
+        return 130
     if not trainer.dist.is_main:
         return 0
     print(f"checkpoint: {path}")
@@ -65,7 +99,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _simulate(cfg: Config, world: int) -> int:
+def _simulate(cfg: Config, world: int, overwrite: bool) -> int:
     """Trains as rank 0 of a fake ``world``-process group and prints the peak memory of one GPU."""
     # Imported here: every command module loads for `fluxlab --help`, which must stay fast.
     import torch.distributed as dist
@@ -76,7 +110,7 @@ def _simulate(cfg: Config, world: int) -> int:
 
     info = distributed.simulate(world, resolve_device(cfg.train.device))
     try:
-        trainer = Trainer(cfg, simulated=info)
+        trainer = Trainer(cfg, simulated=info, overwrite=overwrite)
         trainer.train()
     finally:
         dist.destroy_process_group()

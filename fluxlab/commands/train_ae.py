@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
+
+from fluxlab.commands.train import add_run_folder_flags, resume_command, stopped
 
 ACCEPTS_OVERRIDES = True
 
@@ -20,21 +23,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="AE preset (ae-tiny, ae-openmoji) or a YAML file (base: PRESET)",
     )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint in train.output_dir",
-    )
+    add_run_folder_flags(p)
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     # Imported here: every command module loads for `fluxlab --help`, which must stay fast.
     from fluxlab.config.autoencoder import load_ae_config
     from fluxlab.train.autoencoder import AETrainer
+    from fluxlab.train.stop_signals import TrainingInterrupted
 
     cfg = load_ae_config(args.config, overrides)
-    trainer = AETrainer(cfg, resume=args.resume)
-    folder = trainer.train()
+    resume_with = resume_command("train-ae", args, overrides)
+    try:
+        trainer = AETrainer(cfg, resume=args.resume, overwrite=args.overwrite)
+        folder = trainer.train()
+    except TrainingInterrupted as e:
+        return stopped("train-ae", e, resume_with)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print(f"fluxlab train-ae: interrupted; continue with: {resume_with}", file=sys.stderr)
+        return 130
     print(
         f"autoencoder: {folder}   (use it with --encoding.space=latent "
         f"--encoding.autoencoder={trainer.run_dir})"

@@ -8,6 +8,8 @@ section is untouched.
 
 from __future__ import annotations
 
+import math
+
 from fluxlab.config.presets import AE_TRAIN_PRESETS
 from fluxlab.config.schema import Config, check_step_intervals, config_data, config_from_dict
 from fluxlab.models.autoencoder import AutoEncoderParams, ae_params
@@ -51,8 +53,16 @@ def validate_ae(cfg: Config) -> None:
         raise ValueError(
             "ae.kl_weight and ae.perceptual_weight must be ≥ 0 (1e-6 and 0 are the defaults)"
         )
-    if a.lr <= 0 or a.batch_size < 1 or a.steps < 1:
-        raise ValueError("ae.lr must be positive and ae.batch_size, ae.steps at least 1")
+    if not math.isfinite(a.lr) or a.lr <= 0 or a.batch_size < 1 or a.steps < 1:
+        raise ValueError(
+            "ae.lr must be positive and finite, and ae.batch_size, ae.steps at least 1"
+        )
+    if not (math.isfinite(a.grad_clip) and a.grad_clip > 0):
+        raise ValueError(
+            f"ae.grad_clip={a.grad_clip} must be a positive, finite number: gradients are rescaled "
+            "to at most this norm, so 0 would zero them and a negative value flip them; a large "
+            "value such as 1e9 leaves them unclipped"
+        )
     if a.eval_every < 0 or a.val_images < 1 or a.stats_images < 1 or a.warmup_steps < 0:
         raise ValueError(
             "ae.eval_every and ae.warmup_steps must be ≥ 0, ae.val_images and ae.stats_images ≥ 1"

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from safetensors.torch import load_file
@@ -30,6 +30,12 @@ from fluxlab.config.autoencoder import ae_params_from_config, validate_ae
 from fluxlab.config.schema import Config
 from fluxlab.data import build_dataset, collate_skip_bad, make_grid
 from fluxlab.data.samplers import InfiniteBatchSampler
+from fluxlab.data.training import (
+    collate_training,
+    ignore_stop_signals,
+    next_readable_batch,
+    unreadable_limit,
+)
 from fluxlab.eval.perceptual import load_perceptual
 from fluxlab.models.autoencoder import AutoEncoder, kl_divergence, sample_posterior
 from fluxlab.models.weights.autoencoder_spec import save_autoencoder
@@ -38,6 +44,7 @@ from fluxlab.pipelines.text_to_image import autocast_for
 from fluxlab.train.progress import TimeBudget
 from fluxlab.train.run_folder import RunFolder
 from fluxlab.train.run_log import RunLog
+from fluxlab.train.stop_signals import StopSignals, TrainingInterrupted
 
 
 def psnr(reconstruction: Tensor, target: Tensor) -> Tensor:
@@ -70,13 +77,27 @@ def latent_statistics(latents: Iterator[Tensor]) -> tuple[float, float]:
 class AETrainer:
     """Trains ``ae`` on ``data``, then measures the latent scale/shift and writes ``ae/``."""
 
-    def __init__(self, cfg: Config, resume: bool = False, quiet: bool = False):
+    def __init__(
+        self, cfg: Config, resume: bool = False, quiet: bool = False, overwrite: bool = False
+    ):
+        """``resume`` continues the run in ``train.output_dir``; ``overwrite`` starts over in a
+        folder that holds a run (without either, such a folder is refused before any work)."""
         validate_ae(cfg)
         self.cfg = cfg
-        a, d = cfg.ae, cfg.data
         self.run_dir = Path(cfg.train.output_dir)
         self.log = RunLog(self.run_dir, quiet=quiet)
         self.folder = RunFolder(self.run_dir, keep_last=cfg.train.keep_last, log=self.log)
+        self.folder.claim(resume=resume, overwrite=overwrite)
+        try:
+            self._build(resume)
+        except BaseException:
+            self.folder.release()
+            raise
+
+    def _build(self, resume: bool) -> None:
+        """Data, model, optimizer and, with ``resume``, the state of the last checkpoint."""
+        cfg = self.cfg
+        a, d = cfg.ae, cfg.data
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = resolve_device(cfg.train.device)
@@ -139,15 +160,18 @@ class AETrainer:
             self.dataset,
             batch_sampler=sampler,
             num_workers=workers,
-            collate_fn=collate_skip_bad,
+            collate_fn=collate_training,
             pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0,
             generator=torch.Generator().manual_seed(self.cfg.train.seed + self.batches_seen),
+            worker_init_fn=ignore_stop_signals,
         )
-        for batch in loader:
-            self.batches_seen += 1
-            if batch is not None:  # None: every image of the batch was unreadable
-                yield batch["image"].to(self.device, non_blocking=True)
+        batches = iter(loader)
+        limit = unreadable_limit(len(self.dataset) // self.cfg.ae.batch_size)
+        while True:  # batches without one readable image are passed over (counted in batches_seen)
+            batch, drawn, _ = next_readable_batch(batches, limit, self.cfg.data.dataset)
+            self.batches_seen += drawn
+            yield batch["image"].to(self.device, non_blocking=True)
 
     def _images(self, dataset: Dataset, limit: int) -> Iterator[Tensor]:
         """The first ``limit`` images of ``dataset`` in order, in batches: the same each time."""
@@ -262,18 +286,39 @@ class AETrainer:
         return {"loss": loss.detach(), **parts}, grad_norm
 
     def train(self) -> Path:
-        """Trains to ae.steps or ae.max_minutes, then measures scale/shift and writes ``ae/``."""
-        cfg, a = self.cfg, self.cfg.ae
+        """Trains to ae.steps or ae.max_minutes, then measures scale/shift and writes ``ae/``.
+
+        SIGINT/SIGTERM end the step in flight, save a checkpoint at it and raise
+        ``TrainingInterrupted``."""
         self.log.start(
-            desc="train-ae", total=a.steps, initial=self.step, tensorboard=cfg.train.tensorboard
+            desc="train-ae",
+            total=self.cfg.ae.steps,
+            initial=self.step,
+            tensorboard=self.cfg.train.tensorboard,
         )
-        budget = TimeBudget(a.max_minutes)
-        sums: dict[str, float] = {}
-        count = 0
+        budget = TimeBudget(self.cfg.ae.max_minutes)
         batches = self._batches()
         self.model.train()
+        try:
+            with StopSignals() as signals:
+                self._train_steps(batches, budget, signals)
+            self.log.end_progress()
+            return self.finish(budget.elapsed())
+        finally:
+            self.log.close()
+            self.folder.release()
+
+    def _train_steps(
+        self, batches: Iterator[Tensor], budget: TimeBudget, signals: StopSignals
+    ) -> None:
+        """Steps with their logging, evaluation and checkpoints, to the end or the time limit."""
+        cfg, a = self.cfg, self.cfg.ae
+        sums: dict[str, float] = {}
+        count = 0
         while self.step < a.steps:
             result = self.train_step(batches)
+            if signals.received is not None:
+                self._stop(signals.received)
             if result is None:
                 continue
             losses, grad_norm = result
@@ -294,9 +339,13 @@ class AETrainer:
                 self.save()
             if out_of_time:
                 self.log.info(f"ae.max_minutes={a.max_minutes} reached at step {self.step}")
-                break
+                return
+
+    def _stop(self, signal_number: int) -> NoReturn:
+        """Saves a checkpoint at this step (unless there is no step yet) and stops on a signal."""
         self.log.end_progress()
-        return self.finish(budget.elapsed())
+        saved = self.save() if self.step > 0 else None
+        raise TrainingInterrupted(signal_number, self.step, saved)
 
     def _log_step(
         self, means: dict[str, float], grad_norm: float, val_psnr: float | None, budget: TimeBudget

@@ -4,11 +4,13 @@ Each checkpoint is a folder ``checkpoints/step_XXXXXXX`` holding the weights as 
 and EMA), a JSON description (run config, model params, step) and the training state (optimizer,
 schedule, RNG, data position) for ``--resume``. It is written under a temporary name, flushed and
 renamed, and the manifest ``meta.json`` is written last: a folder without a readable manifest is
-incomplete and skipped.
+incomplete and skipped. The manifest holds each file's size (a cheap check for truncation) and
+sha256 (corruption in place, same size, is caught when a checkpoint is loaded).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,6 +28,11 @@ PREFIX = "step_"
 SHARDED_WEIGHTS = "weights"
 
 
+# Checkpoints this process has found intact by their checksums, with each file's mtime: a load
+# that resolves a checkpoint and then reads it hashes its gigabytes once, not twice.
+_VERIFIED: dict[Path, tuple[tuple[str, int], ...]] = {}
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -40,6 +47,15 @@ def _fsync_dir(path: Path) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks (checkpoints can be many GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -100,11 +116,12 @@ def save_checkpoint(
         files += sorted(str(f.relative_to(tmp)) for f in (tmp / name).rglob("*") if f.is_file())
     for name in files:
         _fsync_file(tmp / name)
-    # Sizes let pruning spot a truncated file without reading gigabytes of weights.
+    # Sizes let pruning spot a truncated file without reading gigabytes of weights; checksums let
+    # a load spot a file corrupted in place.
     sizes = {name: (tmp / name).stat().st_size for name in files}
-    (tmp / "meta.json").write_text(
-        json.dumps({"step": step, "files": files, "sizes": sizes}) + "\n"
-    )
+    sha256 = {name: file_sha256(tmp / name) for name in files}
+    manifest = {"step": step, "files": files, "sizes": sizes, "sha256": sha256}
+    (tmp / "meta.json").write_text(json.dumps(manifest) + "\n")
     _fsync_file(tmp / "meta.json")
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
@@ -157,7 +174,8 @@ def verify_checkpoint(path: Path, full: bool = True) -> str | None:
     """None if the checkpoint is complete and readable, else a reason.
 
     ``full=False`` checks only the manifest and file sizes (cheap enough to run on every save);
-    ``full=True`` also decodes every file.
+    ``full=True`` also reads every file: against its checksum, or (older checkpoints without
+    checksums) by decoding it.
     """
     meta = path / "meta.json"
     try:
@@ -177,7 +195,17 @@ def verify_checkpoint(path: Path, full: bool = True) -> str | None:
             )
     if not full:
         return None
-    try:
+    checksums = info.get("sha256")
+    if isinstance(checksums, dict):  # written with checksums: they say more than decoding would
+        stamp = tuple((name, (path / name).stat().st_mtime_ns) for name in info["files"])
+        if _VERIFIED.get(path.resolve()) == stamp:  # read in full already, unchanged since
+            return None
+        for name in info["files"]:
+            if name in checksums and file_sha256(path / name) != checksums[name]:
+                return f"{name} does not match its sha256 in meta.json (corrupted in place?)"
+        _VERIFIED[path.resolve()] = stamp
+        return None
+    try:  # an older checkpoint without checksums: each file must at least decode
         for name in info["files"]:
             if name.endswith(".safetensors"):
                 load_file(path / name)
@@ -190,18 +218,29 @@ def verify_checkpoint(path: Path, full: bool = True) -> str | None:
     return None
 
 
+def checkpoint_problem(path: Path, need_train_state: bool = False) -> str | None:
+    """None if checkpoint ``path`` loads (and, with ``need_train_state``, resumes), else why not."""
+    problem = verify_checkpoint(path)
+    if problem is None and need_train_state and not (path / "train_state.pt").is_file():
+        problem = "it has no training state"
+    return problem
+
+
 def latest_checkpoint(run_dir: str | Path, need_train_state: bool = False) -> Path | None:
     """The newest valid checkpoint; corrupt or partial ones are skipped with a warning."""
     for path in reversed(list_checkpoints(run_dir)):
-        problem = verify_checkpoint(path)
-        if problem is None and need_train_state and not (path / "train_state.pt").is_file():
-            problem = "it has no training state"
+        problem = checkpoint_problem(path, need_train_state)
         if problem is None:
             return path
         warnings.warn(
             f"skipping checkpoint {path}: {problem}; falling back to the one before", stacklevel=2
         )
     return None
+
+
+def describe_problems(paths: list[Path], need_train_state: bool = False) -> str:
+    """``step_A: why; step_B: why`` for checkpoints that all failed to load."""
+    return "; ".join(f"{p.name}: {checkpoint_problem(p, need_train_state)}" for p in paths)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -216,6 +255,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return p
     found = latest_checkpoint(p)
     if found is None:
+        if broken := list_checkpoints(p):
+            raise ValueError(f"no checkpoint in {p} is usable: {describe_problems(broken)}")
         raise FileNotFoundError(
             f"{p} holds no complete checkpoint (expected {p}/{CHECKPOINT_DIR}/{PREFIX}*/)"
         )

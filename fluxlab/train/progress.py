@@ -67,6 +67,23 @@ def t_bin_name(i: int) -> str:
     return f"loss_t/{i / T_BINS:.1f}-{(i + 1) / T_BINS:.1f}"
 
 
+def skip_summary(skipped_images: int, broken_shards: int, nonfinite_steps: int) -> list[str]:
+    """The end-of-run lines about what training passed over (none when nothing was)."""
+    lines = []
+    if skipped_images:
+        lines.append(
+            f"skipped {skipped_images} unreadable images (see the warnings above for their names)"
+        )
+    if broken_shards:
+        lines.append(
+            f"stopped reading {broken_shards} broken shard(s) at the break, once per epoch that "
+            "read them (see the warnings above for which)"
+        )
+    if nonfinite_steps:
+        lines.append(f"skipped {nonfinite_steps} steps with a non-finite loss or gradient")
+    return lines
+
+
 class TimeBudget:
     """``max_minutes`` of training from now (None: no limit)."""
 

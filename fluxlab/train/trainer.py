@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -16,7 +16,14 @@ from torch import Tensor
 from fluxlab.adapters import lora
 from fluxlab.config.schema import Config
 from fluxlab.data.samplers import InfiniteBatchSampler
-from fluxlab.data.training import train_batches, train_dataset, val_dataset
+from fluxlab.data.training import (
+    UnreadableBatch,
+    next_readable_batch,
+    train_batches,
+    train_dataset,
+    unreadable_limit,
+    val_dataset,
+)
 from fluxlab.eval.validation import ValidationLoss
 from fluxlab.parallel import attention_kernels, distributed, parallelize
 from fluxlab.pipelines.build import resolve_device
@@ -31,7 +38,7 @@ from fluxlab.train.optimizers import (
     ema_decay,
     use_master_weights,
 )
-from fluxlab.train.progress import LossWindow, TimeBudget, t_bin_name
+from fluxlab.train.progress import LossWindow, TimeBudget, skip_summary, t_bin_name
 from fluxlab.train.rng import (
     SampleGenerators,
     process_rng_state,
@@ -40,6 +47,7 @@ from fluxlab.train.rng import (
 )
 from fluxlab.train.run_folder import RunFolder
 from fluxlab.train.run_log import RunLog
+from fluxlab.train.stop_signals import StopSignals, TrainingInterrupted
 
 # InfiniteBatchSampler lives in fluxlab.data.samplers; it is re-exported for older imports.
 __all__ = ["InfiniteBatchSampler", "NonFiniteLossError", "StepResult", "Trainer"]
@@ -71,9 +79,13 @@ class Trainer:
         resume: bool = False,
         quiet: bool = False,
         simulated: distributed.DistInfo | None = None,
+        overwrite: bool = False,
     ):
-        """``simulated``: this process is that rank of a simulated world (``distributed.simulate``),
-        run only to measure its memory: it trains and samples but writes no checkpoint."""
+        """``resume``: continue the run in ``train.output_dir``; ``overwrite``: start over in a
+        folder that holds a run, removing it once the data and model load (without either, such
+        a folder is refused). ``simulated``: this process is that rank of a simulated world
+        (``distributed.simulate``), run only to measure its memory: it trains and samples but
+        writes no checkpoint."""
         cfg.validate()
         self.cfg = cfg
         # Under torchrun rank 0 speaks, samples and checkpoints; a restarted worker resumes.
@@ -82,12 +94,24 @@ class Trainer:
         cfg.parallel.validate(self.dist.world)
         # A process group that a caller made outlives this trainer.
         self._owns_group = self.dist.enabled and not dist.is_initialized()
-        resume = resume or distributed.restarted()
+        if distributed.restarted():  # the first attempt already cleared the folder
+            resume, overwrite = True, False
         self.run_dir = Path(cfg.train.output_dir)
         self.log = RunLog(
             self.run_dir, writes=self.dist.is_main, quiet=quiet or not self.dist.is_main
         )
         self.folder = RunFolder(self.run_dir, keep_last=cfg.train.keep_last, log=self.log)
+        if self.dist.is_main:  # before any work: the folder is writable, ours, and new or resumed
+            self.folder.claim(resume=resume, overwrite=overwrite)
+        try:
+            self._build(resume)
+        except BaseException:
+            self.folder.release()
+            raise
+
+    def _build(self, resume: bool) -> None:
+        """Data, task, model, optimizer and, with ``resume``, the state of the last checkpoint."""
+        cfg = self.cfg
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = distributed.init(self.dist, resolve_device(cfg.train.device))
@@ -174,13 +198,13 @@ class Trainer:
             )
         )
 
-    def _loader(self) -> Iterator[dict[str, Any] | None]:
+    def _loader(self) -> Iterator[dict[str, Any] | UnreadableBatch]:
         return train_batches(
             self.dataset, self.cfg, self.batches_seen, self.dist.rank, self.dist.world, self.device
         )
 
     # ------------------------------------------------------------------------------- the step
-    def train_step(self, batches: Iterator[dict[str, Any] | None]) -> StepResult:
+    def train_step(self, batches: Iterator[dict[str, Any] | UnreadableBatch]) -> StepResult:
         """One optimizer step: forward and backward over ``optim.grad_accum`` micro-batches,
         gradient clipping, AdamW, the LR schedule and the EMA. A step whose loss or gradient is not
         finite on any rank changes no weight (``applied`` is False) and counts towards
@@ -189,12 +213,14 @@ class Trainer:
         loss = torch.zeros((), device=self.device)
         samples: list[tuple[Tensor, Tensor]] = []
         batch = None
+        steps_per_epoch = len(self.dataset) // (self.cfg.optim.batch_size * self.dist.world)
+        limit = unreadable_limit(steps_per_epoch)
         for micro in range(accum):
-            batch, index = next(batches), self.batches_seen
-            self.batches_seen += 1
-            if batch is None:  # every image of the batch was unreadable
-                continue
-            self.skipped_images += int(batch.get("skipped", 0))
+            # A batch without one readable image is no micro-batch: its images count as skipped.
+            batch, drawn, unreadable = next_readable_batch(batches, limit, self.cfg.data.dataset)
+            index = self.batches_seen + drawn - 1
+            self.batches_seen += drawn
+            self.skipped_images += unreadable + int(batch.get("skipped", 0))
             # DDP/FSDP communicate once per optimizer step.
             micro_loss, t, per_sample = self._forward_backward(batch, index, micro == accum - 1)
             loss += micro_loss / accum
@@ -265,8 +291,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- the loop
     def train(self) -> Path | None:
-        """Trains to ``optim.steps`` or ``train.max_minutes``, validating, logging, sampling and
-        checkpointing on the way; returns the last checkpoint (None in a simulated run)."""
+        """Trains to ``optim.steps`` or ``train.max_minutes``, validating, logging, checkpointing
+        and sampling on the way; returns the last checkpoint (None in a simulated run).
+
+        SIGINT/SIGTERM end the step in flight, save a checkpoint at it and raise
+        ``TrainingInterrupted``."""
         cfg = self.cfg
         self.log.start(
             desc="train",
@@ -279,37 +308,67 @@ class Trainer:
         window = LossWindow(self.device, self.dist, steps_per_epoch)
         budget = TimeBudget(cfg.train.max_minutes, self.dist, self.device)
         self.model.train()
-        while self.step < cfg.optim.steps:
-            result = self.train_step(batches)
-            if not result.applied:
-                continue
-            self.log.advance()
-            window.add(result.loss.item(), result.samples)
-            eval_now = self._every(cfg.train.eval_every)
-            val = self._validate_all_ranks() if eval_now else None
-            if eval_now or self._every(cfg.train.log_every):
-                self._log_step(window, result, val, budget)
-            if epoch := window.end_of_epoch(self.step):
-                self.log.scalars({"loss/epoch": epoch[1]}, epoch[0])
-            out_of_time = budget.exhausted()
-            if out_of_time:
-                self.log.info(
-                    f"train.max_minutes={cfg.train.max_minutes} reached at step {self.step}"
-                )
-            if (self._every(cfg.train.sample_every) or out_of_time) and self.evaluator.runs_here:
-                self._sample_and_inspect(result.batch)
-            if (self._every(cfg.train.checkpoint_every) or out_of_time) and not self.simulated:
-                self.save()
-            if out_of_time:
-                break
-        self.log.end_progress()
-        if self.last_checkpoint is None and not self.simulated:
-            self.save()  # resumed at or past the last step: still leave a checkpoint
-        self._summarize()
-        self.log.close()
+        try:
+            with StopSignals() as signals:
+                while self.step < cfg.optim.steps:
+                    result = self.train_step(batches)
+                    stop_signal = signals.agreed(self.dist, self.device)
+                    if stop_signal is not None:
+                        self._stop(result, window, budget, stop_signal)
+                    if result.applied and self._periodic_work(result, window, budget):
+                        break  # out of time
+            self.log.end_progress()
+            if self.last_checkpoint is None and not self.simulated:
+                self.save()  # resumed at or past the last step: still leave a checkpoint
+            self._summarize(getattr(batches, "broken_shards", 0))
+        finally:
+            self.log.close()
+            self.folder.release()
         if self._owns_group:
             distributed.shutdown(self.dist)
         return self.last_checkpoint
+
+    def _periodic_work(self, result: StepResult, window: LossWindow, budget: TimeBudget) -> bool:
+        """What follows an applied step: progress, validation, log line, checkpoint, then the
+        sample grid (a sampling failure cannot lose the step's checkpoint). True when
+        ``train.max_minutes`` has run out."""
+        cfg = self.cfg
+        self.log.advance()
+        window.add(result.loss.item(), result.samples)
+        eval_now = self._every(cfg.train.eval_every)
+        val = self._validate_all_ranks() if eval_now else None
+        if eval_now or self._every(cfg.train.log_every):
+            self._log_step(window, result, val, budget)
+        if epoch := window.end_of_epoch(self.step):
+            self.log.scalars({"loss/epoch": epoch[1]}, epoch[0])
+        out_of_time = budget.exhausted()
+        if out_of_time:
+            self.log.info(f"train.max_minutes={cfg.train.max_minutes} reached at step {self.step}")
+        if (self._every(cfg.train.checkpoint_every) or out_of_time) and not self.simulated:
+            self.save()
+        if (self._every(cfg.train.sample_every) or out_of_time) and self.evaluator.runs_here:
+            self._sample_and_inspect(result.batch)
+        return out_of_time
+
+    def _stop(
+        self, result: StepResult, window: LossWindow, budget: TimeBudget, signal_number: int
+    ) -> NoReturn:
+        """Logs the finished step if due, saves a checkpoint at it (unless there is nothing to
+        save) and raises ``TrainingInterrupted``."""
+        if result.applied:
+            self.log.advance()
+            window.add(result.loss.item(), result.samples)
+            if self._every(self.cfg.train.log_every):
+                self._log_step(window, result, None, budget)
+        self.log.end_progress()
+        saved = self.last_checkpoint
+        if self.simulated or self.step == 0:
+            saved = None
+        elif saved != self.folder.checkpoint_path(self.step):
+            saved = self.save()
+        if self._owns_group:
+            distributed.shutdown(self.dist)
+        raise TrainingInterrupted(signal_number, self.step, saved)
 
     def _every(self, interval: int) -> bool:
         """Whether this step is a multiple of ``interval`` (0: never) or the last one."""
@@ -342,20 +401,16 @@ class Trainer:
         scalars.update({t_bin_name(i): v for i, v in enumerate(t_curve) if v is not None})
         self.log.scalars(scalars, self.step)
 
-    def _summarize(self) -> None:
-        """The closing lines: peak memory, skipped images and steps."""
+    def _summarize(self, broken_shards: int) -> None:
+        """The closing lines: peak memory, what was skipped (over all ranks), broken shards."""
         self.memory.mark("train")
         if self.memory.peaks:
             self.log.info("peak GPU memory per process: " + self.memory.summary())
-        if self.skipped_images:
-            self.log.info(
-                f"skipped {self.skipped_images} unreadable images "
-                "(see the warnings above for their names)"
-            )
-        if self.nonfinite_steps:
-            self.log.info(
-                f"skipped {self.nonfinite_steps} steps with a non-finite loss or gradient"
-            )
+        counts = torch.tensor([self.skipped_images, broken_shards], device=self.device)
+        if self.dist.enabled:  # each rank read other images and shards
+            dist.all_reduce(counts)
+        for line in skip_summary(*counts.tolist(), nonfinite_steps=self.nonfinite_steps):
+            self.log.info(line)
 
     # ------------------------------------------------------------------------------- periodic work
     def _validate_all_ranks(self) -> ValidationLoss | None:

@@ -206,13 +206,15 @@ def test_two_processes_sample_what_one_samples(runs: dict[str, Path], mode: str)
 
 
 @gloo
-def test_fsdp_writes_weight_histograms_gathered_from_the_shards(runs: dict[str, Path]) -> None:
+def test_fsdp_writes_weight_histograms_gathered_from_the_shards(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
     events = EventAccumulator(str(runs["fsdp"] / "tb"), size_guidance={"histograms": 0}).Reload()
     tags = events.Tags()["histograms"]
     assert "predictions/output" in tags
     hist = events.Histograms("weights/double_blocks.0.img_attn.qkv.weight")[-1].histogram_value
     rows, cols = (
-        Trainer(load_config("debug", WS1), quiet=True)
+        Trainer(load_config("debug", [*WS1, f"--train.output_dir={tmp_path}"]), quiet=True)
         .model.double_blocks[0]
         .img_attn.qkv.weight.shape
     )

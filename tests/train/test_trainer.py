@@ -110,7 +110,8 @@ def test_batches_are_a_function_of_position() -> None:
 def test_bad_config_exits_with_a_message(tmp_path: Path, capsys) -> None:
     assert main(["train", "--config", "debug", "--optim.bogus=1"]) == 2
     assert "optim.bogus" in capsys.readouterr().err
-    assert main(["train", "--config", "debug", f"--data.dataset={tmp_path / 'missing'}"]) == 2
+    run = f"--train.output_dir={tmp_path / 'run'}"
+    assert main(["train", "--config", "debug", run, f"--data.dataset={tmp_path / 'missing'}"]) == 2
     assert "missing" in capsys.readouterr().err
     assert (
         main(

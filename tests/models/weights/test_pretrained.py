@@ -133,7 +133,7 @@ def test_init_from_fluxlab_run_and_bfl_file(tmp_path: Path) -> None:
     for spec in (first, tmp_path / "flux1-debug.safetensors"):
         cfg = load_config(
             "debug",
-            [f"--train.output_dir={tmp_path / 'second'}", *FAST, f"--model.init_from={spec}"],
+            [f"--train.output_dir={tmp_path / spec.name}-run", *FAST, f"--model.init_from={spec}"],
         )
         trainer = Trainer(cfg, quiet=True)
         sd = trainer.model.state_dict()
