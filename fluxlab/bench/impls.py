@@ -47,8 +47,9 @@ class Impl:
         with torch.device(device), _default_dtype(dtype):
             return Flux(params)
 
-    def prepare_training(self, model: nn.Module, attention: Sequence[str]) -> None:
-        """Sets the training attention kernel named in ``attention`` on our blocks."""
+    def set_attention(self, model: nn.Module, attention: Sequence[str]) -> None:
+        """Sets the attention kernel named in ``attention`` (fa4, cudnn-forward, else SDPA) on our
+        blocks."""
         use_attention(model, attention_function(attention))
 
     def prepare_inference(self, model: nn.Module) -> None:
@@ -116,7 +117,7 @@ class DiffusersImpl(Impl):
         model.load_state_dict(sd, assign=True, strict=True)
         return model.to(device)
 
-    def prepare_training(self, model: nn.Module, attention: Sequence[str]) -> None:
+    def set_attention(self, model: nn.Module, attention: Sequence[str]) -> None:
         pass  # SDPA's kernels, restricted by sdpa_backends around the step
 
     def prepare_inference(self, model: nn.Module) -> None:

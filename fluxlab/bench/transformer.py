@@ -121,6 +121,9 @@ def cast_inputs(inputs: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tens
 
 
 def _free() -> None:
+    # Each case compiles afresh: cases share the blocks' code objects, and their guards (attention
+    # kernel, grad mode, dtypes) would add up past Dynamo's recompile limit.
+    torch._dynamo.reset()
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -185,7 +188,7 @@ def bench_train(
     params = params or bench_params("train")
     impl = IMPLS[impl_name]()
     model = impl.build(params, device, torch.float32, seed).train()
-    impl.prepare_training(model, backends)
+    impl.set_attention(model, backends)
     overlap = mode == "autocast-overlap"
     optimizer: Any
     if overlap:
@@ -260,6 +263,8 @@ def bench_infer(
     impl = IMPLS[impl_name]()
     model = impl.build(params, device, torch.bfloat16, seed).eval().requires_grad_(False)
     impl.prepare_inference(model)  # before compiling: the graphs hold the sampling path
+    if backends:
+        impl.set_attention(model, backends)
     x = cast_inputs(
         make_inputs(params, 1, resolution, resolution, txt_tokens, device, seed), torch.bfloat16
     )

@@ -4,16 +4,12 @@ On CUDA without autograd, cuBLASLt can apply the MLP's tanh-GELU inside the matm
 (``torch._addmm_activation``), and a single block's ``linear2`` can run as two accumulating matmuls,
 one over the attention output and one over the MLP activation. Neither the activation nor the
 [attention, MLP] concatenation then makes a trip through memory. :func:`use_inference_epilogues`
-swaps these forwards into a model's blocks (as ``parallelize`` swaps in compiled ones); with
+swaps these forwards into a model's blocks (by their class, as FSDP2 does); with
 autograd on (training, which needs a backward) or off CUDA each falls back to the block's own
 forward, so the model computes the same function either way.
 """
 
 from __future__ import annotations
-
-import functools
-from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,49 +40,47 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
 
 
-def mlp_forward(mlp: nn.Sequential, plain_forward: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+class EpilogueMLP(nn.Sequential):
     """A double block's MLP (Linear → tanh-GELU → Linear), the GELU in the first matmul."""
-    first, _, second = mlp
-    if not epilogues_apply(x) or not isinstance(first, nn.Linear):  # LoRA layers add their term
-        return plain_forward(x)
-    hidden = linear_gelu(x.flatten(0, 1), first.weight, first.bias)
-    return second(hidden).view(*x.shape[:-1], -1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        first, _, second = self
+        if not epilogues_apply(x) or not isinstance(first, nn.Linear):  # LoRA layers add their term
+            return super().forward(x)
+        hidden = linear_gelu(x.flatten(0, 1), first.weight, first.bias)
+        return second(hidden).view(*x.shape[:-1], -1)
 
 
-def single_block_forward(
-    block: SingleStreamBlock,
-    plain_forward: Callable[..., Tensor],
-    x: Tensor,
-    vec: Tensor,
-    pe: Tensor,
-) -> Tensor:
-    """``SingleStreamBlock.forward``, the GELU in ``linear1``'s epilogue and ``linear2`` split."""
-    # Plain Linears only: a LoRA-wrapped one must run its own forward to add the adapter.
-    plain = isinstance(block.linear1, nn.Linear) and isinstance(block.linear2, nn.Linear)
-    if not plain or not epilogues_apply(x):
-        return plain_forward(x, vec=vec, pe=pe)
-    mod, _ = block.modulation(vec)
-    x_mod = (1 + mod.scale) * block.pre_norm(x) + mod.shift
-    d = block.hidden_size
-    w1, b1, w2 = block.linear1.weight, block.linear1.bias, block.linear2.weight
-    qkv = F.linear(x_mod, w1[: 3 * d], b1[: 3 * d])
-    act = linear_gelu(x_mod.flatten(0, 1), w1[3 * d :], b1[3 * d :])
+class EpilogueSingleStreamBlock(SingleStreamBlock):
+    """``SingleStreamBlock``, the GELU in ``linear1``'s epilogue and ``linear2`` split in two."""
 
-    q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=block.num_heads)
-    q, k = block.norm(q, k, v)
-    attn = attention(q, k, v, pe, block.attention_fn)
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
+        # Plain Linears only: a LoRA-wrapped one must run its own forward to add the adapter.
+        plain = isinstance(self.linear1, nn.Linear) and isinstance(self.linear2, nn.Linear)
+        if not plain or not epilogues_apply(x):
+            return super().forward(x, vec=vec, pe=pe)
+        mod, _ = self.modulation(vec)
+        x_mod = (1 + mod.scale) * self.pre_norm(x) + mod.shift
+        d = self.hidden_size
+        w1, b1, w2 = self.linear1.weight, self.linear1.bias, self.linear2.weight
+        qkv = F.linear(x_mod, w1[: 3 * d], b1[: 3 * d])
+        act = linear_gelu(x_mod.flatten(0, 1), w1[3 * d :], b1[3 * d :])
 
-    out = torch.addmm(block.linear2.bias, attn.flatten(0, 1), w2[:, :d].t())
-    out = torch.addmm(out, act, w2[:, d:].t()).view_as(x)
-    return x + mod.gate * out
+        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        q, k = self.norm(q, k, v)
+        attn = attention(q, k, v, pe, self.attention_fn)
+
+        out = torch.addmm(self.linear2.bias, attn.flatten(0, 1), w2[:, :d].t())
+        out = torch.addmm(out, act, w2[:, d:].t()).view_as(x)
+        return x + mod.gate * out
 
 
-def _swap_forward(module: nn.Module, fused: Callable[..., Any]) -> None:
-    current = module.forward
-    if isinstance(current, functools.partial) and current.func is fused:
-        return  # already swapped in
-    # An instance attribute, as parallelize's: nn.Module.__call__ and its hooks still run.
-    module.forward = functools.partial(fused, module, current)
+def _swap_class(module: nn.Module, fused: type[nn.Module]) -> None:
+    # The class, not a per-instance forward: every block then shares one forward, so a compiled
+    # block's guards hold for all of them (a per-block callable recompiled each block). FSDP2
+    # swaps classes the same way; parameters, hooks and state-dict keys stay as they were.
+    if type(module) in fused.__bases__:
+        module.__class__ = fused
 
 
 def use_inference_epilogues(model: nn.Module) -> nn.Module:
@@ -94,10 +88,10 @@ def use_inference_epilogues(model: nn.Module) -> nn.Module:
 
     Apply it before ``torch.compile``, so that the compiled graphs hold the epilogue path.
     """
-    for module in model.modules():
+    for module in list(model.modules()):
         if isinstance(module, SingleStreamBlock):
-            _swap_forward(module, single_block_forward)
+            _swap_class(module, EpilogueSingleStreamBlock)
         elif isinstance(module, DoubleStreamBlock):
-            _swap_forward(module.img_mlp, mlp_forward)
-            _swap_forward(module.txt_mlp, mlp_forward)
+            _swap_class(module.img_mlp, EpilogueMLP)
+            _swap_class(module.txt_mlp, EpilogueMLP)
     return model

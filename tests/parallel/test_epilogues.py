@@ -2,7 +2,6 @@
 (autograd on, or off CUDA) the model computes exactly as before, and copies stay independent."""
 
 import copy
-import functools
 
 import pytest
 import torch
@@ -12,7 +11,11 @@ from fluxlab.conditioning.tokens import image_ids, text_ids
 from fluxlab.models.flux.model import Flux
 from fluxlab.models.flux.presets import flux_params
 from fluxlab.parallel import epilogues
-from fluxlab.parallel.epilogues import single_block_forward, use_inference_epilogues
+from fluxlab.parallel.epilogues import (
+    EpilogueMLP,
+    EpilogueSingleStreamBlock,
+    use_inference_epilogues,
+)
 
 PARAMS = flux_params("flux-debug", in_channels=4, context_in_dim=8, vec_in_dim=8)
 
@@ -53,9 +56,9 @@ def test_applying_twice_swaps_once_and_state_dict_keys_stay() -> None:
     model = _randomized()
     keys = list(model.state_dict())
     use_inference_epilogues(use_inference_epilogues(model))
-    forward = model.single_blocks[0].forward
-    assert isinstance(forward, functools.partial) and forward.func is single_block_forward
-    assert not isinstance(forward.args[1], functools.partial)  # the block's own forward
+    assert all(type(b) is EpilogueSingleStreamBlock for b in model.single_blocks)
+    assert all(type(b.img_mlp) is EpilogueMLP for b in model.double_blocks)
+    assert "forward" not in vars(model.single_blocks[0])  # the class's forward, not an attribute
     assert list(model.state_dict()) == keys
 
 
@@ -93,9 +96,27 @@ def test_cuda_epilogues_match_the_plain_path() -> None:
 
 def test_swapped_forwards_compile_into_one_graph() -> None:
     # parallelize and the benchmark compile the blocks' forwards after the swap (fullgraph, as the
-    # benchmark asks): the partial, its fallback and the attention_fn attribute must all trace.
+    # benchmark asks): the swapped class, its fallback and the attention_fn attribute must trace.
     plain, compiled = _randomized(), use_inference_epilogues(_randomized())
     for block in (*compiled.double_blocks, *compiled.single_blocks):
         block.forward = torch.compile(block.forward, backend="eager", fullgraph=True)
     x = _inputs()
     torch.testing.assert_close(compiled(**x), plain(**x), rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_blocks_share_one_graph_across_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every block runs the same forward code, so one compiled graph per block type serves all of
+    # them: more blocks than Dynamo's recompile limit must not fail a fullgraph compile.
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    params = flux_params(
+        "flux-debug", in_channels=4, context_in_dim=8, vec_in_dim=8, depth=4, depth_single_blocks=4
+    )
+    torch.manual_seed(0)
+    plain = Flux(params)
+    compiled = use_inference_epilogues(copy.deepcopy(plain))
+    for block in (*compiled.double_blocks, *compiled.single_blocks):
+        block.forward = torch.compile(block.forward, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**_inputs()), plain(**_inputs()), rtol=0, atol=0)
+    torch._dynamo.reset()
