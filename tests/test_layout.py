@@ -93,3 +93,26 @@ def test_readme_python_example_imports_resolve() -> None:
     imports = [line for line in block.splitlines() if line.startswith(("import ", "from "))]
     assert any("fluxlab" in line for line in imports)
     exec("\n".join(imports), {})  # raises ImportError if a name moved
+
+
+def test_architecture_doc_names_every_sub_package_and_module() -> None:
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    for init in PACKAGE.rglob("__init__.py"):
+        if init.parent != PACKAGE:
+            assert f"{init.parent.name}/" in doc, f"docs/architecture.md lacks {init.parent.name}/"
+    for path in PACKAGE.rglob("*.py"):
+        if path.name != "__init__.py":
+            assert path.stem in doc, f"docs/architecture.md lacks {path.relative_to(PACKAGE)}"
+
+
+def test_no_two_public_functions_or_classes_share_a_name() -> None:
+    # commands/* all define add_parser and run: that is the subcommand interface, not a clash.
+    owners: dict[str, list[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "__init__.py" or path.parent.name == "commands":
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                owners.setdefault(node.name, []).append(str(path.relative_to(PACKAGE)))
+    shared = {name: files for name, files in owners.items() if len(files) > 1}
+    assert not shared, shared

@@ -97,7 +97,7 @@ def _pair(parts: dict[str, Tensor]) -> LoraPair:
     return LoraPair(parts["down"], parts["up"], alpha)
 
 
-def detect_layout(keys: list[str]) -> Layout:
+def detect_lora_layout(keys: list[str]) -> Layout:
     """Which layout a LoRA state dict is in, from its key names."""
     if any(k.startswith("lora_unet_") for k in keys):
         return "kohya"
@@ -117,7 +117,7 @@ def detect_layout(keys: list[str]) -> Layout:
 def from_state_dict(sd: dict[str, Tensor], mlp_ratio: float = 4.0) -> LoraWeights:
     """``LoraWeights`` from a LoRA state dict in any layout this module reads (``mlp_ratio``: the
     model's, to fuse diffusers LoRAs that leave out a single block's MLP part)."""
-    layout = detect_layout(list(sd))
+    layout = detect_lora_layout(list(sd))
     if layout == "kohya":
         modules = _group(sd, ("lora_unet_",))
         return {names.from_kohya(m): _pair(p) for m, p in modules.items()}
