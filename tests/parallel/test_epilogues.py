@@ -104,11 +104,17 @@ def test_swapped_forwards_compile_into_one_graph() -> None:
     torch.testing.assert_close(compiled(**x), plain(**x), rtol=1e-6, atol=1e-6)
 
 
-def test_compiled_blocks_share_one_graph_across_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_blocks_share_one_graph_across_blocks() -> None:
     # Every block runs the same forward code, so one compiled graph per block type serves all of
     # them: more blocks than Dynamo's recompile limit must not fail a fullgraph compile.
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    # config.patch, not monkeypatch: undoing a setattr on Dynamo's config hides the key for good.
+    with torch._dynamo.config.patch(recompile_limit=2):
+        _compile_every_block_and_compare()
+    torch._dynamo.reset()
+
+
+def _compile_every_block_and_compare() -> None:
     params = flux_params(
         "flux-debug", in_channels=4, context_in_dim=8, vec_in_dim=8, depth=4, depth_single_blocks=4
     )
@@ -119,4 +125,3 @@ def test_compiled_blocks_share_one_graph_across_blocks(monkeypatch: pytest.Monke
         block.forward = torch.compile(block.forward, backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(**_inputs()), plain(**_inputs()), rtol=0, atol=0)
-    torch._dynamo.reset()
