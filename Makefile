@@ -34,7 +34,7 @@ demo: install
 test: install-test
 	$(BIN)/ruff check fluxlab tests
 	$(BIN)/ruff format --check fluxlab tests
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest
 
 clean:
 	rm -rf $(VENV) runs outputs
