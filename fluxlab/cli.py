@@ -10,6 +10,7 @@ import sys
 COMMANDS = [
     "train",
     "train-ae",
+    "distill",
     "sample",
     "edit",
     "export",

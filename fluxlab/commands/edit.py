@@ -3,8 +3,8 @@
 ``--checkpoint`` is a fluxlab run (or one of its checkpoints) trained with ``data.task=edit``, or
 a FLUX.1 Kontext-dev folder in the diffusers layout (``transformer/``, ``vae/``, ``tokenizer*/``,
 ``text_encoder*/``). Kontext-dev is guidance-distilled: there ``--guidance`` is the embedded
-guidance (2.5 by default) and classifier-free guidance is off; for fluxlab models it is the CFG
-scale.
+guidance (2.5 by default) and classifier-free guidance is off (``--true-cfg`` adds it), as for
+fluxlab models with a guidance embedding; for the others ``--guidance`` is the CFG scale.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fluxlab.commands.lora_options import add_lora_options
+from fluxlab.commands.sampling_options import add_sampling_options
 
 if TYPE_CHECKING:
     import torch
@@ -61,7 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="Kontext folders only: another text encoder than the folder's",
     )
-    add_lora_options(s)
+    add_sampling_options(s)
     s.add_argument("--out", required=True, help="PNG file for the edited image")
 
 
@@ -81,7 +81,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         resolve_device,
     )
     from fluxlab.pipelines.text_to_image import FluxTextToImage
-    from fluxlab.tasks.guidance import sampling_guidance
+    from fluxlab.tasks.guidance import sampling_scales
+    from fluxlab.train.checkpoint import read_description
 
     device = resolve_device(args.device)
     source = Path(args.checkpoint).expanduser()
@@ -95,7 +96,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             True,
             args.negative_prompt or "",
         )
-        cfg_scale, distilled = 1.0, args.guidance if args.guidance is not None else KONTEXT_GUIDANCE
+        cfg_scale = args.true_cfg if args.true_cfg is not None else 1.0
+        distilled = args.guidance if args.guidance is not None else KONTEXT_GUIDANCE
     else:
         cfg, pipe, path = load_for_sampling(source, device, ema=not args.no_ema)
         if cfg.data.task != "edit":
@@ -114,12 +116,14 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         negative_prompt = (
             args.negative_prompt if args.negative_prompt is not None else s.negative_prompt
         )
-        if pipe.model.params.guidance_embed:  # --guidance is the embedded strength, CFG off
-            trained = sampling_guidance(cfg)
-            cfg_scale, distilled = 1.0, args.guidance if args.guidance is not None else trained
-        else:
-            cfg_scale = args.guidance if args.guidance is not None else s.guidance
-            distilled = sampling_guidance(cfg)  # unused by a model without the embedding
+        cfg_scale, distilled = sampling_scales(
+            cfg,
+            pipe.model.params,
+            args.guidance,
+            args.negative_prompt,
+            args.true_cfg,
+            "distilled" in read_description(path),
+        )
     merge_lora_files(pipe.model, args.lora, args.lora_scale)
     text = encode_prompts(encoder, [args.prompt])
     negative = encode_prompts(encoder, [negative_prompt])

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fluxlab.commands.lora_options import add_lora_options
+from fluxlab.commands.sampling_options import add_sampling_options
 
 if TYPE_CHECKING:
     import torch
@@ -78,7 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="FLUX.1 folders only: another text encoder than the folder's",
     )
-    add_lora_options(s)
+    add_sampling_options(s)
     s.add_argument("--out", required=True, help="PNG file for the grid")
 
 
@@ -119,7 +119,8 @@ def _prompt_batches(
     from fluxlab.diffusion.ddpm import DDPMObjective
     from fluxlab.diffusion.objectives import objective_from_config
     from fluxlab.pipelines.build import encode_prompts, load_for_sampling
-    from fluxlab.tasks.guidance import sampling_guidance
+    from fluxlab.tasks.guidance import sampling_scales
+    from fluxlab.train.checkpoint import read_description
 
     if not args.prompt:
         raise ValueError("--prompt is required for a text-to-image checkpoint")
@@ -134,6 +135,10 @@ def _prompt_batches(
     )
     negative = encode_prompts(encoder, [negative_prompt])
     del encoder  # every prompt is encoded: free its memory before sampling
+    distilled = "distilled" in read_description(path)
+    cfg_scale, embedded = sampling_scales(
+        cfg, pipe.model.params, args.guidance, args.negative_prompt, args.true_cfg, distilled
+    )
     objective = objective_from_config(cfg)
 
     def generate_batch(items: slice, seed: int, progress: bool) -> torch.Tensor:
@@ -141,8 +146,8 @@ def _prompt_batches(
             text[items],
             negative,
             steps=args.steps or s.steps,
-            guidance=args.guidance if args.guidance is not None else s.guidance,
-            distilled_guidance=sampling_guidance(cfg),
+            guidance=cfg_scale,
+            distilled_guidance=embedded,
             shift=s.shift if args.shift is None else args.shift,
             sampler=args.sampler or s.sampler,
             seed=seed,
@@ -177,6 +182,8 @@ def _pretrained_batches(
     # --guidance is the embedded strength of a dev-style model (CFG off), else the CFG scale.
     embedded = args.guidance if args.guidance is not None and distilled else DEV_GUIDANCE
     cfg_scale = args.guidance if args.guidance is not None and not distilled else 1.0
+    if distilled and args.true_cfg is not None:  # diffusers' true_cfg_scale
+        cfg_scale = args.true_cfg
 
     def generate_batch(items: slice, seed: int, progress: bool) -> torch.Tensor:
         return pipe.generate(

@@ -71,25 +71,31 @@ def stopped(command: str, interrupted: TrainingInterrupted, resume_with: str) ->
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     # Imported here: every command module loads for `fluxlab --help`, which must stay fast.
     from fluxlab.config.schema import load_config
-    from fluxlab.train.stop_signals import TrainingInterrupted
-    from fluxlab.train.trainer import NonFiniteLossError, Trainer
 
     cfg = load_config(args.config, overrides)
     if args.simulate_world is not None:
         if args.resume:
             raise ValueError("--simulate-world neither reads nor writes checkpoints: drop --resume")
         return _simulate(cfg, args.simulate_world, args.overwrite)
-    resume_with = resume_command("train", args, overrides)
+    return run_trainer(cfg, "train", args, resume_command("train", args, overrides))
+
+
+def run_trainer(cfg: Config, command: str, args: argparse.Namespace, resume_with: str) -> int:
+    """Trains ``cfg`` (``args.resume``/``args.overwrite``) and prints where the results are;
+    returns the exit code (a diagnosis or a stop by signal, not a traceback)."""
+    from fluxlab.train.stop_signals import TrainingInterrupted
+    from fluxlab.train.trainer import NonFiniteLossError, Trainer
+
     try:
         trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
         path = trainer.train()
-    except NonFiniteLossError as e:  # a diagnosis, not a crash: no traceback
-        print(f"fluxlab train: error: {e}", file=sys.stderr)
+    except NonFiniteLossError as e:
+        print(f"fluxlab {command}: error: {e}", file=sys.stderr)
         return 1
     except TrainingInterrupted as e:
-        return stopped("train", e, resume_with)
+        return stopped(command, e, resume_with)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
-        print(f"fluxlab train: interrupted; continue with: {resume_with}", file=sys.stderr)
+        print(f"fluxlab {command}: interrupted; continue with: {resume_with}", file=sys.stderr)
         return 130
     if not trainer.dist.is_main:
         return 0

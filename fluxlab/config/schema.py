@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from fluxlab.config.adapters import LoraConfig
+from fluxlab.config.distill import DistillConfig
 from fluxlab.config.files import read_config_file
 from fluxlab.config.model_params import dit_params
 from fluxlab.config.presets import PRESETS
@@ -304,6 +305,7 @@ class Config:
     )  # `fluxlab train-ae` only (fluxlab/config/autoencoder.py checks it)
     cache: CacheConfig = field(default_factory=CacheConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -350,6 +352,9 @@ class Config:
         self._validate_numbers()
         self._validate_guidance()
         self.lora.validate(self.model.init_from, self.train.mixed_precision, self.model.arch)
+        self.distill.validate(
+            self.objective.kind, self.model.arch, self.model.guidance_embed, self.sample.guidance
+        )
         if self.data.task == "edit":
             if self.model.arch != "flux" or self.objective.kind != "flow":
                 raise ValueError(
@@ -571,11 +576,11 @@ def _build(cls: type, data: Any, path: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
+def deep_merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for k, v in update.items():
         out[k] = (
-            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+            deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
         )
     return out
 
@@ -628,9 +633,9 @@ def config_data(
                 raise ValueError(
                     f"{path}: base preset {base!r} unknown; choose one of {sorted(presets)}"
                 )
-            data = _deep_merge(presets[base], data)
+            data = deep_merge(presets[base], data)
     if overrides:
-        data = _deep_merge(data, parse_overrides(overrides))
+        data = deep_merge(data, parse_overrides(overrides))
     return data
 
 

@@ -79,11 +79,13 @@ class RectifiedFlow:
         generator: torch.Generator | rng.SampleGenerators | None = None,
         t: Tensor | None = None,
         noise: Tensor | None = None,
+        teacher: Predict | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Per-sample MSE between the predicted and the true velocity, and t.
 
         ``t`` [B] and ``noise`` (shaped like x0) are drawn from ``generator`` unless given; giving
         both makes the loss a deterministic measurement (validation at fixed timesteps).
+        ``teacher(x_t, t)``, when given, is the target instead of ε − x0 (distillation).
         """
         if t is None:
             seq_len = x0.shape[1] if x0.ndim == 3 else x0[0].numel()
@@ -97,7 +99,7 @@ class RectifiedFlow:
             )
         t, noise = t.to(x0.device), noise.to(x0.device, x0.dtype)
         x_t = self.interpolate(x0, noise, t)
+        target = noise - x0 if teacher is None else teacher(x_t, t)
         pred = predict(x_t, t)
-        target = noise - x0
         per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
         return per_sample, t

@@ -3,10 +3,11 @@ checkpoint for sampling."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fluxlab.adapters.lora import add_lora
 from fluxlab.adapters.runs import checkpoint_weights, init_weights
@@ -111,6 +112,8 @@ def _init_from(cfg: Config, params: FluxParams, device: torch.device) -> Flux:
         return {**p.to_dict(), "out_channels": p.out_channels or p.in_channels}
 
     if loaded is not None and fields(loaded) != fields(params):
+        if fields(dataclasses.replace(loaded, guidance_embed=True)) == fields(params):
+            return _with_new_guidance_embedding(params, weights, device)
         diff = {
             k: (v, fields(params)[k]) for k, v in fields(loaded).items() if fields(params)[k] != v
         }
@@ -125,6 +128,25 @@ def _init_from(cfg: Config, params: FluxParams, device: torch.device) -> Flux:
         model = Flux(params)
     model.load_state_dict(weights, strict=True, assign=True)
     return model
+
+
+def _with_new_guidance_embedding(
+    params: FluxParams, weights: dict[str, Tensor] | Flux, device: torch.device
+) -> Flux:
+    """A guidance-embedded Flux holding the weights of one without the embedding (a distillation
+    student): the new embedding's output layer starts at zero, so until it trains the model
+    computes exactly what ``weights`` did, at every guidance."""
+    state = weights.state_dict() if isinstance(weights, Flux) else weights
+    with torch.device(device):
+        model = Flux(params)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("guidance_in.") for k in missing):
+        raise ValueError(f"model.init_from: unexpected {unexpected}, missing {missing}")
+    embedder = model.guidance_in
+    nn.init.normal_(embedder.in_layer.weight, std=0.02)  # nonzero, or no gradient reaches it
+    for tensor in (embedder.in_layer.bias, embedder.out_layer.weight, embedder.out_layer.bias):
+        nn.init.zeros_(tensor)
+    return model.train()
 
 
 def build_pipeline(

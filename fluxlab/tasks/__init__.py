@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from fluxlab.config.schema import Config
 from fluxlab.tasks.cached import CachedTextToImageTask
 from fluxlab.tasks.class_to_image import ClassToImageTask
+from fluxlab.tasks.distill import DistillTask, load_teacher
 from fluxlab.tasks.edit import EditTask
 from fluxlab.tasks.text_to_image import TextToImageTask
 
@@ -39,7 +40,16 @@ def build_task(
     cfg: Config, dataset: Any, device: torch.device, extra_captions: Sequence[str] = ()
 ) -> Task:
     """The task for a config, built for training on ``dataset`` (and validating on
-    ``extra_captions`` too)."""
+    ``extra_captions`` too); with ``distill.teacher`` its student learns the teacher's CFG."""
+    task = _base_task(cfg, dataset, device, extra_captions)
+    if cfg.distill.teacher is None:
+        return task
+    return DistillTask(task, load_teacher(cfg, task.params, device))
+
+
+def _base_task(
+    cfg: Config, dataset: Any, device: torch.device, extra_captions: Sequence[str]
+) -> Any:
     if cfg.data.cache_dir is not None:  # latents + text embeddings from `fluxlab cache`
         if cfg.model.arch != "flux" or cfg.data.task != "text_to_image":
             raise ValueError(

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fluxlab.conditioning.kontext import ConditionTokens
 from fluxlab.conditioning.text_encoders import build_text_encoder
 from fluxlab.conditioning.tokens import image_ids, pack, text_ids
 from fluxlab.config.schema import Config
@@ -25,7 +26,8 @@ from fluxlab.diffusion.objectives import objective_from_config
 from fluxlab.models.flux.model import Flux, FluxParams
 from fluxlab.pipelines.build import build_codec, build_model, build_pipeline, model_params
 from fluxlab.pipelines.text_to_image import FluxTextToImage, TextEmbedding, autocast_for
-from fluxlab.tasks.guidance import guidance_description, sampling_guidance, training_guidance
+from fluxlab.tasks.guidance import guidance_description, sampling_guidance
+from fluxlab.tasks.text_to_image import FlowInputs, flow_matching_loss
 from fluxlab.train import rng
 from fluxlab.train.rng import SampleGenerators
 
@@ -98,6 +100,43 @@ class CachedTextToImageTask:
         std = batch["logvar"].to(self.device, torch.float32, non_blocking=True).mul(0.5).exp()
         return mean + std * rng.randn(mean.shape, generator, self.device)
 
+    def flow_inputs(
+        self,
+        batch: dict[str, Any],
+        generator: torch.Generator | SampleGenerators | None,
+        drop: Tensor | None,
+        measure: bool,
+    ) -> FlowInputs:
+        """The cached batch as tokens and text (captions in ``drop`` replaced by the empty one);
+        with stored posteriors a fresh latent sample, the mean when ``measure``."""
+        device = self.device
+        txt = batch["txt"].to(device, torch.float32, non_blocking=True)
+        vec = batch["vec"].to(device, torch.float32, non_blocking=True)
+        if drop is not None:
+            txt = torch.where(drop[:, None, None], self.empty.txt, txt)
+            vec = torch.where(drop[:, None], self.empty.vec, vec)
+        latents = self.latents(batch, generator, measure)
+        p = self.cfg.encoding.patch_size
+        grid = (latents.shape[-2] // p, latents.shape[-1] // p)
+
+        def velocity(
+            model: nn.Module,
+            x_t: Tensor,
+            t: Tensor,
+            text: TextEmbedding,
+            guidance: Tensor | None,
+            condition: ConditionTokens | None,
+        ) -> Tensor:
+            return self.velocity(model, x_t, t, text, grid, guidance)
+
+        return FlowInputs(
+            x0=pack(latents, p),
+            text=TextEmbedding(txt, vec),
+            unconditional=self.empty.repeat(txt.shape[0]),
+            condition=None,
+            velocity=velocity,
+        )
+
     def loss(
         self,
         model: nn.Module,
@@ -109,28 +148,7 @@ class CachedTextToImageTask:
         """Training loss; with ``t`` given a measurement (no caption dropout, posterior means).
         Draws from ``generator`` in the on-the-fly task's order (dropout, a guidance range's
         strengths, then the objective's t and noise)."""
-        device = self.device
-        txt = batch["txt"].to(device, torch.float32, non_blocking=True)
-        vec = batch["vec"].to(device, torch.float32, non_blocking=True)
-        if t is None:
-            drop = rng.rand(txt.shape[0], generator, device) < self.cfg.data.caption_dropout
-            txt = torch.where(drop[:, None, None], self.empty.txt, txt)
-            vec = torch.where(drop[:, None], self.empty.vec, vec)
-        guidance = training_guidance(self.cfg, self.params, txt.shape[0], generator, device)
-        latents = self.latents(batch, generator, measure=t is not None)
-        p = self.cfg.encoding.patch_size
-        grid = (latents.shape[-2] // p, latents.shape[-1] // p)
-        x0 = pack(latents, p)
-        if callable(noise):
-            noise = noise(x0.shape)
-        text = TextEmbedding(txt, vec)
-        return self.objective.loss(
-            lambda x_t, t_: self.velocity(model, x_t, t_, text, grid, guidance),
-            x0,
-            generator=generator,
-            t=t,
-            noise=noise,
-        )
+        return flow_matching_loss(self, model, batch, generator, t, noise)
 
     # ------------------------------------------------------------------------------------------
     @property

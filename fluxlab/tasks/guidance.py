@@ -52,3 +52,40 @@ def guidance_description(cfg: Config, params: FluxParams) -> dict[str, Any]:
     if not params.guidance_embed:
         return {}
     return {"train_guidance": list(cfg.objective.guidance_range())}
+
+
+def sampling_scales(
+    cfg: Config,
+    params: FluxParams,
+    guidance: float | None,
+    negative_prompt: str | None,
+    true_cfg: float | None,
+    distilled: bool,
+) -> tuple[float, float]:
+    """(CFG scale, embedded guidance) for sampling a checkpoint with ``--guidance``,
+    ``--negative-prompt`` and ``--true-cfg``.
+
+    A guidance-embedded model takes ``--guidance`` through its embedding, one pass per step; only
+    ``--true-cfg`` adds a second, unconditional pass. Otherwise ``--guidance`` is the CFG scale.
+    """
+    if not params.guidance_embed:
+        if true_cfg is not None:
+            raise ValueError(
+                "--true-cfg is for guidance-embedded models; this one has no guidance input, so "
+                "--guidance is its classifier-free guidance scale"
+            )
+        return (guidance if guidance is not None else cfg.sample.guidance), sampling_guidance(cfg)
+    embedded = guidance if guidance is not None else sampling_guidance(cfg)
+    if distilled and (negative_prompt or true_cfg is not None):
+        raise ValueError(
+            "this checkpoint was distilled from its teacher's classifier-free guidance: it takes "
+            "--guidance through its embedding in one pass per step and never learned an "
+            "unconditional branch, so --negative-prompt and --true-cfg have nothing to act on; "
+            "drop them (sample the teacher for true CFG)"
+        )
+    if negative_prompt and true_cfg is None:
+        raise ValueError(
+            "--negative-prompt acts through classifier-free guidance, which a guidance-embedded "
+            "model does not run by default: add --true-cfg SCALE (two passes per step)"
+        )
+    return (true_cfg if true_cfg is not None else 1.0), embedded

@@ -5,8 +5,9 @@ Trained by rectified flow, or by DDPM (the model's output then stands for ε, v 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,7 @@ from fluxlab.conditioning.text_encoders import build_text_encoder
 from fluxlab.config.schema import Config
 from fluxlab.data.common import cache_dir
 from fluxlab.diffusion.ddpm import DDPMObjective
+from fluxlab.diffusion.flow import Predict
 from fluxlab.diffusion.objectives import objective_from_config
 from fluxlab.models.flux.model import FluxParams
 from fluxlab.pipelines.build import (
@@ -30,6 +32,74 @@ from fluxlab.pipelines.build import (
 from fluxlab.pipelines.text_to_image import FluxTextToImage, TextEmbedding
 from fluxlab.tasks.guidance import guidance_description, sampling_guidance, training_guidance
 from fluxlab.train import rng
+
+VelocityFn = Callable[
+    [nn.Module, Tensor, Tensor, TextEmbedding, Tensor | None, ConditionTokens | None], Tensor
+]
+
+
+@dataclass
+class FlowInputs:
+    """A batch ready for any Flux of the task: clean tokens, text, the empty text and a Kontext
+    condition, with ``velocity(model, x_t, t, text, guidance, condition)`` over them (the
+    distillation teacher's and student's alike)."""
+
+    x0: Tensor
+    text: TextEmbedding
+    unconditional: TextEmbedding
+    condition: ConditionTokens | None
+    velocity: VelocityFn
+
+    def predict(self, model: nn.Module, guidance: Tensor | None) -> Predict:
+        """``model``'s conditional velocity ``predict(x_t, t)``."""
+        return lambda x_t, t: self.velocity(model, x_t, t, self.text, guidance, self.condition)
+
+    def paired(self, model: nn.Module, guidance: Tensor | None) -> Predict:
+        """``model`` over ``[x; x]``: conditional rows first, then unconditional ones (the input
+        ``classifier_free_guidance`` takes)."""
+        text = TextEmbedding.cat([self.text, self.unconditional])
+        g = torch.cat([guidance, guidance]) if guidance is not None else None
+        c = self.condition
+        c2 = ConditionTokens.cat([c, c]) if c is not None else None
+        return lambda x2, t2: self.velocity(model, x2, t2, text, g, c2)
+
+
+class InputsTask(Protocol):
+    cfg: Config
+    params: FluxParams
+    objective: Any
+    device: torch.device
+
+    def flow_inputs(
+        self, batch: dict[str, Any], generator: Any, drop: Tensor | None, measure: bool
+    ) -> FlowInputs: ...
+
+
+def batch_size(batch: dict[str, Any]) -> int:
+    return len(batch["caption"]) if "caption" in batch else batch["txt"].shape[0]
+
+
+def flow_matching_loss(
+    task: InputsTask,
+    model: nn.Module,
+    batch: dict[str, Any],
+    generator: Any,
+    t: Tensor | None,
+    noise: Tensor | Callable[[torch.Size], Tensor] | None,
+) -> tuple[Tensor, Tensor]:
+    """The objective's loss of ``model`` on a task's batch; draws caption dropout (unless ``t``
+    makes it a measurement), then a guidance range's strengths, then t and noise."""
+    n, device = batch_size(batch), task.device
+    drop = None
+    if t is None:
+        drop = rng.rand(n, generator, device) < task.cfg.data.caption_dropout
+    guidance = training_guidance(task.cfg, task.params, n, generator, device)
+    inputs = task.flow_inputs(batch, generator, drop, measure=t is not None)
+    if callable(noise):
+        noise = noise(inputs.x0.shape)
+    return task.objective.loss(
+        inputs.predict(model, guidance), inputs.x0, generator=generator, t=t, noise=noise
+    )
 
 
 class CaptionTable:
@@ -90,6 +160,10 @@ class TextToImageTask:
         self.negative_text = negative_text
         self.objective = objective_from_config(cfg)
 
+    @property
+    def device(self) -> torch.device:
+        return self.captions.txt.device
+
     @classmethod
     def for_training(
         cls, cfg: Config, dataset: Any, device: torch.device, extra_captions: Sequence[str] = ()
@@ -107,6 +181,20 @@ class TextToImageTask:
         """Tokens that ride along with the noisy ones (an edit task's source image); none here."""
         return None
 
+    def flow_inputs(
+        self, batch: dict[str, Any], generator: Any, drop: Tensor | None, measure: bool
+    ) -> FlowInputs:
+        """The batch as tokens and text (captions in ``drop`` replaced by the empty one)."""
+        device = self.captions.txt.device
+        images = batch["image"].to(device, non_blocking=True)
+        return FlowInputs(
+            x0=self.pipe.to_tokens(images),
+            text=self.captions.lookup(batch["caption"], drop),
+            unconditional=self.captions.lookup([""] * images.shape[0]),
+            condition=self.condition(batch, device),
+            velocity=self.pipe.velocity,
+        )
+
     def loss(
         self,
         model: nn.Module,
@@ -121,24 +209,7 @@ class TextToImageTask:
         ``noise`` is a tensor shaped like the image tokens, or a function of that shape (so callers
         need not know the token layout).
         """
-        device = self.captions.txt.device
-        images = batch["image"].to(device, non_blocking=True)
-        drop = None
-        if t is None:
-            drop = rng.rand(images.shape[0], generator, device) < self.cfg.data.caption_dropout
-        text = self.captions.lookup(batch["caption"], drop)
-        guidance = training_guidance(self.cfg, self.params, images.shape[0], generator, device)
-        condition = self.condition(batch, device)
-        x0 = self.pipe.to_tokens(images)
-        if callable(noise):
-            noise = noise(x0.shape)
-        return self.objective.loss(
-            lambda x_t, t_: self.pipe.velocity(model, x_t, t_, text, guidance, condition),
-            x0,
-            generator=generator,
-            t=t,
-            noise=noise,
-        )
+        return flow_matching_loss(self, model, batch, generator, t, noise)
 
     def sample_images(self, model: nn.Module) -> tuple[Tensor, list[str]]:
         s = self.cfg.sample
