@@ -11,6 +11,7 @@ COMMANDS = [
     "train",
     "train-ae",
     "distill",
+    "compare-distill",
     "sample",
     "edit",
     "export",

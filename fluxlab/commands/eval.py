@@ -91,12 +91,13 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     # Imported here, as in every command: `fluxlab --help` should not load torch.
     from fluxlab.conditioning.text_encoders import build_text_encoder
-    from fluxlab.data import build_dataset, make_grid
+    from fluxlab.data import make_grid
     from fluxlab.data.common import cache_dir
     from fluxlab.diffusion.ddpm import DDPMObjective
     from fluxlab.diffusion.objectives import objective_from_config
     from fluxlab.eval.fid_inputs import (
         folder_images,
+        reference_dataset,
         reference_features,
         resolve_extractor,
         to_uint8,
@@ -107,7 +108,6 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         frechet_distance,
         kernel_inception_distance,
     )
-    from fluxlab.eval.validation import limit_dataset
     from fluxlab.pipelines.batches import generate_in_batches
     from fluxlab.pipelines.build import encode_prompts, load_for_sampling, resolve_device
     from fluxlab.tasks.guidance import sampling_guidance
@@ -139,37 +139,12 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
     ref_dataset = dataset_key = None
     if args.reference_dataset is not None:
-        resolution = args.resolution or (cfg.data.resolution if cfg is not None else None)
-        if resolution is None:
-            raise ValueError(
-                "--reference-dataset with --generated needs --resolution (the images' size)"
-            )
-        d = cfg.data if cfg is not None else None
-        split_settings = {
-            "val_fraction": d.val_fraction if d else 0.05,
-            "seed": cfg.train.seed if cfg is not None else 0,
-            "limit": d.limit if d else None,
-            "openmoji_subset": d.openmoji_subset if d else "all",
-        }
-        ref_dataset = limit_dataset(
-            build_dataset(
-                args.reference_dataset,
-                resolution=resolution,
-                split=args.reference_split,
-                **split_settings,
-            ),
-            args.reference_limit,
-        )
-        dataset_key = {
-            "dataset": args.reference_dataset,
-            "split": args.reference_split,
-            "resolution": resolution,
-            "reference_limit": args.reference_limit,
-            **split_settings,
-        }
-        print(
-            f"reference: {args.reference_dataset} {args.reference_split} split, "
-            f"{len(ref_dataset)} images at {resolution}px"
+        ref_dataset, dataset_key = reference_dataset(
+            args.reference_dataset,
+            args.reference_split,
+            cfg,
+            resolution=args.resolution,
+            limit=args.reference_limit,
         )
 
     if pipe is not None:

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from fluxlab.config.schema import Config
+from fluxlab.data import build_dataset
 from fluxlab.data.common import collate_skip_bad
 from fluxlab.data.folder import IMAGE_EXTENSIONS
 from fluxlab.data.images import load_image
@@ -24,6 +26,7 @@ from fluxlab.eval.metrics import (
     load_feature_extractor,
     load_fid_inception,
 )
+from fluxlab.eval.validation import limit_dataset
 from fluxlab.models.weights.inception_torchscript import (
     is_torchscript,
     load_inception_from_torchscript,
@@ -145,6 +148,41 @@ def resolve_extractor(
 
 
 # --------------------------------------------------------------------------------------- references
+
+
+def reference_dataset(
+    name: str,
+    split: str,
+    cfg: Config | None,
+    resolution: int | None = None,
+    limit: int | None = None,
+) -> tuple[Dataset, dict[str, Any]]:
+    """A reference dataset split, drawn as a checkpoint's run drew it (its ``cfg``: resolution,
+    validation fraction, seed, subset), and the key its cached features are stored under."""
+    resolution = resolution or (cfg.data.resolution if cfg is not None else None)
+    if resolution is None:
+        raise ValueError(
+            "--reference-dataset with --generated needs --resolution (the images' size)"
+        )
+    d = cfg.data if cfg is not None else None
+    split_settings = {
+        "val_fraction": d.val_fraction if d else 0.05,
+        "seed": cfg.train.seed if cfg is not None else 0,
+        "limit": d.limit if d else None,
+        "openmoji_subset": d.openmoji_subset if d else "all",
+    }
+    dataset = limit_dataset(
+        build_dataset(name, resolution=resolution, split=split, **split_settings), limit
+    )
+    key = {
+        "dataset": name,
+        "split": split,
+        "resolution": resolution,
+        "reference_limit": limit,
+        **split_settings,
+    }
+    print(f"reference: {name} {split} split, {len(dataset)} images at {resolution}px")
+    return dataset, key
 
 
 def reference_features(

@@ -4,10 +4,13 @@ and a resumed run is exact; text-to-image, Kontext edits, latents on the fly and
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from fluxlab.cli import main
@@ -195,3 +198,34 @@ def test_latent_space_distils_on_the_fly_and_from_the_cache(tmp_path: Path, cach
     weights = load_file(student / "checkpoints/step_0000002/model.safetensors")
     assert "guidance_in.out_layer.weight" in weights
     assert weights["guidance_in.out_layer.weight"].abs().sum() > 0  # it trained
+
+
+def test_compare_distill_reports_error_distances_and_time(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(  # a stand-in for the Inception: random conv features
+        torch.nn.Conv2d(3, 8, 3, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(),
+    )
+    features = tmp_path / "standin.pt"
+    torch.jit.save(torch.jit.trace(net, torch.zeros(1, 3, 16, 16)), str(features))
+    teacher, student = _teacher(tmp_path), tmp_path / "student"
+    argv = ["distill", "--teacher", str(teacher), *FAST, "--optim.steps=2"]
+    assert main([*argv, f"--train.output_dir={student}"]) == 0
+    out = tmp_path / "compare"
+    argv = ["compare-distill", "--teacher", str(teacher), "--student", str(student)]
+    argv += ["--scale", "2", "--scale", "5", "--limit", "6", "--steps", "2", "--batch-size", "4"]
+    argv += ["--reference-split", "train", "--features", str(features), "--grid-rows", "3"]
+    assert main([*argv, "--out", str(out)]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    rows = summary["results"]
+    assert [r["scale"] for r in rows] == [2.0, 5.0] and summary["prompts"] == 6
+    for r in rows:
+        assert 0 < r["mae"] < 1 and r["psnr"] > 0
+        assert all(np.isfinite(r[k]) for k in ("teacher_fid", "student_fid", "time_ratio"))
+    # The two scales guide the teacher differently, so its error against the student differs.
+    assert rows[0]["mae"] != rows[1]["mae"]
+    grid = Image.open(out / "grid.png")
+    assert grid.size[0] >= 4 * 96  # teacher | student at two scales
+    assert "| w | MAE |" in (out / "results.md").read_text()
