@@ -9,6 +9,7 @@ regresses that target. ``w`` is drawn per sample from ``objective.train_guidance
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,12 @@ def student_config(teacher: str, config: str | None, overrides: list[str]) -> Co
         raise ValueError(
             f"--teacher {teacher!r} is not a fluxlab run, so it has no config to follow: "
             "pass --config PRESET"
+        )
+    if teacher_cfg is not None and teacher_cfg["data"].get("caption_dropout", 0.1) == 0:
+        warnings.warn(
+            f"--teacher {teacher} trained with data.caption_dropout=0: its unconditional branch "
+            "is untrained, so its CFG targets mean little",
+            stacklevel=2,
         )
     data = config_data(config, PRESETS) if config is not None else dict(teacher_cfg or {})
     teacher_scale = (teacher_cfg or data).get("sample", {}).get("guidance", 4.0)
