@@ -5,7 +5,8 @@
   merged in, as a diffusers folder (``OUT/transformer/``) or a BFL ``.safetensors`` file.
 * ``lora``: a fluxlab LoRA run or a LoRA file in any layout, as diffusers
   (``pytorch_lora_weights.safetensors``), BFL/ComfyUI or kohya keys.
-* ``autoencoder``: any autoencoder ``encoding.autoencoder`` accepts, as a BFL ``ae.safetensors``.
+* ``autoencoder``: any autoencoder ``encoding.autoencoder`` accepts, as a BFL ``ae.safetensors`` or
+  a diffusers ``AutoencoderKL`` folder (``OUT/vae/``, beside ``OUT/transformer/``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ ACCEPTS_OVERRIDES = False
 FORMATS = {
     "transformer": ["diffusers", "bfl"],
     "lora": ["diffusers", "bfl", "kohya"],
-    "autoencoder": ["bfl"],
+    "autoencoder": ["diffusers", "bfl"],
 }
 
 
@@ -39,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--format",
         required=True,
         choices=["diffusers", "bfl", "kohya"],
-        help="transformer: diffusers|bfl; lora: diffusers|bfl|kohya; autoencoder: bfl",
+        help="transformer: diffusers|bfl; lora: diffusers|bfl|kohya; autoencoder: diffusers|bfl",
     )
     s.add_argument("--out", required=True, help="a folder (diffusers) or a .safetensors file")
     s.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
@@ -103,14 +104,17 @@ def _lora(args: argparse.Namespace) -> Path:
 def _autoencoder(args: argparse.Namespace) -> Path:
     from safetensors.torch import save_file  # imported here: see _transformer
 
+    from fluxlab.models.weights.autoencoder_export import save_diffusers_autoencoder
     from fluxlab.models.weights.autoencoder_spec import load_autoencoder
 
     out = Path(args.out).expanduser()
-    if out.suffix != ".safetensors":
+    if args.format == "bfl" and out.suffix != ".safetensors":
         raise ValueError(f"{out}: a BFL autoencoder is one .safetensors file (ae.safetensors)")
     model = load_autoencoder(args.source)
     p = model.params
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if args.format == "diffusers":
+        return save_diffusers_autoencoder(state, p, out / "vae")
     meta = {"scale_factor": repr(p.scale_factor), "shift_factor": repr(p.shift_factor)}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out), metadata={**meta, "resolution": str(p.resolution)})

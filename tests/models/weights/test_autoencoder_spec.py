@@ -150,3 +150,35 @@ def test_latent_flux_trains_and_samples_through_the_autoencoder(tmp_path: Path) 
     _, pipe, _ = load_for_sampling(run, torch.device("cpu"))
     assert pipe.codec.downsample == 2 and pipe.latent_size == 8
     assert not any(p.requires_grad for p in pipe.codec.parameters())
+
+
+def test_export_as_diffusers_folder_loads_in_diffusers_with_equal_outputs(tmp_path: Path) -> None:
+    diffusers = pytest.importorskip("diffusers")
+    source = tmp_path / "ae.safetensors"
+    ae = load_autoencoder("preset:ae-tiny")
+    # Non-trivial scale/shift, so a config that dropped them would fail below.
+    state = {k: v.contiguous() for k, v in ae.state_dict().items()}
+    save_file(state, str(source), metadata={"scale_factor": "0.7", "shift_factor": "0.2"})
+    args = ["export", "autoencoder", "--source", str(source), "--format", "diffusers"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    vae = diffusers.AutoencoderKL.from_pretrained(tmp_path / "out" / "vae").eval()
+    assert (vae.config.scaling_factor, vae.config.shift_factor) == (0.7, 0.2)
+    ours = load_autoencoder(source)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        mean = vae.encode(x).latent_dist.mean
+        torch.testing.assert_close(ours.encode(x), 0.7 * (mean - 0.2), atol=1e-5, rtol=1e-5)
+        z = ours.encode(x)
+        ref = vae.decode(z / 0.7 + 0.2).sample
+        torch.testing.assert_close(ours.decode(z), ref, atol=1e-5, rtol=1e-5)
+    # ... and fluxlab reads its own export back unchanged.
+    assert _same(load_autoencoder(tmp_path / "out"), ours)
+
+
+def test_export_autoencoder_refuses_a_bfl_path_without_safetensors_suffix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["export", "autoencoder", "--source", "preset:ae-tiny", "--format", "bfl"]
+    assert main([*args, "--out", str(tmp_path / "ae")]) != 0
+    assert "one .safetensors file" in capsys.readouterr().err
+    assert not (tmp_path / "ae").exists()
