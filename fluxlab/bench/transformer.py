@@ -189,6 +189,7 @@ def bench_train(
     impl = IMPLS[impl_name]()
     model = impl.build(params, device, torch.float32, seed).train()
     impl.set_attention(model, backends)
+    impl.prepare_training(model)  # fp8: before the optimizer and compile, as the trainer does
     overlap = mode == "autocast-overlap"
     optimizer: Any
     if overlap:
