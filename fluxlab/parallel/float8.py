@@ -16,6 +16,7 @@ training conversion on the CPU with torchao's ``emulate`` option.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from typing import Any
 
@@ -86,8 +87,7 @@ def float8_training_config(recipe: str, emulate: bool = False) -> Any:
     from torchao.float8 import Float8LinearConfig
 
     base = Float8LinearConfig.from_recipe_name(recipe)
-    fields = {k: getattr(base, k) for k in base.__dataclass_fields__}
-    return Float8LinearConfig(**{**fields, "pad_inner_dim": True, "emulate": emulate})
+    return dataclasses.replace(base, pad_inner_dim=True, emulate=emulate)
 
 
 def convert_to_float8_training(
