@@ -68,11 +68,14 @@ def float8_unsupported(device: torch.device) -> str | None:
     return None
 
 
-def require_float8(device: torch.device, setting: str) -> None:
-    """A ValueError naming ``setting`` when fp8 matmuls cannot run on ``device``."""
+def require_float8(device: torch.device, setting: str, instead: str) -> None:
+    """A ValueError naming ``setting`` (and what to do ``instead``) when fp8 matmuls cannot run on
+    ``device``."""
     reason = float8_unsupported(device)
     if reason is not None:
-        raise ValueError(f"{setting} computes the transformer's matmuls in fp8, but {reason}")
+        raise ValueError(
+            f"{setting} computes the transformer's matmuls in fp8, but {reason}: {instead}"
+        )
 
 
 def float8_training_config(recipe: str, emulate: bool = False) -> Any:
@@ -102,7 +105,7 @@ def convert_to_float8_training(
     """
     config = float8_training_config(recipe, emulate)
     if not emulate:
-        require_float8(device, f"parallel.float8={recipe}")
+        require_float8(device, f"parallel.float8={recipe}", "set parallel.float8=off")
     from torchao.float8 import convert_to_float8_training as convert
 
     if not float8_layer_names(model):
@@ -133,7 +136,7 @@ def quantize_for_sampling(model: nn.Module, device: torch.device) -> nn.Module:
 
     Those layers' weights and biases are cast to bf16 first, the precision fluxlab samples in.
     """
-    require_float8(device, "--fp8")
+    require_float8(device, "--fp8", "sample without --fp8")
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
     names = float8_layer_names(model)
@@ -148,7 +151,8 @@ def quantize_for_sampling(model: nn.Module, device: torch.device) -> nn.Module:
         if type(layer) is nn.Linear:  # a class swap: parameters and state-dict keys unchanged
             layer.__class__ = AutocastInputLinear
     config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-    quantize_(model, config, filter_fn=lambda m, fqn: fqn in set(names))
+    chosen = set(names)
+    quantize_(model, config, filter_fn=lambda m, fqn: fqn in chosen)
     return model
 
 
