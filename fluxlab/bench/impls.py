@@ -1,8 +1,9 @@
 """The implementations ``fluxlab bench`` compares: our Flux, diffusers' ``FluxTransformer2DModel``
-with the same weights, and ours without the sampling GEMM epilogues.
+with the same weights, ours without the sampling GEMM epilogues, and fp8 variants of ours (torchao
+float8 training, fp8 sampling) and of diffusers (the peers' torchao recipe, sampling only).
 
 Each builds its model, applies what fluxlab's trainer or sampler would apply from outside (the
-attention kernel, the epilogues), compiles it, and calls it on the benchmark's input dict.
+attention kernel, fp8, the epilogues), compiles it, and calls it on the benchmark's input dict.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from fluxlab.models.flux.model import Flux, FluxParams
 from fluxlab.models.weights.flux_diffusers import bfl_to_diffusers
 from fluxlab.parallel.attention_kernels import attention_function, use_attention
 from fluxlab.parallel.epilogues import use_inference_epilogues
+from fluxlab.parallel.float8 import (
+    convert_to_float8_training,
+    float8_unsupported,
+    quantize_for_sampling,
+)
 
 
 def diffusers_inputs(inputs: dict[str, Tensor]) -> dict[str, Any]:
@@ -39,6 +45,11 @@ class Impl:
 
     name = "fluxlab"
     fullgraph = True
+    trains = True  # False: an inference-only recipe
+
+    def unsupported(self, device: torch.device) -> str | None:
+        """Why this implementation cannot run on ``device`` (None: it can)."""
+        return None
 
     def build(
         self, params: FluxParams, device: torch.device, dtype: torch.dtype, seed: int
@@ -51,6 +62,9 @@ class Impl:
         """Sets the attention kernel named in ``attention`` (fa4, cudnn-forward, else SDPA) on our
         blocks."""
         use_attention(model, attention_function(attention))
+
+    def prepare_training(self, model: nn.Module) -> None:
+        """What fluxlab's trainer converts before building the optimizer and compiling."""
 
     def prepare_inference(self, model: nn.Module) -> None:
         """The sampling path fluxlab's pipeline runs on CUDA: the GEMM epilogues."""
@@ -141,11 +155,64 @@ class PlainGemmImpl(Impl):
         pass
 
 
+class Float8Impl(Impl):
+    """fluxlab with fp8 matmuls in the blocks: torchao float8 training (``parallel.float8``,
+    tensorwise scales) and fp8 sampling (``fluxlab sample --fp8``)."""
+
+    name = "fluxlab-fp8"
+    recipe = "tensorwise"
+
+    def unsupported(self, device: torch.device) -> str | None:
+        return float8_unsupported(device)
+
+    def prepare_training(self, model: nn.Module) -> None:
+        convert_to_float8_training(model, self.recipe, _device_of(model))
+
+    def prepare_inference(self, model: nn.Module) -> None:
+        # No epilogue classes: they would step aside for fp8 weights anyway (same function).
+        quantize_for_sampling(model, _device_of(model))
+
+
+class RowwiseFloat8Impl(Float8Impl):
+    """``fluxlab-fp8`` training with row-wise scales (``parallel.float8=rowwise``); sampling is
+    row-wise either way."""
+
+    name = "fluxlab-fp8-rowwise"
+    recipe = "rowwise"
+
+
+class DiffusersFloat8Impl(DiffusersImpl):
+    """diffusers with the peers' fp8 recipe: torchao's ``quantize_`` with
+    ``Float8DynamicActivationFloat8WeightConfig(PerRow())`` over every linear layer it takes."""
+
+    name = "diffusers-fp8"
+    trains = False
+
+    def unsupported(self, device: torch.device) -> str | None:
+        return float8_unsupported(device)
+
+    def prepare_inference(self, model: nn.Module) -> None:
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            PerRow,
+            quantize_,
+        )
+
+        quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+
+
 IMPLS: dict[str, type[Impl]] = {
     "fluxlab": Impl,
     "diffusers": DiffusersImpl,
     "fluxlab-plain": PlainGemmImpl,
+    "fluxlab-fp8": Float8Impl,
+    "fluxlab-fp8-rowwise": RowwiseFloat8Impl,
+    "diffusers-fp8": DiffusersFloat8Impl,
 }
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @contextlib.contextmanager

@@ -131,14 +131,17 @@ def _free() -> None:
 
 def _one_case_in_memory(bench: Callable[P, R]) -> Callable[P, R]:
     """``bench`` between two ``_free()``: it starts on an empty GPU, and what it built (garbage
-    once it returns) is given back before the next case."""
+    once it returns) is given back before the next case. Inductor's settings are restored too:
+    torchao's fp8 sampling config sets its recommended ones process-wide."""
 
     @functools.wraps(bench)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         _free()
+        inductor = torch._inductor.config.get_config_copy()
         try:
             return bench(*args, **kwargs)
         finally:
+            torch._inductor.config.load_config(inductor)
             _free()
 
     return wrapper
@@ -189,6 +192,7 @@ def bench_train(
     impl = IMPLS[impl_name]()
     model = impl.build(params, device, torch.float32, seed).train()
     impl.set_attention(model, backends)
+    impl.prepare_training(model)  # fp8: before the optimizer and compile, as the trainer does
     overlap = mode == "autocast-overlap"
     optimizer: Any
     if overlap:

@@ -25,7 +25,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "alone)",
     )
     p.add_argument(
-        "--impls", default="fluxlab,diffusers", help="comma-separated: fluxlab, diffusers"
+        "--impls",
+        default="fluxlab,diffusers",
+        help="comma-separated: fluxlab, diffusers, fluxlab-plain (no sampling GEMM epilogues), "
+        "fluxlab-fp8 (torchao float8 training, tensorwise; fp8 sampling), fluxlab-fp8-rowwise, "
+        "diffusers-fp8 (torchao fp8 sampling, the peers' recipe; not trained). fp8 cases are "
+        "skipped, saying why, without torchao or a GPU of compute capability 8.9+",
     )
     p.add_argument(
         "--train-modes",
@@ -117,6 +122,8 @@ def _train_case(spec: str, default_attention: str) -> tuple[str, str, str, str]:
         raise ValueError(
             f"training case {spec!r}: unknown mode {mode!r}; choose from {list(TRAIN_MODES)}"
         )
+    if not IMPLS[impl].trains:
+        raise ValueError(f"training case {spec!r}: {impl!r} is a sampling recipe only")
     try:
         check_backend_names(attention.split("+"))
     except ValueError as err:
@@ -148,7 +155,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             for i in impls
             for m in args.train_modes.split(",")
             for c in args.train_compile.split(",")
-            if i != "diffusers" or m == "autocast"
+            if IMPLS[i].trains and (not i.startswith("diffusers") or m == "autocast")
         ]
     )
     infer_cases = (
@@ -179,9 +186,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
         info["diffusers"] = diffusers.__version__
     except ImportError:
-        if "diffusers" in impls:
+        used = {c[0] for c in [*train_cases, *infer_cases]} | set(impls)
+        if any(i.startswith("diffusers") for i in used):
             raise ValueError(
-                "--impls includes diffusers, which is not installed (pip install diffusers)"
+                "the cases include diffusers, which is not installed (pip install diffusers)"
             ) from None
     info["matmul_ceiling_tflops"] = B.matmul_ceiling(torch.device("cuda"))
     print(json.dumps(info), flush=True)
@@ -194,6 +202,13 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             with open(args.json, "w") as f:
                 json.dump({"info": info, "results": rows, **extra}, f, indent=1)
 
+    def skipped(impl: str, label: str) -> bool:
+        """Prints why ``impl`` cannot run here (fp8 without a suitable GPU or torchao)."""
+        reason = IMPLS[impl]().unsupported(torch.device("cuda"))
+        if reason is not None:
+            print(json.dumps({"skipped": label, "reason": reason}), flush=True)
+        return reason is not None
+
     def record(kind: str, label: str, result: dict) -> None:
         result.update(kind=kind, label=label)
         rows.append(result)
@@ -202,6 +217,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
     if "train" in what:
         for impl, mode, comp, backends in train_cases:
+            label = f"train {impl} {mode} {comp} attn={backends}"
+            if skipped(impl, label):
+                continue
             r = B.bench_train(
                 impl,
                 mode,
@@ -210,14 +228,17 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                 profile=args.profile_rows if args.profile else 0,
                 backends=tuple(backends.split("+")),
             )
-            record("train", f"train {impl} {mode} {comp} attn={backends}", r)
+            record("train", label, r)
     if "infer" in what:
         for impl, comp, backends in infer_cases:
             chosen = None if backends == "default" else tuple(backends.split("+"))
+            label = f"infer {impl} {comp} sdpa={backends}"
+            if skipped(impl, label):
+                continue
             r = B.bench_infer(
                 impl, comp, backends=chosen, profile=args.profile_rows if args.profile else 0
             )
-            record("infer", f"infer {impl} {comp} sdpa={backends}", r)
+            record("infer", label, r)
 
     if "gemm" in what:
         gemms = bench_gemms()

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fluxlab.commands.sampling_options import add_sampling_options
+from fluxlab.commands.sampling_options import add_sampling_options, apply_fp8
 
 if TYPE_CHECKING:
     import torch
@@ -125,6 +125,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             "distilled" in read_description(path),
         )
     merge_lora_files(pipe.model, args.lora, args.lora_scale)
+    apply_fp8(pipe.model, device, args.fp8)
     text = encode_prompts(encoder, [args.prompt])
     negative = encode_prompts(encoder, [negative_prompt])
     del encoder

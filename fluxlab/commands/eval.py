@@ -9,6 +9,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fluxlab.commands.sampling_options import add_fp8_option, apply_fp8
+
 if TYPE_CHECKING:
     import torch
 
@@ -33,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     gen.add_argument("--sampler", choices=["euler", "heun"], default=None)
     gen.add_argument("--seed", type=int, default=0)
+    add_fp8_option(gen)
     gen.add_argument(
         "--no-ema", action="store_true", help="sample the raw weights instead of the EMA"
     )
@@ -135,6 +138,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = pipe = None
     if args.checkpoint is not None:
         cfg, pipe, ckpt = load_for_sampling(args.checkpoint, device, ema=not args.no_ema)
+        apply_fp8(pipe.model, device, args.fp8)
         print(f"checkpoint: {ckpt}")
 
     ref_dataset = dataset_key = None

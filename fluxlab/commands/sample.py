@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fluxlab.commands.sampling_options import add_sampling_options
+from fluxlab.commands.sampling_options import add_sampling_options, apply_fp8
 
 if TYPE_CHECKING:
     import torch
@@ -126,6 +126,7 @@ def _prompt_batches(
         raise ValueError("--prompt is required for a text-to-image checkpoint")
     cfg, pipe, path = load_for_sampling(args.checkpoint, device, ema=not args.no_ema)
     merge_lora_files(pipe.model, args.lora, args.lora_scale)
+    apply_fp8(pipe.model, device, args.fp8)
     s = cfg.sample
     prompts = [p for p in args.prompt for _ in range(args.num)]
     encoder = build_text_encoder(cfg.encoding.text_encoder, cfg.encoding.text_max_length, device)
@@ -173,6 +174,7 @@ def _pretrained_batches(
         args.checkpoint, args.size or 1024, device, text_encoder=args.text_encoder
     )
     merge_lora_files(pipe.model, args.lora, args.lora_scale)
+    apply_fp8(pipe.model, device, args.fp8)
     prompts = [p for p in args.prompt for _ in range(args.num)]
     text = encode_prompts(encoder, prompts)
     negative = encode_prompts(encoder, [args.negative_prompt or ""])
@@ -208,6 +210,8 @@ def _class_batches(
     Euler/Heun by its objective."""
     from fluxlab.tasks.class_to_image import ClassToImageTask, class_indices  # see run()
 
+    if args.fp8:
+        raise ValueError("--fp8 applies to Flux checkpoints; sample this DiT without it")
     task, path = ClassToImageTask.from_checkpoint(args.checkpoint, device, ema=not args.no_ema)
     names = args.prompt or task.classes
     labels = [i for i in class_indices(names, task.classes) for _ in range(args.num)]

@@ -1,14 +1,19 @@
 """Command-line options shared by the commands that sample: true CFG for guidance-embedded
-models, LoRAs merged before sampling."""
+models, LoRAs merged before sampling, fp8 matmuls."""
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    """``--true-cfg``, ``--lora FILE`` (repeatable) and ``--lora-scale``, for ``fluxlab sample``
-    and ``edit``."""
+    """``--true-cfg``, ``--lora FILE`` (repeatable), ``--lora-scale`` and ``--fp8``, for
+    ``fluxlab sample`` and ``edit``."""
     parser.add_argument(
         "--true-cfg",
         type=float,
@@ -32,3 +37,33 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="strength of each --lora (1 = as trained); one value applies to all",
     )
+    add_fp8_option(parser)
+
+
+def add_fp8_option(parser: argparse.ArgumentParser) -> None:
+    """``--fp8``: fp8 weights and dynamic fp8 activations in the transformer blocks' linears."""
+    parser.add_argument(
+        "--fp8",
+        action="store_true",
+        help="fp8 weights and row-wise dynamic fp8 activations (torchao) in the transformer "
+        "blocks' attention and MLP linears; needs a GPU of compute capability 8.9+ and "
+        "pip install 'fluxlab[quant]'",
+    )
+
+
+def apply_fp8(model: nn.Module, device: torch.device, enabled: bool) -> None:
+    """Quantizes ``model`` for fp8 sampling when ``--fp8`` asked for it (after any LoRA merge:
+    the merged weights are what gets quantized), and compiles its blocks."""
+    if not enabled:
+        return
+    import torch  # not at --help
+
+    from fluxlab.parallel.float8 import quantize_for_sampling
+    from fluxlab.parallel.parallelize import blocks
+
+    quantize_for_sampling(model, device)
+    # Dynamic activation quantization beats bf16 only with its casts fused by the compiler (eager
+    # fp8 was slower than bf16: docs/performance.md). Lazy: the first call compiles, after the
+    # pipeline has set the sampling attention kernel.
+    for block in blocks(model):
+        block.forward = torch.compile(block.forward)

@@ -207,6 +207,9 @@ class ParallelConfig:
     )
     compile: bool = False  # torch.compile each transformer block
     compile_backend: str = "inductor"  # "aot_eager" needs no C compiler (tests, debugging)
+    # fp8 matmuls (torchao float8) in the blocks' attention and MLP linears; needs a GPU of compute
+    # capability 8.9+ and torchao (fluxlab[quant]). Embedders, modulations, final layer stay bf16.
+    float8: Literal["off", "tensorwise", "rowwise"] = "off"
 
     def validate(self, world: int) -> None:
         """Checks against the launch's world size (known only inside the process, so not in
@@ -352,6 +355,11 @@ class Config:
         self._validate_numbers()
         self._validate_guidance()
         self.lora.validate(self.model.init_from, self.train.mixed_precision, self.model.arch)
+        if self.parallel.float8 != "off" and self.lora.enabled:
+            raise ValueError(
+                f"parallel.float8={self.parallel.float8} converts the trained linear layers, but "
+                "lora.enabled trains adapters on a frozen base: set parallel.float8=off"
+            )
         self.distill.validate(
             self.objective.kind, self.model.arch, self.model.guidance_embed, self.sample.guidance
         )

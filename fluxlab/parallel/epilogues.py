@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from fluxlab.models.flux.layers import DoubleStreamBlock, SingleStreamBlock, attention
+from fluxlab.parallel.float8 import is_plain_weight
 
 
 def epilogues_apply(x: Tensor) -> bool:
@@ -45,7 +46,7 @@ class EpilogueMLP(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         first, _, second = self
-        if not epilogues_apply(x) or not isinstance(first, nn.Linear):  # LoRA layers add their term
+        if not epilogues_apply(x) or not _plain(first):  # LoRA and fp8 layers run their own
             return super().forward(x)
         hidden = linear_gelu(x.flatten(0, 1), first.weight, first.bias)
         return second(hidden).view(*x.shape[:-1], -1)
@@ -55,8 +56,9 @@ class EpilogueSingleStreamBlock(SingleStreamBlock):
     """``SingleStreamBlock``, the GELU in ``linear1``'s epilogue and ``linear2`` split in two."""
 
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
-        # Plain Linears only: a LoRA-wrapped one must run its own forward to add the adapter.
-        plain = isinstance(self.linear1, nn.Linear) and isinstance(self.linear2, nn.Linear)
+        # Plain Linears only: a LoRA-wrapped one must run its own forward to add the adapter, and
+        # an fp8-quantized weight cannot be sliced into cuBLASLt's epilogue call.
+        plain = _plain(self.linear1) and _plain(self.linear2)
         if not plain or not epilogues_apply(x):
             return super().forward(x, vec=vec, pe=pe)
         mod, _ = self.modulation(vec)
@@ -73,6 +75,11 @@ class EpilogueSingleStreamBlock(SingleStreamBlock):
         out = torch.addmm(self.linear2.bias, attn.flatten(0, 1), w2[:, :d].t())
         out = torch.addmm(out, act, w2[:, d:].t()).view_as(x)
         return x + mod.gate * out
+
+
+def _plain(layer: nn.Module) -> bool:
+    """An ``nn.Linear`` holding ordinary weights: the epilogue path may read them."""
+    return isinstance(layer, nn.Linear) and is_plain_weight(layer.weight)
 
 
 def _swap_class(module: nn.Module, fused: type[nn.Module]) -> None:

@@ -1,9 +1,10 @@
 """What training applies to a model from outside it (torchtitan style): the training attention
-kernel, activation checkpointing, compile, and DDP / FSDP2 / HSDP.
+kernel, fp8 matmuls, activation checkpointing, compile, and DDP / FSDP2 / HSDP.
 
-``parallelize`` wraps each transformer block in order AC → compile → ``fully_shard`` (torchtitan's
-order: the compiled region holds the recomputation, and FSDP's hooks stay outside it), then the
-root. AC and compile replace only the block's ``forward`` attribute, so parameter names,
+``parallelize`` converts the blocks' linears to fp8 first (``parallel.float8``), then wraps each
+transformer block in order AC → compile → ``fully_shard`` (torchtitan's order: the compiled region
+holds the recomputation and the fp8 casts, and FSDP's hooks stay outside it), then the root.
+AC and compile replace only the block's ``forward`` attribute, so parameter names,
 ``state_dict()`` keys and checkpoints are the same as for the bare model.
 
 Checkpoint state never records how it was sharded, so it resumes at any world size: plain and DDP
@@ -41,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from fluxlab.config.schema import ParallelConfig
 from fluxlab.parallel.attention_kernels import training_attention, use_attention
 from fluxlab.parallel.distributed import DistInfo
+from fluxlab.parallel.float8 import convert_to_float8_training
 
 SHARDED_MODES = ("fsdp", "hsdp")
 
@@ -135,6 +137,8 @@ def parallelize(
             "(docs/distributed.md)"
         )
     use_attention(model, training_attention(device))
+    if cfg.float8 != "off":  # before AC, compile and FSDP, as torchtitan converts
+        convert_to_float8_training(model, cfg.float8, device)
     wrap_blocks(model, cfg)
     if mode in SHARDED_MODES:
         return shard(

@@ -87,6 +87,7 @@ def test_bench_refuses_without_cuda():
         ("fluxlab:master:block:fa3+flash", "'fa3'"),
         ("flux:master:block", "'flux'"),
         ("fluxlab:master:block:cudnn-forward", "flash or efficient"),
+        ("diffusers-fp8:autocast:block", "sampling recipe only"),
     ],
 )
 def test_bench_names_a_bad_training_case_before_building_anything(
@@ -95,3 +96,20 @@ def test_bench_names_a_bad_training_case_before_building_anything(
     assert main(["bench", "--what", "train", "--train-cases", case]) == 2
     err = capsys.readouterr().err
     assert case in err and named in err
+
+
+def test_bench_fp8_cases_parse_and_say_why_they_cannot_run_here() -> None:
+    from fluxlab.bench.impls import IMPLS
+    from fluxlab.commands.bench import _train_case
+
+    assert _train_case("fluxlab-fp8:master:block", "flash") == (
+        "fluxlab-fp8",
+        "master",
+        "block",
+        "flash",
+    )
+    cpu = torch.device("cpu")
+    for name in ("fluxlab-fp8", "fluxlab-fp8-rowwise", "diffusers-fp8"):
+        reason = IMPLS[name]().unsupported(cpu)  # no torchao, or the CPU
+        assert reason is not None and ("torchao" in reason or "cpu" in reason)
+    assert IMPLS["fluxlab"]().unsupported(cpu) is None
