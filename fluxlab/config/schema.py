@@ -322,6 +322,7 @@ class Config:
     def validate(self) -> None:
         """Checks that need several fields; raised before any work starts."""
         self._validate_placeholders()
+        self._validate_init_from()
         res, p = self.data.resolution, self.encoding.patch_size
         if res <= 0 or p <= 0:
             raise ValueError("data.resolution and encoding.patch_size must be positive")
@@ -431,6 +432,16 @@ class Config:
                 "layout (transformer/, vae/, text_encoder*/, tokenizer*/), e.g. "
                 "--model.init_from=/data/FLUX.1-dev --encoding.autoencoder=/data/FLUX.1-dev "
                 "--encoding.text_encoder=/data/FLUX.1-dev"
+            )
+
+    def _validate_init_from(self) -> None:
+        """A missing base is named before the data is rendered and the text encoded."""
+        spec = self.model.init_from
+        if spec and not Path(spec).expanduser().exists():
+            raise ValueError(
+                f"model.init_from={spec!r}: no such file or folder; give a fluxlab run folder (or "
+                "one of its checkpoints/step_* folders), a diffusers FLUX folder or a BFL "
+                "flux1-*.safetensors file (train the base first if it is a run)"
             )
 
     def _validate_selection(self) -> None:

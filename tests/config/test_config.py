@@ -100,3 +100,9 @@ def test_model_errors_before_work() -> None:
         load_config("debug", ["--model.axes_dim=4,4,4"])
     with pytest.raises(ValueError, match="unknown model preset"):
         load_config("debug", ["--model.preset=flux-huge"])
+
+
+def test_missing_init_from_is_named_before_any_work(tmp_path) -> None:
+    with pytest.raises(ValueError, match="model.init_from='.*nope': no such file or folder"):
+        load_config("debug", [f"--model.init_from={tmp_path / 'nope'}"])
+    assert load_config("debug", [f"--model.init_from={tmp_path}"]).model.init_from == str(tmp_path)
