@@ -12,6 +12,8 @@ NEEDS_FILES = {
     "FLUX_DEV_PLACEHOLDER.*data.dataset",
     "flux-schnell-lora": "model.init_from, .*FLUX_SCHNELL_PLACEHOLDER.*data.dataset",
     "kontext-dev-lora": "model.init_from, .*KONTEXT_DEV_PLACEHOLDER.*data.dataset",
+    # the LoRA of the held-out experiment starts from the openmoji-gpu-heldout run
+    "openmoji-gpu-lora50": "model.init_from='runs/openmoji-gpu-heldout': no such file or folder",
 }
 
 
