@@ -9,6 +9,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fluxlab.commands.sample_compare import read_prompts_file
+
 if TYPE_CHECKING:
     import torch
 
@@ -81,10 +83,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"--prompts-file {path} does not exist")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        prompts += read_prompts_file(args.prompts_file)
     return prompts
 
 
