@@ -168,5 +168,7 @@ def check_selection(
     dataset: str, subset: str, include: Sequence[str] | None, exclude: Sequence[str] | None
 ) -> None:
     """The config's checks: OpenMoji only, known emoji, and at least one left."""
+    if include is None and exclude is None:
+        return
     openmoji_only(dataset, include, exclude)
     select_openmoji(subset, include, exclude)
