@@ -18,7 +18,8 @@ NEEDS_FILES = {
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_presets_load(name: str) -> None:
+def test_presets_load(name: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # presets name run folders relative to the working directory
     if name in NEEDS_FILES:
         with pytest.raises(ValueError, match=NEEDS_FILES[name]):
             load_config(name)
