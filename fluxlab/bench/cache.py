@@ -81,6 +81,8 @@ def on_the_fly_batches(cfg: Config, device: torch.device) -> Iterator[dict[str, 
         seed=cfg.train.seed,
         limit=d.limit,
         openmoji_subset=d.openmoji_subset,
+        include=d.include,
+        exclude=d.exclude,
     )
     loader = DataLoader(
         ds,

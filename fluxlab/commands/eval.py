@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fluxlab.commands.sample_compare import read_prompts_file
 from fluxlab.commands.sampling_options import add_fp8_option, apply_fp8
 
 if TYPE_CHECKING:
@@ -84,10 +85,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"--prompts-file {path} does not exist")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        prompts += read_prompts_file(args.prompts_file)
     return prompts
 
 

@@ -3,6 +3,7 @@
 A released folder (diffusers layout: ``transformer/``, ``vae/``, ``tokenizer*/``,
 ``text_encoder*/``) samples as BFL does: FLUX.1-dev with its embedded guidance (``--guidance``,
 3.5 by default) and CFG off in 28 steps, schnell without guidance or schedule shift in 4.
+``--before-after BASE`` puts BASE's image beside each one, drawn at the same seed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,12 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fluxlab.commands.sample_compare import (
+    add_compare_options,
+    pairs_per_row,
+    read_prompts_file,
+    side_by_side,
+)
 from fluxlab.commands.sampling_options import add_sampling_options, apply_fp8
 
 if TYPE_CHECKING:
@@ -79,19 +86,48 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="FLUX.1 folders only: another text encoder than the folder's",
     )
     add_sampling_options(s)
+    add_compare_options(s)
     s.add_argument("--out", required=True, help="PNG file for the grid")
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     # Imported here, as in every command: `fluxlab --help` should not load torch.
     from fluxlab.data import make_grid
-    from fluxlab.pipelines.batches import generate_in_batches
-    from fluxlab.pipelines.build import is_pretrained_folder, resolve_device
-    from fluxlab.train.checkpoint import read_description, resolve_checkpoint
+    from fluxlab.pipelines.build import resolve_device
 
     if args.num < 1 or args.batch_size < 1:
         raise ValueError("--num and --batch-size must be at least 1")
+    if args.prompts_file is not None:
+        args.prompt = [*(args.prompt or []), *read_prompts_file(args.prompts_file)]
     device = resolve_device(args.device)
+    if args.before_after is None:
+        images, captions, path = _sample(args, device)
+        nrow = args.nrow or (args.num if args.num > 1 else min(8, len(captions)))
+    else:
+        pairs_per_row(args.nrow, args.num, 1)  # an odd --nrow is refused before any work
+        # the base first, so its model is freed before the other one loads
+        base = argparse.Namespace(
+            **{**vars(args), "checkpoint": args.before_after, "lora": [], "lora_scale": None}
+        )
+        before, captions, _ = _sample(base, device)
+        after, after_captions, path = _sample(args, device)
+        nrow = pairs_per_row(args.nrow, args.num, len(captions))
+        images, captions = side_by_side(before, after, captions, after_captions)
+    grid = make_grid(images, nrow=nrow, captions=captions)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    print(f"wrote {out} ({len(captions)} images from {path})")
+    return 0
+
+
+def _sample(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, list[str], Path]:
+    """(images, one caption per image, checkpoint) of ``args.checkpoint``; the batch that starts
+    at item k is drawn with seed ``args.seed + k``, so two models get the same noise."""
+    from fluxlab.pipelines.batches import generate_in_batches  # imported here: see run()
+    from fluxlab.pipelines.build import is_pretrained_folder
+    from fluxlab.train.checkpoint import read_description, resolve_checkpoint
+
     if is_pretrained_folder(args.checkpoint):
         batches = _pretrained_batches
     else:
@@ -101,13 +137,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     images = generate_in_batches(
         generate_batch, len(captions), batch_size=args.batch_size, seed=args.seed
     )
-    nrow = args.nrow or (args.num if args.num > 1 else min(8, len(captions)))
-    grid = make_grid(images, nrow=nrow, captions=captions)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
-    print(f"wrote {out} ({len(captions)} images from {path})")
-    return 0
+    return images, captions, path
 
 
 def _prompt_batches(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from fluxlab.config.heldout_presets import heldout_presets
+
 # Validation prompts of the DreamBooth-style LoRA presets: the trigger word "sks" in new scenes.
 _SKS = ["photo of sks", "photo of sks on a beach", "painting of sks", "sks in the snow"]
 
@@ -418,6 +420,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sample": {"sampler": "ddim", "steps": 4, "prompts": []},
     },
 }
+
+# The held-out LoRA experiment (docs/lora.md): openmoji-gpu without HELDOUT_50, then a LoRA on them.
+PRESETS.update(heldout_presets(PRESETS["openmoji-gpu"]))
 
 # `fluxlab train-ae --config NAME`: partial configs whose `ae` section names the autoencoder.
 AE_TRAIN_PRESETS: dict[str, dict[str, Any]] = {

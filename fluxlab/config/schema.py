@@ -23,6 +23,7 @@ from fluxlab.config.files import read_config_file
 from fluxlab.config.model_params import dit_params
 from fluxlab.config.presets import PRESETS
 from fluxlab.data.buckets import check_buckets
+from fluxlab.data.openmoji_select import check_selection
 from fluxlab.models.flux.presets import flux_params
 from fluxlab.models.weights.autoencoder_spec import describe
 
@@ -98,6 +99,11 @@ class DataConfig:
     # Images with more pixels are skipped as possible decompression bombs (PIL's own default);
     # null lifts the limit for trusted data.
     max_pixels: int | None = 89_478_485
+    # OpenMoji only: keep just these emoji / drop these, before the split (hex codes, the emoji,
+    # their names or "heldout-50"; fluxlab/data/openmoji_select.py). An excluded emoji is in
+    # neither train nor val, with all its skin tones.
+    include: list[str] | None = None
+    exclude: list[str] | None = None
 
 
 @dataclass(kw_only=True)
@@ -319,6 +325,7 @@ class Config:
     def validate(self) -> None:
         """Checks that need several fields; raised before any work starts."""
         self._validate_placeholders()
+        self._validate_init_from()
         res, p = self.data.resolution, self.encoding.patch_size
         if res <= 0 or p <= 0:
             raise ValueError("data.resolution and encoding.patch_size must be positive")
@@ -375,6 +382,7 @@ class Config:
                     "data.crop=center: augmenting the target apart from its condition would teach "
                     "the wrong edit"
                 )
+        self._validate_selection()
         if self.data.buckets is not None:
             check_buckets(self.data.buckets, "data.buckets")
         if self.cache.shard_size < 1 or self.cache.batch_size < 1:
@@ -432,6 +440,25 @@ class Config:
                 "layout (transformer/, vae/, text_encoder*/, tokenizer*/), e.g. "
                 "--model.init_from=/data/FLUX.1-dev --encoding.autoencoder=/data/FLUX.1-dev "
                 "--encoding.text_encoder=/data/FLUX.1-dev"
+            )
+
+    def _validate_init_from(self) -> None:
+        """A missing base is named before the data is rendered and the text encoded."""
+        spec = self.model.init_from
+        if spec and not Path(spec).expanduser().exists():
+            raise ValueError(
+                f"model.init_from={spec!r}: no such file or folder; give a fluxlab run folder (or "
+                "one of its checkpoints/step_* folders), a diffusers FLUX folder or a BFL "
+                "flux1-*.safetensors file (train the base first if it is a run)"
+            )
+
+    def _validate_selection(self) -> None:
+        d = self.data
+        check_selection(d.dataset, d.openmoji_subset, d.include, d.exclude)
+        if (d.include is not None or d.exclude is not None) and d.task != "text_to_image":
+            raise ValueError(
+                f"data.include and data.exclude choose emoji for text-to-image runs, but "
+                f"data.task={d.task!r}; remove them"
             )
 
     def _validate_guidance(self) -> None:

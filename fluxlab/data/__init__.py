@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -11,8 +12,9 @@ from torch.utils.data import Dataset
 from fluxlab.data.common import cache_dir, check_limit, collate_skip_bad
 from fluxlab.data.folder import IMAGE_EXTENSIONS, ImageCaptionFolder
 from fluxlab.data.images import DEFAULT_MAX_PIXELS, BadImageError, load_image
-from fluxlab.data.openmoji import OpenMoji, base_codes
+from fluxlab.data.openmoji import OpenMoji
 from fluxlab.data.openmoji_names import GROUPS as OPENMOJI_GROUPS
+from fluxlab.data.openmoji_select import openmoji_only, select_openmoji
 from fluxlab.data.shards import ShardDataset, is_shard_spec
 from fluxlab.data.transforms import ImageTransform, make_grid, to_pil
 
@@ -48,6 +50,8 @@ def build_dataset(
     openmoji_subset: str = "all",
     shuffle_buffer: int = 1000,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
 ) -> Dataset:
     """ "openmoji" -> the embedded OpenMoji set; WebDataset shards ("data/{000000..000127}.tar",
     "pipe:..." URLs) -> a streaming ShardDataset; anything else is an image folder path.
@@ -55,9 +59,11 @@ def build_dataset(
     Augmentation (random crop, flip, jitter) applies only to the train split; val and all are
     deterministic so validation losses are comparable between runs. OpenMoji renders are already
     square at `resolution`, so only flips/jitter can change them. `max_pixels` caps decoded image
-    size (a guard against decompression bombs; None lifts it).
+    size (a guard against decompression bombs; None lifts it). `include`/`exclude` choose OpenMoji
+    emoji (`fluxlab.data.openmoji_select`) before the split and `limit`.
     """
     check_limit(limit)
+    openmoji_only(str(name_or_path), include, exclude)
     augment = split == "train"
     transform = ImageTransform(
         resolution,
@@ -84,7 +90,6 @@ def build_dataset(
         )
     if str(name_or_path).lower() == "openmoji":
         needs_transform = augment and (hflip or color_jitter > 0)
-        include = base_codes() if openmoji_subset == "base" else None
         return OpenMoji(
             resolution,
             transform if needs_transform else None,
@@ -92,7 +97,7 @@ def build_dataset(
             val_fraction,
             seed,
             limit=limit,
-            include=include,
+            include=select_openmoji(openmoji_subset, include, exclude),
         )
     path = Path(name_or_path).expanduser()
     if not path.exists():

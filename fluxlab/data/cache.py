@@ -111,6 +111,8 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
             "seed": cfg.train.seed,
             "limit": d.limit,
             "openmoji_subset": d.openmoji_subset,
+            # only when set, so caches written before these fields existed still match
+            **{k: v for k, v in (("include", d.include), ("exclude", d.exclude)) if v is not None},
         },
         "resolution": d.resolution,
         "buckets": [list(b) for b in resolve_buckets(d.buckets, d.resolution)],

@@ -70,6 +70,8 @@ class Source:
             limit=d.limit,
             openmoji_subset=d.openmoji_subset,
             max_pixels=d.max_pixels,
+            include=d.include,
+            exclude=d.exclude,
         )
         self.captions: list[str] = list(ds.captions)
         self.max_pixels = d.max_pixels

@@ -97,6 +97,8 @@ def _split(cfg: Config, split: str, augment: bool) -> Dataset:
         limit=d.limit,
         openmoji_subset=d.openmoji_subset,
         max_pixels=d.max_pixels,
+        include=d.include,
+        exclude=d.exclude,
         **(extra if augment else {}),
     )
 

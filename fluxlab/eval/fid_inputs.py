@@ -171,6 +171,10 @@ def reference_dataset(
         "limit": d.limit if d else None,
         "openmoji_subset": d.openmoji_subset if d else "all",
     }
+    if d is not None and name.lower() == "openmoji":
+        # only when set, so features cached before these fields existed keep their key
+        chosen = (("include", d.include), ("exclude", d.exclude))
+        split_settings.update({k: v for k, v in chosen if v is not None})
     dataset = limit_dataset(
         build_dataset(name, resolution=resolution, split=split, **split_settings), limit
     )

@@ -109,6 +109,8 @@ class AETrainer:
             crop=d.crop,
             limit=d.limit,
             openmoji_subset=d.openmoji_subset,
+            include=d.include,
+            exclude=d.exclude,
         )
         self.dataset = build_dataset(
             d.dataset, split="train", hflip=d.hflip, color_jitter=d.color_jitter, **common

@@ -12,11 +12,14 @@ NEEDS_FILES = {
     "FLUX_DEV_PLACEHOLDER.*data.dataset",
     "flux-schnell-lora": "model.init_from, .*FLUX_SCHNELL_PLACEHOLDER.*data.dataset",
     "kontext-dev-lora": "model.init_from, .*KONTEXT_DEV_PLACEHOLDER.*data.dataset",
+    # the LoRA of the held-out experiment starts from the openmoji-gpu-heldout run
+    "openmoji-gpu-lora50": "model.init_from='runs/openmoji-gpu-heldout': no such file or folder",
 }
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_presets_load(name: str) -> None:
+def test_presets_load(name: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # presets name run folders relative to the working directory
     if name in NEEDS_FILES:
         with pytest.raises(ValueError, match=NEEDS_FILES[name]):
             load_config(name)
@@ -100,3 +103,9 @@ def test_model_errors_before_work() -> None:
         load_config("debug", ["--model.axes_dim=4,4,4"])
     with pytest.raises(ValueError, match="unknown model preset"):
         load_config("debug", ["--model.preset=flux-huge"])
+
+
+def test_missing_init_from_is_named_before_any_work(tmp_path) -> None:
+    with pytest.raises(ValueError, match="model.init_from='.*nope': no such file or folder"):
+        load_config("debug", [f"--model.init_from={tmp_path / 'nope'}"])
+    assert load_config("debug", [f"--model.init_from={tmp_path}"]).model.init_from == str(tmp_path)
