@@ -70,9 +70,10 @@ PRESETS_256: dict[str, dict[str, Any]] = {
         "cache": {"latents": "mean", "dtype": "bfloat16", "batch_size": 64, "shard_size": 1024},
     },
     # The founding sketch's pixel space at the same GPU time: 8×8 patches → 1024 tokens of 192
-    # features. Four times the tokens cost flux-small ~5-6× per image (attention grows with the
-    # square), so half the latent batch keeps the number of updates from collapsing; warm-up,
-    # sampling and evaluation come sooner for the same reason.
+    # features. Four times the tokens cost flux-small 3.8× the FLOPs per image (133 against 35
+    # GFLOP forward + backward), so half the latent batch keeps the number of updates from
+    # collapsing (about half the latent run's); warm-up, EMA, sampling and evaluation are shortened
+    # to match.
     "openmoji-256-pixel-gpu": {
         "model": {"preset": "flux-small"},
         "data": _data(num_workers=8),
