@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--config",
         required=True,
-        help="AE preset (ae-tiny, ae-openmoji) or a YAML file (base: PRESET)",
+        help="AE preset (ae-tiny, ae-openmoji, ae-openmoji-256) or a YAML file (base: PRESET)",
     )
     add_run_folder_flags(p)
 

@@ -82,8 +82,8 @@ def validate_ae(cfg: Config) -> None:
 
 
 def load_ae_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
-    """An AE preset (``ae-tiny``, ``ae-openmoji``) or a YAML file (``base:`` may name one), then
-    overrides."""
+    """An AE preset (``ae-tiny``, ``ae-openmoji``, ``ae-openmoji-256``) or a YAML file (``base:``
+    may name one), then overrides."""
     data = config_data(name_or_path, AE_TRAIN_PRESETS, overrides)
     cfg = config_from_dict(data)
     validate_ae(cfg)

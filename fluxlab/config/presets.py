@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fluxlab.config.heldout_presets import heldout_presets
+from fluxlab.config.presets_256 import AE_TRAIN_PRESETS_256, PRESETS_256
 
 # Validation prompts of the DreamBooth-style LoRA presets: the trigger word "sks" in new scenes.
 _SKS = ["photo of sks", "photo of sks on a beach", "painting of sks", "sks in the snow"]
@@ -464,3 +465,7 @@ AE_TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "train": {"output_dir": "runs/ae-openmoji", "log_every": 50, "checkpoint_every": 1000},
     },
 }
+
+# Presets that live in their own modules, registered under their names here.
+PRESETS.update(PRESETS_256)
+AE_TRAIN_PRESETS.update(AE_TRAIN_PRESETS_256)

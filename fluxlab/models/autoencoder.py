@@ -89,6 +89,18 @@ AE_PRESETS: dict[str, AutoEncoderParams] = {
         scale_factor=1.0,
         shift_factor=0.0,
     ),
+    # Trained by `fluxlab train-ae --config ae-openmoji-256` (256² OpenMoji, ~7 min on one H200):
+    # FLUX's own geometry, 8x down to 32x32x16, so patch 2 gives 256 tokens of 64 features. BFL's
+    # layout at half its width with one res block per level (15.6M parameters, ~490 GFLOP per
+    # 256² image forward + backward, a fifth of the 84M FLUX autoencoder's), to fit the budget.
+    "ae-openmoji-256": AutoEncoderParams(
+        resolution=256,
+        ch=64,
+        ch_mult=[1, 2, 4, 4],
+        num_res_blocks=1,
+        scale_factor=1.0,
+        shift_factor=0.0,
+    ),
     # Tests only (seconds on a CPU): 2x down to 4 channels; `preset:ae-tiny` is its seed-0 init.
     "ae-tiny": AutoEncoderParams(
         resolution=16,

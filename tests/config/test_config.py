@@ -7,6 +7,7 @@ from fluxlab.config.schema import load_config, parse_overrides
 # field.
 NEEDS_FILES = {
     "openmoji-latent-gpu": "encoding.autoencoder='runs/ae-openmoji'",
+    "openmoji-256-gpu": "encoding.autoencoder='runs/ae-openmoji-256'",
     "flux-dev-finetune": "model.init_from, encoding.autoencoder, encoding.text_encoder",
     "flux-dev-lora": "model.init_from, encoding.autoencoder, encoding.text_encoder still say "
     "FLUX_DEV_PLACEHOLDER.*data.dataset",

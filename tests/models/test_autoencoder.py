@@ -184,6 +184,7 @@ def test_presets_build_and_copy() -> None:
         "ae-small": (8, 16),
         "ae-debug": (8, 16),
         "ae-openmoji": (4, 16),
+        "ae-openmoji-256": (8, 16),
         "ae-tiny": (2, 4),
     }
     for name in AE_PRESETS:
