@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,13 +122,15 @@ def test_parallelize_converts_to_fp8_before_compiling(monkeypatch: pytest.Monkey
     assert model.double_blocks[0].img_attn.qkv.weight.grad.abs().sum() > 0
 
 
-def test_config_names_the_field() -> None:
+def test_config_names_the_field(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="parallel.float8"):
         load_config("debug", ["--parallel.float8=fp8"])
+    base = tmp_path / "base.safetensors"  # init_from must exist before LoRA is checked
+    base.touch()
     with pytest.raises(ValueError, match="parallel.float8=tensorwise.*lora.enabled"):
         load_config(
             "debug",
-            ["--parallel.float8=tensorwise", "--lora.enabled=true", "--model.init_from=x.pt"],
+            ["--parallel.float8=tensorwise", "--lora.enabled=true", f"--model.init_from={base}"],
         )
     with pytest.raises(ValueError, match=r"--fp8 .* on cpu"):
         f8.quantize_for_sampling(tiny_flux(), CPU)
