@@ -142,7 +142,10 @@ def _saved_bytes(exclude: set[int]) -> Iterator[list[int]]:
 def block_activation_bytes(
     block: nn.Module, inputs: dict[str, Tensor], lora: LoraConfig, quantized: bool
 ) -> int:
-    """Bytes one block saves for backward, traced on the meta device."""
+    """Bytes one block saves for backward, traced on the meta device.
+
+    The token streams carry gradients (an adapter upstream); ``vec`` only when an embedder that
+    makes it has an adapter: else the frozen modulations save nothing."""
     block = copy.deepcopy(block)
     block.requires_grad_(False)
     if any(isinstance(m, nn.Linear) for m in block.modules()):
@@ -155,8 +158,12 @@ def block_activation_bytes(
     for m in block.modules():
         if hasattr(m, "attention_fn"):
             m.attention_fn = _FlashLike.apply
-    weights = {t.untyped_storage()._cdata for t in [*block.parameters(), *block.buffers()]}
-    x = {k: v.requires_grad_(v.is_floating_point() and k != "pe") for k, v in inputs.items()}
+    # pe is shared by every block: the caller counts it once.
+    shared = [*block.parameters(), *block.buffers(), inputs["pe"]]
+    weights = {t.untyped_storage()._cdata for t in shared}
+    vec_grad = any(t.startswith(("time_in", "vector_in", "guidance_in")) for t in lora.targets)
+    grads = {"img", "txt", "x"} | ({"vec"} if vec_grad else set())
+    x = {k: v.detach().requires_grad_(k in grads) for k, v in inputs.items()}
     with _saved_bytes(weights) as total:
         block(**x)
     return total[0]
@@ -202,15 +209,19 @@ def estimate(
         )
         per_single = block_activation_bytes(single, {"x": x, "vec": vec, "pe": pe}, lora, q)
         stream = seq * d * batch * 2  # one bf16 residual stream: what a checkpointed block keeps
+        pe_bytes = pe.numel() * 4
         out.append(
             MemoryEstimate(
                 quant=kind,
                 weights=weight_bytes(params, kind, dtype),
                 adapters=4 * n_adapter,
                 training_state=STATE_BYTES_PER_ADAPTER_PARAM * n_adapter,
-                activations=params.depth * per_double + params.depth_single_blocks * per_single,
+                activations=params.depth * per_double
+                + params.depth_single_blocks * per_single
+                + pe_bytes,
                 activations_checkpointed=(params.depth + params.depth_single_blocks) * stream
-                + max(per_double, per_single),
+                + max(per_double, per_single)
+                + pe_bytes,
             )
         )
     return out
