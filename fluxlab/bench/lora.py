@@ -28,7 +28,9 @@ from fluxlab.parallel.attention_kernels import training_attention, use_attention
 from fluxlab.parallel.parallelize import wrap_blocks
 
 CASES = ("bf16", "int8", "float8", "nf4", "diffusers")
-# diffusers' train_dreambooth_lora_flux.py default targets (attention of both streams).
+# diffusers' train_dreambooth_lora_flux.py default targets (attention and MLPs of the double
+# blocks, the single blocks' q/k/v), plus the single blocks' proj_mlp and proj_out: the same
+# projections fluxlab's default targets adapt (linear1 = q, k, v, proj_mlp; linear2 = proj_out).
 DIFFUSERS_TARGETS = [
     "attn.to_k",
     "attn.to_q",
@@ -91,11 +93,12 @@ def bench_case(
     iters: int = 5,
 ) -> dict[str, Any]:
     """Median seconds of one AdamW step (batch 1) and the peak GPU memory of ``case``."""
-    if device.type == "cuda":
+    if device.type == "cuda":  # the previous case's model is garbage by now
         gc.collect()
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     model = _build(case, params, rank, device)
+    if device.type == "cuda":  # training's peak, not the build's (bf16 weights before quantizing)
+        torch.cuda.reset_peak_memory_stats()
     impl = DiffusersImpl() if case == "diffusers" else Impl()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)

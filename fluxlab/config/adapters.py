@@ -61,7 +61,9 @@ class LoraConfig:
         """The factor peft multiplies ``B·A`` by."""
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
-    def validate(self, init_from: str | None, mixed_precision: str, arch: str) -> None:
+    def validate(
+        self, init_from: str | None, mixed_precision: str, arch: str, parallel_mode: str = "none"
+    ) -> None:
         if not self.enabled:
             return
         if arch != "flux":
@@ -85,6 +87,12 @@ class LoraConfig:
             raise ValueError(
                 f"lora.base_quant={self.base_quant!r}: choose one of {list(BASE_QUANTS)} "
                 "(int8/float8 need torchao, nf4 bitsandbytes)"
+            )
+        if self.base_quant != "none" and parallel_mode in ("ddp", "fsdp", "hsdp"):
+            raise ValueError(
+                f"lora.base_quant={self.base_quant} trains on one process: DDP and FSDP do not "
+                f"move quantized tensors; set parallel.mode=none (not {parallel_mode}) or "
+                "lora.base_quant=none"
             )
         if self.base_dtype == "bfloat16" and mixed_precision == "no":
             raise ValueError(

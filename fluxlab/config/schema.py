@@ -351,7 +351,9 @@ class Config:
             )
         self._validate_numbers()
         self._validate_guidance()
-        self.lora.validate(self.model.init_from, self.train.mixed_precision, self.model.arch)
+        self.lora.validate(
+            self.model.init_from, self.train.mixed_precision, self.model.arch, self.parallel.mode
+        )
         self.distill.validate(
             self.objective.kind, self.model.arch, self.model.guidance_embed, self.sample.guidance
         )

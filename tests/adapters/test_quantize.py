@@ -18,7 +18,7 @@ from fluxlab.adapters.lora import adapter_state_dict, add_lora
 from fluxlab.adapters.quantize import FrozenQuantLinear, quantize_base, torchao_config
 from fluxlab.cli import main
 from fluxlab.config.adapters import LoraConfig
-from fluxlab.config.schema import ParallelConfig
+from fluxlab.config.schema import ParallelConfig, load_config
 from fluxlab.parallel.parallelize import wrap_blocks
 
 pytest.importorskip("peft", reason="LoRA needs peft (the lora extra)")
@@ -211,3 +211,16 @@ def test_int8_base_run_checkpoints_adapters_and_resumes(tmp_path: Path) -> None:
     assert all(torch.equal(weights[k], again[k]) for k in weights)
     assert any(v.abs().max() > 0 for k, v in weights.items() if ".lora_B." in k)
     assert (tmp_path / "straight" / "samples" / "step_0000002.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--lora.base_quant=int4", "lora.base_quant"),
+        ("--parallel.mode=fsdp", "trains on one process"),
+    ],
+)
+def test_quantized_base_config_checks(override: str, message: str) -> None:
+    base = ["--model.init_from=somewhere", "--lora.enabled=true", "--lora.base_quant=int8"]
+    with pytest.raises(ValueError, match=message):
+        load_config("debug", [*base, override])
