@@ -163,13 +163,17 @@ def quantize_base(model: nn.Module, kind: str, device: torch.device) -> int:
             "tensors): launch without torchrun, or set lora.base_quant=none"
         )
     make = _nf4_factory() if kind == "nf4" else _torchao_factory(kind, device)
-    targets = [(n, m) for n, m in model.named_modules() if quantizable(n, m)]
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        if linear.weight.requires_grad:
+    # Names, not modules: each full-precision Linear is freed as soon as it is swapped, so the
+    # peak is the base plus one layer, not the base twice.
+    names = [n for n, m in model.named_modules() if quantizable(n, m)]
+    for name in names:
+        if model.get_submodule(name).weight.requires_grad:
             raise ValueError(f"{name} is trainable: only a frozen base is quantized")
-        setattr(model.get_submodule(parent_name), child, make(linear))
-    return len(targets)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, make(getattr(parent, child)))
+    return len(names)
 
 
 def _torchao_factory(kind: str, device: torch.device) -> Any:
