@@ -9,6 +9,7 @@ projections, q/k/v fused). ``smoke`` runs a tiny model on the CPU for the tests.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from typing import Any
@@ -24,7 +25,7 @@ from fluxlab.config.adapters import LoraConfig
 from fluxlab.config.schema import ParallelConfig
 from fluxlab.models.flux.model import FluxParams
 from fluxlab.models.flux.presets import flux_params
-from fluxlab.parallel.attention_kernels import training_attention, use_attention
+from fluxlab.parallel.attention_kernels import for_training, training_attention, use_attention
 from fluxlab.parallel.parallelize import wrap_blocks
 
 CASES = ("bf16", "int8", "float8", "nf4", "diffusers")
@@ -104,8 +105,13 @@ def bench_case(
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     x = make_inputs(params, 1, resolution, resolution, txt_tokens, device)
 
+    def kernels() -> contextlib.AbstractContextManager[None]:
+        """fluxlab runs as its trainer does (its SDPA kernels); diffusers with PyTorch's choice.
+        A fresh context each step: ``for_training``'s is single-use."""
+        return contextlib.nullcontext() if case == "diffusers" else for_training(device)
+
     def step() -> Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16), kernels():
             out = impl.forward(model, x)
         loss = F.mse_loss(out.float(), x["target"])
         loss.backward()
