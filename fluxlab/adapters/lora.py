@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from fluxlab.adapters.formats import LoraPair, LoraWeights
+from fluxlab.adapters.quantize import quantize_base
 from fluxlab.config.adapters import LoraConfig
 from fluxlab.models.flux.model import Flux
 
@@ -26,7 +27,8 @@ def add_lora(model: Flux, cfg: LoraConfig) -> Flux:
     """Freezes ``model`` and injects peft LoRA layers into ``cfg.targets`` (in place).
 
     B starts at zero (peft's default), so the adapted model starts as the base; the adapter
-    weights are float32 whatever ``cfg.base_dtype`` stores the base in."""
+    weights are float32 whatever ``cfg.base_dtype`` stores the base in; ``cfg.base_quant``
+    then quantizes the frozen block Linears where the model lies (``adapters/quantize.py``)."""
     try:  # peft is optional (the `lora` extra) and slow to import, so loaded only for LoRA runs
         from peft import LoraConfig as PeftLoraConfig
         from peft import inject_adapter_in_model
@@ -47,6 +49,7 @@ def add_lora(model: Flux, cfg: LoraConfig) -> Flux:
         if adapter and param.dtype != torch.float32:
             param.data = param.data.float()
         param.requires_grad_(adapter)
+    quantize_base(model, cfg.base_quant, next(model.parameters()).device)
     return model
 
 

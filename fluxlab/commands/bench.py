@@ -22,7 +22,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--what",
         default="train,infer",
         help="comma-separated: train, infer (default both), gemm (each matmul of a sampling step "
-        "alone)",
+        "alone); or lora alone: a rank-16 LoRA step on flux-dev at 1024² for each --lora-cases",
+    )
+    p.add_argument(
+        "--lora-cases",
+        default="bf16,int8,float8,nf4,diffusers",
+        help="--what lora: fluxlab's frozen bases (bf16, int8, float8, nf4) and diffusers' recipe",
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="--what lora: a tiny model on the CPU (tests)"
     )
     p.add_argument(
         "--impls",
@@ -131,6 +139,22 @@ def _train_case(spec: str, default_attention: str) -> tuple[str, str, str, str]:
     return impl, mode, comp, attention
 
 
+def _lora(args: argparse.Namespace) -> int:
+    """``--what lora``: LoRA steps on frozen bases against diffusers' recipe (bench/lora.py)."""
+    from fluxlab.bench import lora
+
+    if args.what != "lora":
+        raise ValueError("--what lora runs alone: drop the other --what entries")
+    rows = lora.run(args.lora_cases.split(","), smoke=args.smoke)
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    print(lora.table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": rows}, f, indent=1)
+    return 0
+
+
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     # torch and the benchmark load here, not at `fluxlab --help`.
     import torch
@@ -140,6 +164,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from fluxlab.bench.impls import IMPLS
 
     what = args.what.split(",")
+    if "lora" in what:
+        return _lora(args)
     impls = args.impls.split(",")
     for impl in impls:
         if impl not in IMPLS:

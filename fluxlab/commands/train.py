@@ -37,6 +37,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "then print the peak memory one GPU of the N needs; writes no checkpoint, and its losses "
         "mean nothing",
     )
+    p.add_argument(
+        "--estimate-memory",
+        action="store_true",
+        help="print the GPU memory a LoRA run of this config needs (weights, adapters, optimizer "
+        "state, activations with and without checkpointing) for each lora.base_quant, and exit; "
+        "reads no file, so the presets' placeholders may stay",
+    )
 
 
 def add_run_folder_flags(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +79,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     # Imported here: every command module loads for `fluxlab --help`, which must stay fast.
     from fluxlab.config.schema import load_config
 
+    if args.estimate_memory:
+        return _estimate_memory(args.config, overrides)
     cfg = load_config(args.config, overrides)
     if args.simulate_world is not None:
         if args.resume:
@@ -130,4 +139,30 @@ def _simulate(cfg: Config, world: int, overwrite: bool) -> int:
         f"peak memory of one GPU of {world} ({cfg.parallel.mode}, {trainer.device}): "
         f"{trainer.memory.summary()}"
     )
+    return 0
+
+
+def _estimate_memory(config: str, overrides: list[str]) -> int:
+    """The memory report of ``adapters/memory.py`` for the config's model, resolution and LoRA."""
+    from fluxlab.adapters.memory import estimate, report
+    from fluxlab.config.presets import PRESETS
+    from fluxlab.config.schema import config_data, config_from_dict
+    from fluxlab.models.flux.presets import flux_params
+
+    # Not load_config: its checks want the placeholders replaced, and nothing is read here.
+    cfg = config_from_dict(config_data(config, PRESETS, overrides))
+    if cfg.model.arch != "flux":
+        raise ValueError("--estimate-memory sizes a Flux LoRA run: set model.arch=flux")
+    cfg.lora.validate("base", "bf16", "flux")
+    params = flux_params(cfg.model.preset, **cfg.model.flux_overrides())
+    enc = cfg.encoding
+    # Latent space: FLUX's 8× autoencoder; pixel space: patches of the image itself.
+    side = cfg.data.resolution // ((8 if enc.space == "latent" else 1) * enc.patch_size)
+    title = (
+        f"{cfg.model.preset}, {cfg.data.resolution}² ({side * side} image + "
+        f"{enc.text_max_length} text tokens), batch {cfg.optim.batch_size}, LoRA rank "
+        f"{cfg.lora.rank} on {len(cfg.lora.targets)} targets, bf16 compute"
+    )
+    rows = estimate(params, cfg.lora, side * side, enc.text_max_length, cfg.optim.batch_size)
+    print(report(rows, title))
     return 0

@@ -40,6 +40,8 @@ OPTIONAL_TARGETS = [
     "final_layer.adaLN_modulation.1",
 ]
 
+BASE_QUANTS = ("none", "int8", "float8", "nf4")
+
 
 @dataclass(kw_only=True)
 class LoraConfig:
@@ -50,13 +52,18 @@ class LoraConfig:
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     # The frozen base's storage; bfloat16 halves its memory and needs bf16 autocast.
     base_dtype: Literal["float32", "bfloat16"] = "float32"
+    # The frozen base's block Linears quantized (fluxlab/adapters/quantize.py): int8 (torchao,
+    # weight-only), float8 (torchao; fp8 GEMMs on SM >= 8.9), nf4 (bitsandbytes, QLoRA's).
+    base_quant: Literal["none", "int8", "float8", "nf4"] = "none"
 
     @property
     def scale(self) -> float:
         """The factor peft multiplies ``B·A`` by."""
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
-    def validate(self, init_from: str | None, mixed_precision: str, arch: str) -> None:
+    def validate(
+        self, init_from: str | None, mixed_precision: str, arch: str, parallel_mode: str = "none"
+    ) -> None:
         if not self.enabled:
             return
         if arch != "flux":
@@ -76,6 +83,17 @@ class LoraConfig:
         unknown = [t for t in self.targets if t not in known]
         if unknown or not self.targets:
             raise ValueError(f"lora.targets={self.targets}: name BFL Linear modules, from {known}")
+        if self.base_quant not in BASE_QUANTS:
+            raise ValueError(
+                f"lora.base_quant={self.base_quant!r}: choose one of {list(BASE_QUANTS)} "
+                "(int8/float8 need torchao, nf4 bitsandbytes)"
+            )
+        if self.base_quant != "none" and parallel_mode in ("ddp", "fsdp", "hsdp"):
+            raise ValueError(
+                f"lora.base_quant={self.base_quant} trains on one process: DDP and FSDP do not "
+                f"move quantized tensors; set parallel.mode=none (not {parallel_mode}) or "
+                "lora.base_quant=none"
+            )
         if self.base_dtype == "bfloat16" and mixed_precision == "no":
             raise ValueError(
                 "lora.base_dtype=bfloat16 needs bf16 autocast: set train.mixed_precision=bf16 "

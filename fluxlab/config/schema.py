@@ -361,7 +361,9 @@ class Config:
             )
         self._validate_numbers()
         self._validate_guidance()
-        self.lora.validate(self.model.init_from, self.train.mixed_precision, self.model.arch)
+        self.lora.validate(
+            self.model.init_from, self.train.mixed_precision, self.model.arch, self.parallel.mode
+        )
         if self.parallel.float8 != "off" and self.lora.enabled:
             raise ValueError(
                 f"parallel.float8={self.parallel.float8} converts the trained linear layers, but "

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# LoRA on a quantized frozen base, one GPU (issue #20; docs/lora.md, docs/performance.md): a
+# flux-dev-sized transformer (11.9B, random weights), 1024² (4096 image + 512 text tokens), batch 1,
+# rank 16, activation checkpointing. fluxlab's bf16 / int8 / float8 / nf4 bases and diffusers'
+# recipe (peft LoRA on FluxTransformer2DModel + gradient checkpointing) in one process.
+#   pip install -e '.[test,quant]' bitsandbytes     # float8 needs SM >= 8.9 (H100/H200/L40S/4090)
+#   bash scripts/lora_quant_gpu.sh estimate bench   # each stage well under 10 minutes
+set -euo pipefail
+OUT=${LORA_BENCH_OUT:-runs/lora-quant-bench}
+mkdir -p "$OUT"
+for stage in "$@"; do
+  case "$stage" in
+    estimate) fluxlab train --config flux-dev-lora --estimate-memory | tee "$OUT/estimate.md" ;;
+    bench)
+      fluxlab bench --what lora --lora-cases bf16,int8,float8,nf4,diffusers \
+        --json "$OUT/lora.json" | tee "$OUT/lora.md" ;;
+    *) echo "unknown stage $stage (estimate bench)" >&2; exit 2 ;;
+  esac
+done

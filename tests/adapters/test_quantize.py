@@ -1,0 +1,226 @@
+"""A quantized frozen base under peft LoRA: which layers are quantized, that the layer computes
+with its dequantized weight in forward and backward, that gradients reach the adapters and the
+inputs (with activation checkpointing too), and that an int8-base LoRA trains."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lora_helpers import fluxlab_twin, inputs, save_debug_base, tiny_diffusers
+from safetensors.torch import load_file
+from torch import nn
+
+from fluxlab.adapters.lora import adapter_state_dict, add_lora
+from fluxlab.adapters.quantize import FrozenQuantLinear, quantize_base, torchao_config
+from fluxlab.cli import main
+from fluxlab.config.adapters import LoraConfig
+from fluxlab.config.schema import ParallelConfig, load_config
+from fluxlab.parallel.parallelize import wrap_blocks
+
+pytest.importorskip("peft", reason="LoRA needs peft (the lora extra)")
+pytest.importorskip("torchao", reason="int8/float8 bases need torchao (the quant extra)")
+
+# Each quantized weight's error ‖W_q − W‖ / ‖W‖ (int8 per-row: 8 bits; fp8 e4m3: 3 mantissa bits;
+# NF4: 16 levels per block of 64), and the output's largest deviation from the float32 base's over
+# its largest value, on a tiny model whose random weights (std 0.2) amplify every error through
+# the adaLN modulations (NF4's output error there is as large as the output: checked per weight).
+# bitsandbytes' NF4 is 0.09 on a 192×64 Gaussian, but its CPU path reaches 0.3 on some of this
+# model's smaller matrices (96×32, 32×160): a loose bound there, the exact checks above hold.
+WEIGHT_ERROR = {"int8": 0.01, "float8": 0.04, "nf4": 0.35}
+OUTPUT_ERROR = {"int8": 0.03, "float8": 0.15, "nf4": float("inf")}
+CPU_KINDS = ["int8", "float8", "nf4"]  # nf4 where bitsandbytes is installed
+
+
+def _lora(kind: str, seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """(the float32 base, its LoRA with a ``kind`` base and random B, so every adapter acts)."""
+    if kind == "nf4":
+        pytest.importorskip("bitsandbytes", reason="nf4 needs bitsandbytes (optional)")
+    base = fluxlab_twin(tiny_diffusers())
+    model = add_lora(copy.deepcopy(base), LoraConfig(enabled=True, rank=4, base_quant=kind))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return base, model
+
+
+def _dequantized_twin(model: nn.Module) -> nn.Module:
+    """The same LoRA with plain Linears holding each quantized layer's dequantized weight."""
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_modules()):
+        if isinstance(module, FrozenQuantLinear):
+            linear = nn.Linear(module.in_features, module.out_features, module.bias is not None)
+            linear.weight = nn.Parameter(module.dequantized(), requires_grad=False)
+            if module.bias is not None:
+                linear.bias = nn.Parameter(module.bias.clone(), requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(twin.get_submodule(parent), child, linear)
+    return twin
+
+
+def _loss_and_grads(model: nn.Module, x: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    x = {**x, "img": x["img"].clone().requires_grad_(True)}
+    out = model(**x)
+    out.pow(2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.detach(), x["img"].grad, grads
+
+
+@pytest.mark.parametrize("kind", CPU_KINDS)
+def test_quantized_base_computes_with_its_dequantized_weights(kind: str) -> None:
+    base, model = _lora(kind)
+    quantized = {n for n, m in model.named_modules() if isinstance(m, FrozenQuantLinear)}
+    linears = {n for n, m in base.named_modules() if type(m) is nn.Linear}
+    # every block Linear (peft's base_layer where adapted), nothing outside the blocks
+    assert {n.replace(".base_layer", "") for n in quantized} == {
+        n for n in linears if n.startswith(("double_blocks.", "single_blocks."))
+    }
+    assert type(model.img_in) is nn.Linear and type(model.final_layer.linear) is nn.Linear
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if ".lora_" in n)
+    assert not any(".base_layer" in n for n, _ in model.named_parameters())  # buffers now
+
+    x = inputs()
+    out, dx, grads = _loss_and_grads(model, x)
+    ref_out, ref_dx, ref_grads = _loss_and_grads(_dequantized_twin(model), x)
+    # The custom backward (dy @ dequantize(W)) is the plain Linear's gradient to the input.
+    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dx, ref_dx, atol=1e-5, rtol=1e-4)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4)
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if ".lora_A." in n)
+
+    # And close to the float32 base it was quantized from (the adapters off: B = 0).
+    weights = dict(base.named_parameters())
+    for name in quantized:
+        module = model.get_submodule(name)
+        w = weights[name.replace(".base_layer", "") + ".weight"]
+        rel = (module.dequantized() - w).norm() / w.norm()
+        assert 0 < rel < WEIGHT_ERROR[kind], f"{name}: relative weight error {rel:.4f}"
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.zero_()
+        plain, quant = base(**x), model(**x)
+    error = (quant - plain).abs().max() / plain.abs().max()
+    assert 0 < error < OUTPUT_ERROR[kind], f"{kind}: relative error {error:.4f}"
+
+
+def test_checkpointed_blocks_give_the_same_gradients() -> None:
+    _, model = _lora("int8")
+    x = inputs()
+    out, dx, grads = _loss_and_grads(model, x)
+    wrap_blocks(model, ParallelConfig(activation_checkpointing=True))
+    for p in model.parameters():
+        p.grad = None
+    out2, dx2, grads2 = _loss_and_grads(model, x)
+    torch.testing.assert_close(out2, out, atol=0, rtol=0)
+    torch.testing.assert_close(dx2, dx, atol=1e-6, rtol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads2[name], grads[name], atol=1e-6, rtol=1e-6)
+
+
+def test_int8_base_lora_trains() -> None:
+    """A fixed batch: the loss falls, only the adapters move, the quantized base stays bitwise."""
+    _, model = _lora("int8")
+    x = inputs()
+    target = torch.randn(x["img"].shape, generator=torch.Generator().manual_seed(5))
+    frozen = {n: b.qdata.clone() for n, b in model.named_buffers() if n.endswith(".weight")}
+    before = {k: v.clone() for k, v in adapter_state_dict(model).items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert len(params) == len(before)  # the optimizer sees the adapters only
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = (model(**x) - target).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+    after = adapter_state_dict(model)
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+    for name, buffer in model.named_buffers():
+        if name in frozen:
+            assert torch.equal(buffer.qdata, frozen[name])
+
+
+def test_missing_backends_are_clear_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Sequential()
+    with pytest.raises(ValueError, match="lora.base_quant='int4'"):
+        quantize_base(model, "int4", torch.device("cpu"))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    with pytest.raises(ValueError, match="lora.base_quant=nf4 needs bitsandbytes"):
+        quantize_base(model, "nf4", torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match="SM >= 8.9"):
+        torchao_config("float8", torch.device("cuda"))
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    with pytest.raises(ValueError, match="needs torchao"):
+        torchao_config("int8", torch.device("cpu"))
+
+
+def test_quantized_base_needs_a_frozen_model() -> None:
+    model = nn.Module()
+    model.double_blocks = nn.ModuleList([nn.Linear(16, 16)])
+    with pytest.raises(ValueError, match="only a frozen base"):
+        quantize_base(model, "int8", torch.device("cpu"))
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="fp8 GEMMs need a CUDA GPU with SM >= 8.9",
+)
+def test_float8_gemms_on_gpu() -> None:
+    base = fluxlab_twin(tiny_diffusers()).cuda().to(torch.bfloat16)
+    cfg = LoraConfig(enabled=True, rank=4, base_dtype="bfloat16", base_quant="float8")
+    model = add_lora(base, cfg)
+    x = {k: v.cuda() if v is not None else None for k, v in inputs().items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, dx, grads = _loss_and_grads(model, x)
+    assert dx.abs().sum() > 0 and all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_int8_base_run_checkpoints_adapters_and_resumes(tmp_path: Path) -> None:
+    """`fluxlab train` with lora.base_quant=int8: checkpoints hold the adapters and their moments
+    only, and 1 + 1 resumed steps equal 2 straight ones bitwise."""
+    pytest.importorskip("diffusers", reason="builds the base folder (test extra)")
+    base = save_debug_base(tmp_path / "base", 48)
+
+    def train(run: Path, *extra: str) -> None:
+        args = ["train", "--config", "debug", "--optim.batch_size=4", "--data.limit=16"]
+        args += ["--optim.steps=2", "--train.checkpoint_every=1", "--train.sample_every=2"]
+        args += [f"--model.init_from={base}", "--lora.enabled=true", "--lora.rank=2"]
+        args += ["--lora.base_quant=int8", "--optim.lr=1e-2", f"--train.output_dir={run}"]
+        assert main([*args, "--train.tensorboard=false", *extra]) == 0
+
+    train(tmp_path / "straight")
+    train(tmp_path / "resumed", "--optim.steps=1")
+    train(tmp_path / "resumed", "--resume")
+    ckpt = tmp_path / "straight" / "checkpoints" / "step_0000002"
+    weights = load_file(ckpt / "model.safetensors")
+    assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
+    state = torch.load(ckpt / "train_state.pt", weights_only=False)
+    assert {k.replace(".default.", ".") for k in state["optimizer"]["state"]} == set(weights)
+    again = load_file(tmp_path / "resumed" / "checkpoints" / "step_0000002" / "model.safetensors")
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    assert any(v.abs().max() > 0 for k, v in weights.items() if ".lora_B." in k)
+    assert (tmp_path / "straight" / "samples" / "step_0000002.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--lora.base_quant=int4", "lora.base_quant"),
+        ("--parallel.mode=fsdp", "trains on one process"),
+    ],
+)
+def test_quantized_base_config_checks(override: str, message: str) -> None:
+    base = ["--model.init_from=somewhere", "--lora.enabled=true", "--lora.base_quant=int8"]
+    with pytest.raises(ValueError, match=message):
+        load_config("debug", [*base, override])

@@ -1,0 +1,28 @@
+"""``fluxlab bench --what lora --smoke``: every base and diffusers' recipe train one tiny step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fluxlab.cli import main
+
+pytest.importorskip("diffusers", reason="diffusers' recipe is the reference (test extra)")
+pytest.importorskip("peft", reason="LoRA needs peft (the lora extra)")
+pytest.importorskip("torchao", reason="int8/float8 bases need torchao (the quant extra)")
+
+
+def test_lora_bench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "lora.json"
+    argv = ["bench", "--what", "lora", "--smoke", "--lora-cases", "bf16,int8,diffusers"]
+    assert main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["case"] for r in rows] == ["bf16", "int8", "diffusers"]
+    assert all(r["step_s"] > 0 and r["adapter_params_m"] > 0 for r in rows)
+    # the same weights and inputs: the first losses agree across implementations and bases
+    first = [r["first_losses"][0] for r in rows]
+    assert max(first) - min(first) < 0.05 * abs(first[0])
+    assert "| diffusers |" in capsys.readouterr().out
+    assert main(["bench", "--what", "lora", "--smoke", "--lora-cases", "int4"]) == 2
