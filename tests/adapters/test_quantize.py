@@ -220,7 +220,9 @@ def test_int8_base_run_checkpoints_adapters_and_resumes(tmp_path: Path) -> None:
         ("--parallel.mode=fsdp", "trains on one process"),
     ],
 )
-def test_quantized_base_config_checks(override: str, message: str) -> None:
-    base = ["--model.init_from=somewhere", "--lora.enabled=true", "--lora.base_quant=int8"]
+def test_quantized_base_config_checks(override: str, message: str, tmp_path: Path) -> None:
+    (tmp_path / "base.safetensors").touch()  # init_from must exist before LoRA is checked
+    base = [f"--model.init_from={tmp_path / 'base.safetensors'}", "--lora.enabled=true"]
+    base.append("--lora.base_quant=int8")
     with pytest.raises(ValueError, match=message):
         load_config("debug", [*base, override])
