@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fluxlab.adapters.lora import add_lora
 from fluxlab.bench.impls import DiffusersImpl, Impl
@@ -106,15 +107,20 @@ def bench_case(
     x = make_inputs(params, 1, resolution, resolution, txt_tokens, device)
 
     def kernels() -> contextlib.AbstractContextManager[None]:
-        """fluxlab runs as its trainer does (its SDPA kernels); diffusers with PyTorch's choice.
-        A fresh context each step: ``for_training``'s is single-use."""
-        return contextlib.nullcontext() if case == "diffusers" else for_training(device)
+        """fluxlab runs as its trainer does (its SDPA kernels); diffusers with flash or efficient
+        SDPA (PyTorch's own pick, cuDNN, hits an illegal memory access in this checkpointed
+        backward on an H200). A fresh context each step: ``for_training``'s is single-use."""
+        if case != "diffusers":
+            return for_training(device)
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
 
     def step() -> Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16), kernels():
-            out = impl.forward(model, x)
-        loss = F.mse_loss(out.float(), x["target"])
-        loss.backward()
+        # The backward inside the kernel choice too: checkpointing recomputes the forward there.
+        with kernels():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                out = impl.forward(model, x)
+            loss = F.mse_loss(out.float(), x["target"])
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
