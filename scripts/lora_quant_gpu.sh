@@ -4,7 +4,7 @@
 # rank 16, activation checkpointing. fluxlab's bf16 / int8 / float8 / nf4 bases and diffusers'
 # recipe (peft LoRA on FluxTransformer2DModel + gradient checkpointing) in one process.
 #   pip install -e '.[test,quant]' bitsandbytes     # float8 needs SM >= 8.9 (H100/H200/L40S/4090)
-#   bash scripts/lora_quant_gpu.sh estimate bench   # each stage well under 10 minutes
+#   bash scripts/lora_quant_gpu.sh estimate bench levers   # each stage well under 10 minutes
 set -euo pipefail
 OUT=${LORA_BENCH_OUT:-runs/lora-quant-bench}
 mkdir -p "$OUT"
@@ -14,6 +14,10 @@ for stage in "$@"; do
     bench)
       fluxlab bench --what lora --lora-cases bf16,int8,float8,nf4,diffusers \
         --json "$OUT/lora.json" | tee "$OUT/lora.md" ;;
-    *) echo "unknown stage $stage (estimate bench)" >&2; exit 2 ;;
+    levers)  # compiled blocks; checkpointing every 2nd block where the quantized base frees memory
+      fluxlab bench --what lora \
+        --lora-cases bf16:compile,int8:compile:ac2,nf4:compile:ac2,nf4:compile:ac3,diffusers \
+        --json "$OUT/levers.json" | tee "$OUT/levers.md" ;;
+    *) echo "unknown stage $stage (estimate bench levers)" >&2; exit 2 ;;
   esac
 done

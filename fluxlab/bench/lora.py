@@ -61,7 +61,32 @@ SMOKE = dict(
 )
 
 
+def parse_case(case: str) -> tuple[str, ParallelConfig]:
+    """``BASE[:compile][:acN]`` → (base, how fluxlab wraps its blocks). ``acN`` checkpoints every
+    N-th block (``ac0``: none; default ``ac1``, every block, as diffusers' recipe)."""
+    base, *mods = case.split(":")
+    if base not in CASES or (base == "diffusers" and mods):
+        raise ValueError(
+            f"--lora-cases: {case!r} is not BASE[:compile][:acN] with BASE in {list(CASES)} "
+            "(diffusers takes no modifiers)"
+        )
+    wrap = ParallelConfig(activation_checkpointing=True)
+    for mod in mods:
+        if mod == "compile":
+            wrap.compile = True
+        elif mod.startswith("ac") and mod[2:].isdigit():
+            every = int(mod[2:])
+            wrap.activation_checkpointing = every > 0
+            wrap.checkpoint_every = max(every, 1)
+        else:
+            raise ValueError(f"--lora-cases: {case!r}: unknown modifier {mod!r} (compile, acN)")
+    return base, wrap
+
+
 def _build(case: str, params: FluxParams, rank: int, device: torch.device) -> nn.Module:
+    case, wrap = parse_case(case)
+    if device.type == "cpu":
+        wrap.compile_backend = "aot_eager"  # the smoke test: no C compiler needed
     if case == "diffusers":
         from peft import LoraConfig as PeftLoraConfig  # optional, as the lora extra
 
@@ -77,7 +102,7 @@ def _build(case: str, params: FluxParams, rank: int, device: torch.device) -> nn
     cfg = LoraConfig(enabled=True, rank=rank, base_dtype="bfloat16", base_quant=quant)
     add_lora(model, cfg)
     use_attention(model, training_attention(device))
-    return wrap_blocks(model, ParallelConfig(activation_checkpointing=True)).train()
+    return wrap_blocks(model, wrap).train()
 
 
 def _sync(device: torch.device) -> None:
@@ -110,7 +135,7 @@ def bench_case(
         """fluxlab runs as its trainer does (its SDPA kernels); diffusers with flash or efficient
         SDPA (PyTorch's own pick, cuDNN, hits an illegal memory access in this checkpointed
         backward on an H200). A fresh context each step: ``for_training``'s is single-use."""
-        if case != "diffusers":
+        if not case == "diffusers":
             return for_training(device)
         return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
 
@@ -146,9 +171,8 @@ def bench_case(
 
 def run(cases: list[str], smoke: bool, rank: int = 16) -> list[dict[str, Any]]:
     """Every case in turn; ``smoke``: the tiny model on the CPU at 64² (for the tests)."""
-    unknown = [c for c in cases if c not in CASES]
-    if unknown:
-        raise ValueError(f"--lora-cases: unknown {unknown}; choose from {list(CASES)}")
+    for case in cases:
+        parse_case(case)  # every name checked before the first model is built
     if smoke:
         params, device, res, txt = FluxParams(**SMOKE, guidance_embed=True), "cpu", 64, 8
     else:

@@ -27,7 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lora-cases",
         default="bf16,int8,float8,nf4,diffusers",
-        help="--what lora: fluxlab's frozen bases (bf16, int8, float8, nf4) and diffusers' recipe",
+        help="--what lora: fluxlab's frozen bases (bf16, int8, float8, nf4), each optionally "
+        "BASE:compile and/or BASE:acN (checkpoint every N-th block, ac0 none; default ac1), and "
+        "diffusers' recipe",
     )
     p.add_argument(
         "--smoke", action="store_true", help="--what lora: a tiny model on the CPU (tests)"

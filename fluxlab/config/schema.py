@@ -211,6 +211,9 @@ class ParallelConfig:
     activation_checkpointing: bool = (
         False  # recompute each block's activations in backward: less memory, ~30% slower
     )
+    # With activation_checkpointing: checkpoint every N-th block only (torchtitan's layer-selective
+    # AC); N > 1 spends memory on the others' activations to skip their recompute.
+    checkpoint_every: int = 1
     compile: bool = False  # torch.compile each transformer block
     compile_backend: str = "inductor"  # "aot_eager" needs no C compiler (tests, debugging)
     # fp8 matmuls (torchao float8) in the blocks' attention and MLP linears; needs a GPU of compute
@@ -222,6 +225,12 @@ class ParallelConfig:
         Config.validate)."""
         if self.replicate < 1:
             raise ValueError(f"parallel.replicate={self.replicate} must be at least 1")
+        if self.checkpoint_every < 1:
+            raise ValueError(
+                f"parallel.checkpoint_every={self.checkpoint_every} must be at least 1 "
+                "(1 checkpoints every block; turn checkpointing off with "
+                "parallel.activation_checkpointing=false)"
+            )
         if self.mode == "hsdp" and world % self.replicate:
             raise ValueError(
                 f"parallel.replicate={self.replicate} does not divide the world size {world}: "

@@ -75,16 +75,19 @@ def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def wrap_blocks(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
-    """Activation checkpointing, then torch.compile, per block; parameter names are untouched."""
-    for block in blocks(model):
+    """Activation checkpointing (every ``checkpoint_every``-th block), then torch.compile, per
+    block; parameter names are untouched."""
+    for index, block in enumerate(blocks(model)):
+        checkpoint = cfg.activation_checkpointing and index % cfg.checkpoint_every == 0
+        if not (checkpoint or cfg.compile):
+            continue
         forward = block.forward
-        if cfg.activation_checkpointing:
+        if checkpoint:
             forward = functools.partial(_checkpointed, forward)
         if cfg.compile:
             forward = torch.compile(forward, backend=cfg.compile_backend)
-        if forward is not block.forward:
-            # An instance attribute: nn.Module.__call__ (and FSDP's hooks) still run.
-            block.forward = forward
+        # An instance attribute: nn.Module.__call__ (and FSDP's hooks) still run.
+        block.forward = forward
     return model
 
 

@@ -26,3 +26,26 @@ def test_lora_bench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert max(first) - min(first) < 0.05 * abs(first[0])
     assert "| diffusers |" in capsys.readouterr().out
     assert main(["bench", "--what", "lora", "--smoke", "--lora-cases", "int4"]) == 2
+
+
+def test_case_modifiers_compile_and_checkpoint_fewer_blocks(tmp_path: Path) -> None:
+    from fluxlab.bench.lora import parse_case
+
+    base, wrap = parse_case("nf4:compile:ac2")
+    assert (base, wrap.compile, wrap.activation_checkpointing, wrap.checkpoint_every) == (
+        "nf4",
+        True,
+        True,
+        2,
+    )
+    assert not parse_case("bf16:ac0")[1].activation_checkpointing
+    for bad in ("diffusers:compile", "bf16:fast", "bf16:acx"):
+        with pytest.raises(ValueError, match="--lora-cases"):
+            parse_case(bad)
+    out = tmp_path / "lora.json"
+    argv = ["bench", "--what", "lora", "--smoke", "--lora-cases", "bf16,bf16:compile:ac2,bf16:ac0"]
+    assert main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    # Compiling and checkpointing change how the step runs, not what it computes.
+    first = [r["first_losses"] for r in rows]
+    assert first[1] == pytest.approx(first[0], rel=1e-3) and first[2] == pytest.approx(first[0])

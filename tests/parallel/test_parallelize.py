@@ -31,6 +31,7 @@ from fluxlab.models.flux.model import Flux
 from fluxlab.models.flux.presets import flux_params
 from fluxlab.parallel.distributed import DistInfo
 from fluxlab.parallel.parallelize import (
+    blocks,
     check_training_memory,
     materialize_like,
     meta_copy,
@@ -292,6 +293,34 @@ def test_checkpointing_and_compile_keep_parameter_names_and_outputs() -> None:
         torch.testing.assert_close(
             a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}"
         )
+
+
+def test_checkpoint_every_wraps_every_nth_block_and_keeps_gradients() -> None:
+    torch.manual_seed(0)
+    params = flux_params(
+        "flux-debug", in_channels=12, context_in_dim=16, vec_in_dim=8, depth_single_blocks=2
+    )
+    model, plain = Flux(params), Flux(params)
+    for p in model.parameters():  # adaLN-Zero would make every block the identity
+        torch.nn.init.normal_(p, std=0.05)
+    plain.load_state_dict(model.state_dict())
+    wrap_blocks(model, ParallelConfig(activation_checkpointing=True, checkpoint_every=2))
+    wrapped = ["forward" in vars(block) for block in blocks(model)]
+    assert wrapped == [i % 2 == 0 for i in range(len(wrapped))] and len(wrapped) > 2
+    args = (
+        torch.randn(2, 4, 12),
+        torch.zeros(2, 4, 3),
+        torch.randn(2, 3, 16),
+        torch.zeros(2, 3, 3),
+        torch.rand(2),
+        torch.randn(2, 8),
+    )
+    model(*args).square().sum().backward()
+    plain(*args).square().sum().backward()
+    for a, b in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="parallel.checkpoint_every"):
+        load_config("debug", ["--parallel.checkpoint_every=0"])
 
 
 def test_ranks_split_each_global_batch_and_draw_its_numbers() -> None:
