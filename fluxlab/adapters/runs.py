@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from fluxlab.adapters.formats import LoraWeights, merge_into_model, merge_into_state_dict, read_lora
 from fluxlab.adapters.lora import lora_weights
-from fluxlab.config.schema import config_from_dict
+from fluxlab.config.loading import config_from_dict
 from fluxlab.models.flux.model import Flux, FluxParams
 from fluxlab.models.weights.pretrained import is_fluxlab_checkpoint, load_init_weights
 from fluxlab.train.checkpoint import load_weights, read_description, resolve_checkpoint

@@ -23,7 +23,7 @@ from fluxlab.adapters.lora import add_lora
 from fluxlab.bench.impls import DiffusersImpl, Impl
 from fluxlab.bench.transformer import make_inputs
 from fluxlab.config.adapters import LoraConfig
-from fluxlab.config.schema import ParallelConfig
+from fluxlab.config.sections import ParallelConfig
 from fluxlab.models.flux.model import FluxParams
 from fluxlab.models.flux.presets import flux_params
 from fluxlab.parallel.attention_kernels import for_training, training_attention, use_attention

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from fluxlab.bench.transformer import flops_forward, make_inputs
-from fluxlab.config.schema import ParallelConfig
+from fluxlab.config.sections import ParallelConfig
 from fluxlab.models.flux.model import Flux
 from fluxlab.models.flux.presets import flux_params
 from fluxlab.parallel import attention_kernels, distributed

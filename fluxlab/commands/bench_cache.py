@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     # torch and the benchmark load here, not at `fluxlab --help`.
     from fluxlab.bench.cache import bench_cache, format_report
-    from fluxlab.config.schema import load_config
+    from fluxlab.config.loading import load_config
     from fluxlab.data import cache_dir
     from fluxlab.pipelines.build import resolve_device
 

@@ -45,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     # torch and the benchmark load here, not at `fluxlab --help`.
     from fluxlab.bench.scale import bench_scale
-    from fluxlab.config.schema import ParallelConfig
+    from fluxlab.config.sections import ParallelConfig
     from fluxlab.pipelines.build import resolve_device
 
     if min(args.batch, args.steps) < 1 or args.warmup < 0 or args.resolution % 16:

@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    from fluxlab.config.schema import load_config
+    from fluxlab.config.loading import load_config
     from fluxlab.data.cache_writer import write_cache
     from fluxlab.pipelines.build import resolve_device
 

@@ -77,7 +77,7 @@ def stopped(command: str, interrupted: TrainingInterrupted, resume_with: str) ->
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     # Imported here: every command module loads for `fluxlab --help`, which must stay fast.
-    from fluxlab.config.schema import load_config
+    from fluxlab.config.loading import load_config
 
     if args.estimate_memory:
         return _estimate_memory(args.config, overrides)
@@ -145,8 +145,8 @@ def _simulate(cfg: Config, world: int, overwrite: bool) -> int:
 def _estimate_memory(config: str, overrides: list[str]) -> int:
     """The memory report of ``adapters/memory.py`` for the config's model, resolution and LoRA."""
     from fluxlab.adapters.memory import estimate, report
+    from fluxlab.config.loading import config_data, config_from_dict
     from fluxlab.config.presets import PRESETS
-    from fluxlab.config.schema import config_data, config_from_dict
     from fluxlab.models.flux.presets import flux_params
 
     # Not load_config: its checks want the placeholders replaced, and nothing is read here.

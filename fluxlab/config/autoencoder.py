@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 
+from fluxlab.config.loading import config_data, config_from_dict
 from fluxlab.config.presets import AE_TRAIN_PRESETS
-from fluxlab.config.schema import Config, check_step_intervals, config_data, config_from_dict
+from fluxlab.config.schema import Config
+from fluxlab.config.sections import check_step_intervals
 from fluxlab.models.autoencoder import AutoEncoderParams, ae_params
 
 

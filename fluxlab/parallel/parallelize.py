@@ -39,7 +39,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
-from fluxlab.config.schema import ParallelConfig
+from fluxlab.config.sections import ParallelConfig
 from fluxlab.parallel.attention_kernels import training_attention, use_attention
 from fluxlab.parallel.distributed import DistInfo
 from fluxlab.parallel.float8 import convert_to_float8_training

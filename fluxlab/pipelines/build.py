@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from fluxlab.adapters.lora import add_lora
 from fluxlab.adapters.runs import checkpoint_weights, init_weights
 from fluxlab.conditioning.text_encoders import TextEncoder, build_text_encoder
-from fluxlab.config.schema import Config, config_from_dict
+from fluxlab.config.loading import config_from_dict
+from fluxlab.config.schema import Config
 from fluxlab.models.flux.model import Flux, FluxParams
 from fluxlab.models.flux.presets import flux_params
 from fluxlab.models.weights.autoencoder_spec import load_autoencoder

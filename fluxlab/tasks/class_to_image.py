@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fluxlab.config.loading import config_from_dict
 from fluxlab.config.model_params import dit_params
-from fluxlab.config.schema import Config, config_from_dict
+from fluxlab.config.schema import Config
 from fluxlab.diffusion.ddpm import DDPMObjective, Spacing
 from fluxlab.diffusion.guidance import classifier_free_guidance
 from fluxlab.diffusion.objectives import objective_from_config

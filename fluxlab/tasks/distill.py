@@ -18,14 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from fluxlab.adapters.runs import init_weights
+from fluxlab.config.loading import config_data, config_from_dict, deep_merge, parse_overrides
 from fluxlab.config.presets import PRESETS
-from fluxlab.config.schema import (
-    Config,
-    config_data,
-    config_from_dict,
-    deep_merge,
-    parse_overrides,
-)
+from fluxlab.config.schema import Config
 from fluxlab.diffusion.flow import Predict
 from fluxlab.diffusion.guidance import classifier_free_guidance
 from fluxlab.models.flux.model import Flux, FluxParams

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from fluxlab.cli import main
-from fluxlab.config.schema import config_from_dict, load_config
+from fluxlab.config.loading import config_from_dict, load_config
 from fluxlab.data.openmoji_select import HELDOUT_50, tone_free
 from fluxlab.data.training import train_dataset, val_dataset
 

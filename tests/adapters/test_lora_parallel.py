@@ -14,7 +14,7 @@ import torch
 from lora_helpers import save_debug_base
 
 from fluxlab.adapters.lora import is_adapter_parameter
-from fluxlab.config.schema import load_config
+from fluxlab.config.loading import load_config
 from fluxlab.train.checkpoint import load_weights
 from fluxlab.train.trainer import Trainer
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(
 WORKER = """
 import json, sys
 import torch.distributed as dist
-from fluxlab.config.schema import load_config
+from fluxlab.config.loading import load_config
 from fluxlab.train.trainer import Trainer
 
 dist.init_process_group("gloo")

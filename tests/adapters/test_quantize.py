@@ -18,7 +18,8 @@ from fluxlab.adapters.lora import adapter_state_dict, add_lora
 from fluxlab.adapters.quantize import FrozenQuantLinear, quantize_base, torchao_config
 from fluxlab.cli import main
 from fluxlab.config.adapters import LoraConfig
-from fluxlab.config.schema import ParallelConfig, load_config
+from fluxlab.config.loading import load_config
+from fluxlab.config.sections import ParallelConfig
 from fluxlab.parallel.parallelize import wrap_blocks
 
 pytest.importorskip("peft", reason="LoRA needs peft (the lora extra)")

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fluxlab.config.schema import Config, OptimConfig, SampleConfig, load_config
+from fluxlab.config.loading import load_config
+from fluxlab.config.schema import Config
+from fluxlab.config.sections import OptimConfig, SampleConfig
 
 
 @pytest.mark.parametrize(

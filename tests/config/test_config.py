@@ -1,7 +1,7 @@
 import pytest
 
+from fluxlab.config.loading import load_config, parse_overrides
 from fluxlab.config.presets import PRESETS
-from fluxlab.config.schema import load_config, parse_overrides
 
 # Presets over files the user makes or downloads first: they must fail with a message naming the
 # field.

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fluxlab.config.schema import load_config
+from fluxlab.config.loading import load_config
 from fluxlab.data import (
     BadImageError,
     ImageCaptionFolder,

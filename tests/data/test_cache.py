@@ -9,7 +9,7 @@ from PIL import Image
 
 from fluxlab.cli import main
 from fluxlab.conditioning.text_encoders import build_text_encoder
-from fluxlab.config.schema import load_config
+from fluxlab.config.loading import load_config
 from fluxlab.data import build_dataset, cache_writer
 from fluxlab.data.cache import check_cache, open_cache
 from fluxlab.data.cache_writer import build_cache_codec, write_cache

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fluxlab.config.schema import SampleConfig, load_config
+from fluxlab.config.loading import load_config
+from fluxlab.config.sections import SampleConfig
 from fluxlab.data import build_dataset
 from fluxlab.data.openmoji_names import emoji_group, emoji_name
 from fluxlab.data.openmoji_render import openmoji_codes

@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fluxlab.cli import main
-from fluxlab.config.schema import load_config
+from fluxlab.config.loading import load_config
 from fluxlab.diffusion.flow import RectifiedFlow
 from fluxlab.eval.fid_inputs import resolve_extractor
 from fluxlab.eval.validation import stratified_timesteps, validation_loss

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from fluxlab.commands.sampling_options import apply_fp8
 from fluxlab.conditioning.tokens import image_ids, text_ids
-from fluxlab.config.schema import ParallelConfig, load_config
+from fluxlab.config.loading import load_config
+from fluxlab.config.sections import ParallelConfig
 from fluxlab.models.flux.model import Flux, FluxParams
 from fluxlab.models.flux.presets import flux_params
 from fluxlab.parallel import float8 as f8

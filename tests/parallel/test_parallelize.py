@@ -25,7 +25,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from fluxlab.cli import main
-from fluxlab.config.schema import ParallelConfig, load_config
+from fluxlab.config.loading import load_config
+from fluxlab.config.sections import ParallelConfig
 from fluxlab.data.samplers import InfiniteBatchSampler
 from fluxlab.models.flux.model import Flux
 from fluxlab.models.flux.presets import flux_params
@@ -61,7 +62,7 @@ TOL = 1e-5
 WORKER = """
 import json, sys
 import torch.distributed as dist
-from fluxlab.config.schema import load_config
+from fluxlab.config.loading import load_config
 from fluxlab.train.trainer import Trainer
 
 # Shared by every run below: the trainer leaves a group it did not create alone.

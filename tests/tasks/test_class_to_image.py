@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from fluxlab.cli import main
+from fluxlab.config.loading import load_config
 from fluxlab.config.model_params import dit_params
-from fluxlab.config.schema import load_config
 from fluxlab.data import OPENMOJI_GROUPS
 from fluxlab.diffusion.ddpm import ddim_sample
 from fluxlab.diffusion.samplers import euler, get_schedule

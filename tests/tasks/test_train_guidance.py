@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from fluxlab.cli import main
-from fluxlab.config.schema import load_config
+from fluxlab.config.loading import load_config
 from fluxlab.models.flux.model import Flux
 from fluxlab.models.flux.presets import flux_params
 from fluxlab.tasks.guidance import sampling_guidance, training_guidance

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from fluxlab.cli import main
 from fluxlab.config.autoencoder import load_ae_config, validate_ae
-from fluxlab.config.schema import load_config
+from fluxlab.config.loading import load_config
 from fluxlab.data.shard_writer import folder_samples, shard_pattern, write_shards
 from fluxlab.data.training import train_batches, train_dataset
 from fluxlab.train import trainer as trainer_module

@@ -13,9 +13,9 @@ from PIL import Image
 from fluxlab.cli import main
 from fluxlab.conditioning.tokens import pack
 from fluxlab.config.autoencoder import ae_params_from_config, load_ae_config
+from fluxlab.config.loading import load_config
 from fluxlab.config.presets import AE_TRAIN_PRESETS, PRESETS
 from fluxlab.config.presets_256 import PRESETS_256
-from fluxlab.config.schema import load_config
 from fluxlab.pipelines.build import build_codec, token_dim
 
 # Few emoji, one or two held out, no loader workers, no TensorBoard; the preset's time limits stay.

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fluxlab.cli import main
-from fluxlab.config.schema import load_config
+from fluxlab.config.loading import load_config
 from fluxlab.data.samplers import InfiniteBatchSampler
 from fluxlab.train.trainer import Trainer
 

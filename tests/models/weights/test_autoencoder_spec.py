@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from fluxlab.cli import main
-from fluxlab.config.schema import load_config
+from fluxlab.config.loading import load_config
 from fluxlab.models.weights.autoencoder_spec import describe, load_autoencoder, save_autoencoder
 from fluxlab.pipelines.build import load_for_sampling
 

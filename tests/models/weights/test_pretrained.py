@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from fluxlab.cli import main
-from fluxlab.config.schema import load_config
+from fluxlab.config.loading import load_config
 from fluxlab.models.flux.model import Flux, FluxParams
 from fluxlab.models.weights.autoencoder_spec import load_autoencoder, save_autoencoder
 from fluxlab.models.weights.flux_diffusers import bfl_to_diffusers
