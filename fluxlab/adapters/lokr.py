@@ -8,7 +8,8 @@ name them ``<bfl module>.lokr_w1`` etc. (peft's ``.default`` dropped).
 On disk (``bfl`` / ``kohya`` layouts) the keys are LyCORIS': ``diffusion_model.<bfl module>`` or
 ``lora_unet_<bfl module, dots as _>`` + ``.lokr_w1`` ...; the scale is baked into w1 (or w1_a)
 and ``.alpha`` is the rank, so every reader (ComfyUI, LyCORIS) applies a scale of 1 whichever
-factors are decomposed. diffusers' ``FluxPipeline.load_lora_weights`` reads no LoKr.
+factors are decomposed. diffusers' ``FluxPipeline.load_lora_weights`` reads no LoKr (0.42.1
+reads it for FLUX.2 and Z-Image only).
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def to_state_dict(lokr: LokrWeights, layout: str) -> dict[str, Tensor]:
     if layout not in ("bfl", "kohya"):
         raise ValueError(
             f"a LoKr adapter exports as --format bfl or kohya (LyCORIS keys, read by ComfyUI and "
-            f"kohya's tools), not {layout}: diffusers' load_lora_weights reads no LoKr on FLUX; "
-            "for diffusers, export the merged model with `fluxlab export transformer`"
+            f"kohya's tools), not {layout}: diffusers' FluxPipeline.load_lora_weights reads no "
+            "LoKr; for diffusers, export the merged model with `fluxlab export transformer`"
         )
     out: dict[str, Tensor] = {}
     for bfl, f in lokr.items():
