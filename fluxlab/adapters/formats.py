@@ -28,7 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from fluxlab.adapters import names
+from fluxlab.adapters import lokr, names
+from fluxlab.adapters.lokr import LokrFactors
 
 Layout = Literal["diffusers", "bfl", "kohya"]
 LAYOUTS: tuple[Layout, ...] = ("diffusers", "bfl", "kohya")
@@ -54,12 +55,19 @@ class LoraPair:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) of the Linear this adapts."""
+        return int(self.up.shape[0]), int(self.down.shape[1])
+
     def delta(self) -> Tensor:
         """ΔW in float32."""
         return (self.up.float() @ self.down.float()) * self.scale
 
 
 LoraWeights = dict[str, LoraPair]
+# What a file or run may hold: LoRA pairs or LoKr factors (adapters/lokr.py); both merge by delta().
+AdapterWeights = LoraWeights | lokr.LokrWeights
 
 
 # ----------------------------------------------------------------------------------- state dicts
@@ -114,9 +122,12 @@ def detect_lora_layout(keys: list[str]) -> Layout:
     return "bfl"
 
 
-def from_state_dict(sd: dict[str, Tensor], mlp_ratio: float = 4.0) -> LoraWeights:
+def from_state_dict(sd: dict[str, Tensor], mlp_ratio: float = 4.0) -> AdapterWeights:
     """``LoraWeights`` from a LoRA state dict in any layout this module reads (``mlp_ratio``: the
-    model's, to fuse diffusers LoRAs that leave out a single block's MLP part)."""
+    model's, to fuse diffusers LoRAs that leave out a single block's MLP part); a LyCORIS LoKr
+    file gives ``LokrWeights``."""
+    if any(lokr.is_lokr_key(k) for k in sd):
+        return lokr.from_state_dict(sd)
     layout = detect_lora_layout(list(sd))
     if layout == "kohya":
         modules = _group(sd, ("lora_unet_",))
@@ -180,8 +191,10 @@ def _swap_halves(t: Tensor) -> Tensor:
     return torch.cat([b, a], dim=0)
 
 
-def to_state_dict(lora: LoraWeights, layout: Layout) -> dict[str, Tensor]:
+def to_state_dict(lora: AdapterWeights, layout: Layout) -> dict[str, Tensor]:
     """The tensors of ``lora`` under ``layout``'s names (new, contiguous tensors)."""
+    if any(isinstance(p, LokrFactors) for p in lora.values()):
+        return lokr.to_state_dict(lora, layout)  # type: ignore[arg-type]
     out: dict[str, Tensor] = {}
     if layout in ("bfl", "kohya"):
         for bfl, p in lora.items():
@@ -209,7 +222,7 @@ def to_state_dict(lora: LoraWeights, layout: Layout) -> dict[str, Tensor]:
 
 
 # ------------------------------------------------------------------------------------------ files
-def read_lora(path: str | Path, mlp_ratio: float = 4.0) -> LoraWeights:
+def read_lora(path: str | Path, mlp_ratio: float = 4.0) -> AdapterWeights:
     """A LoRA ``.safetensors`` in any layout; a folder means its diffusers-named file."""
     path = Path(path).expanduser()
     if path.is_dir():
@@ -224,39 +237,41 @@ def read_lora(path: str | Path, mlp_ratio: float = 4.0) -> LoraWeights:
 
 
 def write_lora(
-    lora: LoraWeights, path: str | Path, layout: Layout, metadata: dict | None = None
+    lora: AdapterWeights, path: str | Path, layout: Layout, metadata: dict | None = None
 ) -> Path:
     """Writes ``lora`` in ``layout``; a folder ``path`` gets diffusers' file name."""
+    state = to_state_dict(lora, layout)  # before any folder is made: a LoKr refuses diffusers
     path = Path(path).expanduser()
     if path.suffix != ".safetensors":
         path = path / DIFFUSERS_FILENAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": f"lora-{layout}", "written_by": "fluxlab"}
+    kind = "lokr" if any(isinstance(p, LokrFactors) for p in lora.values()) else "lora"
+    meta = {"format": f"{kind}-{layout}", "written_by": "fluxlab"}
     if metadata:
         meta["fluxlab"] = json.dumps(metadata)
-    save_file(to_state_dict(lora, layout), str(path), metadata=meta)
+    save_file(state, str(path), metadata=meta)
     return path
 
 
 # ---------------------------------------------------------------------------------------- merging
 @torch.no_grad()
-def merge_into_state_dict(sd: dict[str, Tensor], lora: LoraWeights, scale: float = 1.0) -> None:
+def merge_into_state_dict(sd: dict[str, Tensor], lora: AdapterWeights, scale: float = 1.0) -> None:
     """W ← W + scale · ΔW for every adapted Linear of a BFL-named state dict, in place."""
     for bfl, p in lora.items():
         key = f"{bfl}.weight"
         if key not in sd:
             raise ValueError(f"the LoRA adapts {bfl!r}, which this Flux does not have")
         weight = sd[key]
-        if tuple(weight.shape) != (p.up.shape[0], p.down.shape[1]):
+        if tuple(weight.shape) != p.shape:
             raise ValueError(
-                f"the LoRA on {bfl} makes a {p.up.shape[0]}×{p.down.shape[1]} update, but the "
+                f"the LoRA on {bfl} makes a {p.shape[0]}×{p.shape[1]} update, but the "
                 f"weight is {tuple(weight.shape)}: it was trained for another model size"
             )
         sd[key] = (weight.float() + scale * p.delta().to(weight.device)).to(weight.dtype)
 
 
 @torch.no_grad()
-def merge_into_model(model: nn.Module, lora: LoraWeights, scale: float = 1.0) -> nn.Module:
+def merge_into_model(model: nn.Module, lora: AdapterWeights, scale: float = 1.0) -> nn.Module:
     """``merge_into_state_dict`` on a plain (BFL-named) Flux's parameters, in place."""
     params = dict(model.named_parameters())
     missing = [bfl for bfl in lora if f"{bfl}.weight" not in params]

@@ -12,7 +12,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fluxlab.adapters.formats import LoraWeights, merge_into_model, merge_into_state_dict, read_lora
+from fluxlab.adapters.formats import (
+    AdapterWeights,
+    merge_into_model,
+    merge_into_state_dict,
+    read_lora,
+)
 from fluxlab.adapters.lora import lora_weights
 from fluxlab.config.loading import config_from_dict
 from fluxlab.models.flux.model import Flux, FluxParams
@@ -24,8 +29,8 @@ def is_lora_run(description: dict[str, Any]) -> bool:
     return bool(description.get("config", {}).get("lora", {}).get("enabled"))
 
 
-def checkpoint_lora(path: str | Path, ema: bool = True) -> LoraWeights:
-    """The adapter of a LoRA run's checkpoint (or of a run folder's newest one)."""
+def checkpoint_lora(path: str | Path, ema: bool = True) -> AdapterWeights:
+    """The adapter of a LoRA (or LoKr) run's checkpoint (or of a run folder's newest one)."""
     ckpt = resolve_checkpoint(path)
     desc = read_description(ckpt)
     if not is_lora_run(desc):
@@ -63,7 +68,7 @@ def init_weights(
     return load_init_weights(spec, device, dtype)
 
 
-def read_any_lora(spec: str | Path, mlp_ratio: float = 4.0) -> LoraWeights:
+def read_any_lora(spec: str | Path, mlp_ratio: float = 4.0) -> AdapterWeights:
     """A LoRA file in any layout ``formats`` reads, or a fluxlab LoRA run (its EMA adapter)."""
     if is_fluxlab_checkpoint(spec):
         return checkpoint_lora(spec)

@@ -153,6 +153,11 @@ def _estimate_memory(config: str, overrides: list[str]) -> int:
     cfg = config_from_dict(config_data(config, PRESETS, overrides))
     if cfg.model.arch != "flux":
         raise ValueError("--estimate-memory sizes a Flux LoRA run: set model.arch=flux")
+    if cfg.lora.kind != "lora":  # the activation trace injects LoRA layers
+        raise ValueError(
+            "--estimate-memory models LoRA adapters only: set lora.kind=lora for an estimate "
+            "(a LoKr of the same rank has fewer parameters and the same base)"
+        )
     cfg.lora.validate("base", "bf16", "flux")
     params = flux_params(cfg.model.preset, **cfg.model.flux_overrides())
     enc = cfg.encoding

@@ -1,4 +1,5 @@
-"""The ``lora`` config section: low-rank adapters (peft) on a frozen Flux, and its checks.
+"""The ``lora`` config section: low-rank (LoRA) or Kronecker (LoKr) adapters (peft) on a frozen
+Flux, and its checks.
 
 Module names are BFL's (``img_attn.qkv``, ``linear1``, ...): a target matches every module whose
 name ends with it, in every block.
@@ -41,11 +42,15 @@ OPTIONAL_TARGETS = [
 ]
 
 BASE_QUANTS = ("none", "int8", "float8", "nf4")
+KINDS = ("lora", "lokr")
 
 
 @dataclass(kw_only=True)
 class LoraConfig:
     enabled: bool = False  # train adapters on a frozen model.init_from instead of every weight
+    # lora: ΔW = B·A; lokr: ΔW = kron(w1, w2) (LyCORIS' LoKr, peft's LoKrConfig), rank and alpha
+    # then shape w2's (and with lokr_decompose_both w1's) low-rank factors.
+    kind: Literal["lora", "lokr"] = "lora"
     rank: int = 16
     alpha: float | None = None  # the update is scaled by alpha / rank; None = rank (scale 1)
     dropout: float = 0.0
@@ -55,6 +60,10 @@ class LoraConfig:
     # The frozen base's block Linears quantized (fluxlab/adapters/quantize.py): int8 (torchao,
     # weight-only), float8 (torchao; fp8 GEMMs on SM >= 8.9), nf4 (bitsandbytes, QLoRA's).
     base_quant: Literal["none", "int8", "float8", "nf4"] = "none"
+    # LoKr only: w1's side of each dimension (peft's decompose_factor; -1 = near the square root),
+    # and whether w1 is a low-rank product too (smaller, for large factors).
+    lokr_factor: int = -1
+    lokr_decompose_both: bool = False
 
     @property
     def scale(self) -> float:
@@ -72,6 +81,15 @@ class LoraConfig:
             raise ValueError(
                 "lora.enabled needs a base to adapt: set model.init_from to a fluxlab run, a "
                 "diffusers FLUX folder or a BFL flux1-*.safetensors file"
+            )
+        if self.kind not in KINDS:
+            raise ValueError(f"lora.kind={self.kind!r}: choose one of {list(KINDS)}")
+        if self.kind == "lokr":
+            self._validate_lokr()
+        elif self.lokr_factor != -1 or self.lokr_decompose_both:
+            raise ValueError(
+                "lora.lokr_factor and lora.lokr_decompose_both shape LoKr adapters: set "
+                "lora.kind=lokr, or leave them at -1 and false"
             )
         if self.rank < 1:
             raise ValueError(f"lora.rank={self.rank} must be at least 1 (16 is usual)")
@@ -98,4 +116,16 @@ class LoraConfig:
             raise ValueError(
                 "lora.base_dtype=bfloat16 needs bf16 autocast: set train.mixed_precision=bf16 "
                 "(or auto on a GPU), or keep lora.base_dtype=float32"
+            )
+
+    def _validate_lokr(self) -> None:
+        if self.lokr_factor != -1 and self.lokr_factor < 1:
+            raise ValueError(
+                f"lora.lokr_factor={self.lokr_factor} must be -1 (near the square root of each "
+                "dimension) or a positive size for w1 (4 to 16 is usual)"
+            )
+        if self.base_quant != "none":
+            raise ValueError(
+                f"lora.kind=lokr with lora.base_quant={self.base_quant}: a quantized base is "
+                "tested with LoRA only; set lora.kind=lora or lora.base_quant=none"
             )
