@@ -127,7 +127,7 @@ def from_state_dict(sd: dict[str, Tensor], mlp_ratio: float = 4.0) -> AdapterWei
     model's, to fuse diffusers LoRAs that leave out a single block's MLP part); a LyCORIS LoKr
     file gives ``LokrWeights``."""
     if any(lokr.is_lokr_key(k) for k in sd):
-        return lokr.from_state_dict(sd)
+        return lokr.lokr_from_state_dict(sd)
     layout = detect_lora_layout(list(sd))
     if layout == "kohya":
         modules = _group(sd, ("lora_unet_",))
@@ -194,7 +194,7 @@ def _swap_halves(t: Tensor) -> Tensor:
 def to_state_dict(lora: AdapterWeights, layout: Layout) -> dict[str, Tensor]:
     """The tensors of ``lora`` under ``layout``'s names (new, contiguous tensors)."""
     if any(isinstance(p, LokrFactors) for p in lora.values()):
-        return lokr.to_state_dict(lora, layout)  # type: ignore[arg-type]
+        return lokr.lokr_to_state_dict(lora, layout)  # type: ignore[arg-type]
     out: dict[str, Tensor] = {}
     if layout in ("bfl", "kohya"):
         for bfl, p in lora.items():

@@ -75,7 +75,7 @@ def lokr_weights(state: dict[str, Tensor], scale: float) -> LokrWeights:
     return out
 
 
-def to_state_dict(lokr: LokrWeights, layout: str) -> dict[str, Tensor]:
+def lokr_to_state_dict(lokr: LokrWeights, layout: str) -> dict[str, Tensor]:
     """LyCORIS keys under the ``bfl`` or ``kohya`` module names, the scale baked into w1."""
     if layout not in ("bfl", "kohya"):
         raise ValueError(
@@ -95,7 +95,7 @@ def to_state_dict(lokr: LokrWeights, layout: str) -> dict[str, Tensor]:
     return out
 
 
-def from_state_dict(sd: dict[str, Tensor]) -> LokrWeights:
+def lokr_from_state_dict(sd: dict[str, Tensor]) -> LokrWeights:
     """``LokrWeights`` of a LyCORIS LoKr file in the ``bfl`` or ``kohya`` layout (as ComfyUI
     reads it: scale alpha / rank when a factor is decomposed, else 1)."""
     modules: dict[str, dict[str, Tensor]] = {}
