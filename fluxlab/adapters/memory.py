@@ -187,8 +187,11 @@ def estimate(
     txt_tokens: int,
     batch: int = 1,
     kinds: tuple[str, ...] = BASE_QUANTS,
+    checkpoint_every: int = 1,
 ) -> list[MemoryEstimate]:
-    """One ``MemoryEstimate`` per base format, bf16 compute (``lora.base_dtype`` for the rest)."""
+    """One ``MemoryEstimate`` per base format, bf16 compute (``lora.base_dtype`` for the rest);
+    "checkpointed" checkpoints every ``checkpoint_every``-th block (``parallel.checkpoint_every``)
+    and keeps the others' activations."""
     dtype = torch.bfloat16 if lora.base_dtype == "bfloat16" else torch.float32
     d, seq = params.hidden_size, img_tokens + txt_tokens
     heads, head_dim = params.num_heads, params.hidden_size // params.num_heads
@@ -219,7 +222,12 @@ def estimate(
                 activations=params.depth * per_double
                 + params.depth_single_blocks * per_single
                 + pe_bytes,
-                activations_checkpointed=(params.depth + params.depth_single_blocks) * stream
+                activations_checkpointed=sum(
+                    stream if i % checkpoint_every == 0 else full
+                    for i, full in enumerate(
+                        [per_double] * params.depth + [per_single] * params.depth_single_blocks
+                    )
+                )
                 + max(per_double, per_single)
                 + pe_bytes,
             )

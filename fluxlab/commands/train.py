@@ -168,6 +168,16 @@ def _estimate_memory(config: str, overrides: list[str]) -> int:
         f"{enc.text_max_length} text tokens), batch {cfg.optim.batch_size}, LoRA rank "
         f"{cfg.lora.rank} on {len(cfg.lora.targets)} targets, bf16 compute"
     )
-    rows = estimate(params, cfg.lora, side * side, enc.text_max_length, cfg.optim.batch_size)
+    every = cfg.parallel.checkpoint_every
+    if every > 1:
+        title += f"; checkpointing one block in {every} (parallel.checkpoint_every)"
+    rows = estimate(
+        params,
+        cfg.lora,
+        side * side,
+        enc.text_max_length,
+        cfg.optim.batch_size,
+        checkpoint_every=every,
+    )
     print(report(rows, title))
     return 0

@@ -79,3 +79,20 @@ def test_traced_activations_match_a_real_cpu_step(kind: str) -> None:
         model(**x)
     (row,) = estimate(params, cfg, 256, 32, kinds=(kind,))
     assert 0.95 < measured / row.activations < 1.05, (measured, row.activations)
+
+
+def test_checkpointing_fewer_blocks_keeps_more_activations(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from fluxlab.models.flux.presets import flux_params
+
+    params, lora = flux_params("flux-dev"), LoraConfig(enabled=True, rank=16)
+    acts = [
+        estimate(params, lora, 4096, 512, kinds=("none",), checkpoint_every=n)[0]
+        for n in (1, 2, 3, 10_000)
+    ]
+    kept = [a.activations_checkpointed for a in acts]
+    assert kept[0] < kept[1] < kept[2] < kept[3]  # block 0 is always checkpointed
+    argv = ["train", "--config", "flux-dev-lora", "--estimate-memory"]
+    assert main([*argv, "--parallel.checkpoint_every=2"]) == 0
+    assert "checkpointing one block in 2" in capsys.readouterr().out
