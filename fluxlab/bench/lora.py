@@ -49,16 +49,18 @@ DIFFUSERS_TARGETS = [
     "proj_mlp",
     "proj_out",
 ]
-SMOKE = dict(
-    in_channels=16,
-    vec_in_dim=32,
-    context_in_dim=32,
-    hidden_size=64,
-    num_heads=2,
-    depth=1,
-    depth_single_blocks=1,
-    axes_dim=[8, 12, 12],
-)
+
+
+def smoke_params(**overrides: object) -> FluxParams:
+    """The tiny guidance-embedded Flux of ``--smoke`` (flux-debug with its own input widths)."""
+    return flux_params(
+        "flux-debug",
+        in_channels=16,
+        vec_in_dim=32,
+        context_in_dim=32,
+        guidance_embed=True,
+        **overrides,
+    )
 
 
 def parse_case(case: str) -> tuple[str, ParallelConfig]:
@@ -174,7 +176,7 @@ def run(cases: list[str], smoke: bool, rank: int = 16) -> list[dict[str, Any]]:
     for case in cases:
         parse_case(case)  # every name checked before the first model is built
     if smoke:
-        params, device, res, txt = FluxParams(**SMOKE, guidance_embed=True), "cpu", 64, 8
+        params, device, res, txt = smoke_params(), "cpu", 64, 8
     else:
         if not torch.cuda.is_available():
             raise ValueError("fluxlab bench --what lora measures a GPU; add --smoke on a CPU")

@@ -13,11 +13,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from fluxlab.adapters.lora import add_lora
 from fluxlab.adapters.memory import adapter_params, estimate, weight_bytes
 from fluxlab.adapters.quantize import quantized_bytes
-from fluxlab.bench.lora import SMOKE
+from fluxlab.bench.lora import smoke_params
 from fluxlab.bench.transformer import make_inputs
 from fluxlab.cli import main
 from fluxlab.config.adapters import LoraConfig
-from fluxlab.models.flux.model import Flux, FluxParams
+from fluxlab.models.flux.model import Flux
 
 pytest.importorskip("peft", reason="LoRA needs peft (the lora extra)")
 pytest.importorskip("torchao", reason="int8/float8 bases need torchao (the quant extra)")
@@ -54,7 +54,7 @@ def test_estimate_orders_and_cli(capsys: pytest.CaptureFixture[str]) -> None:
 def test_traced_activations_match_a_real_cpu_step(kind: str) -> None:
     """The meta-device trace against the bytes autograd really keeps in a bf16-autocast forward
     of a whole tiny Flux on the CPU with SDPA's flash kernel (the embedders' few on top)."""
-    params = FluxParams(**{**SMOKE, "depth": 2, "depth_single_blocks": 3}, guidance_embed=True)
+    params = smoke_params(depth=2, depth_single_blocks=3)
     torch.manual_seed(0)
     model = Flux(params).to(torch.bfloat16)
     cfg = LoraConfig(enabled=True, rank=4, base_dtype="bfloat16", base_quant=kind)

@@ -25,7 +25,7 @@ Layout = Literal["bfl", "diffusers"]
 # Prefixes under which single-file checkpoints (SD/ComfyUI style) keep the autoencoder.
 _PREFIXES = ("first_stage_model.", "vae.")
 
-_RESNET_PARTS = {
+RESNET_PARTS = {
     "norm1": "norm1",
     "conv1": "conv1",
     "norm2": "norm2",
@@ -33,7 +33,7 @@ _RESNET_PARTS = {
     "conv_shortcut": "nin_shortcut",
 }
 # Current diffusers names first, then the pre-0.14 ones still found in old checkpoints.
-_ATTN_PARTS = {
+ATTN_PARTS = {
     "group_norm": "norm",
     "to_q": "q",
     "to_k": "k",
@@ -44,7 +44,7 @@ _ATTN_PARTS = {
     "value": "v",
     "proj_attn": "proj_out",
 }
-_ROOT_PARTS = {"conv_in": "conv_in", "conv_out": "conv_out", "conv_norm_out": "norm_out"}
+ROOT_PARTS = {"conv_in": "conv_in", "conv_out": "conv_out", "conv_norm_out": "norm_out"}
 
 _RESNET = re.compile(
     r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(weight|bias)"
@@ -61,27 +61,27 @@ def _rename(key: str, num_levels: int) -> tuple[str, bool]:
     """BFL name for one diffusers key, and whether it is a Linear weight to turn into a 1x1 conv."""
     if m := _RESNET.fullmatch(key):
         side, kind, level, j, part, wb = m.groups()
-        if part in _RESNET_PARTS:
+        if part in RESNET_PARTS:
             # Decoder up_blocks are coarse-to-fine; BFL's up[0] is the finest level.
             idx = int(level) if kind == "down" else num_levels - 1 - int(level)
-            return f"{side}.{kind}.{idx}.block.{j}.{_RESNET_PARTS[part]}.{wb}", False
+            return f"{side}.{kind}.{idx}.block.{j}.{RESNET_PARTS[part]}.{wb}", False
     if m := _RESAMPLE.fullmatch(key):
         side, kind, level, _, wb = m.groups()
         idx = int(level) if kind == "down" else num_levels - 1 - int(level)
         return f"{side}.{kind}.{idx}.{kind}sample.conv.{wb}", False
     if m := _MID_RESNET.fullmatch(key):
         side, j, part, wb = m.groups()
-        if part in _RESNET_PARTS:
-            return f"{side}.mid.block_{int(j) + 1}.{_RESNET_PARTS[part]}.{wb}", False
+        if part in RESNET_PARTS:
+            return f"{side}.mid.block_{int(j) + 1}.{RESNET_PARTS[part]}.{wb}", False
     if m := _MID_ATTN.fullmatch(key):
         side, part, wb = m.groups()
-        if part in _ATTN_PARTS:
-            new = _ATTN_PARTS[part]
+        if part in ATTN_PARTS:
+            new = ATTN_PARTS[part]
             return f"{side}.mid.attn_1.{new}.{wb}", new != "norm" and wb == "weight"
     if m := _ROOT.fullmatch(key):
         side, part, wb = m.groups()
-        if part in _ROOT_PARTS:
-            return f"{side}.{_ROOT_PARTS[part]}.{wb}", False
+        if part in ROOT_PARTS:
+            return f"{side}.{ROOT_PARTS[part]}.{wb}", False
     raise ValueError(
         f"unexpected key {key!r} in a diffusers AutoencoderKL state dict; is this a FLUX-style VAE?"
     )

@@ -12,14 +12,15 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from fluxlab.models.autoencoder import GROUPS, AutoEncoderParams
+from fluxlab.models.weights import autoencoder_diffusers as load_names
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
-_RESNET_PARTS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2"}
-_RESNET_PARTS["nin_shortcut"] = "conv_shortcut"
-_ATTN_PARTS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v"}
-_ATTN_PARTS["proj_out"] = "to_out.0"
-_ROOT_PARTS = {"conv_in": "conv_in", "conv_out": "conv_out", "norm_out": "conv_norm_out"}
+# The loader's diffusers → BFL tables, inverted; reversed so that the current diffusers names
+# (listed first there) win over the pre-0.14 ones.
+_RESNET_PARTS = {b: d for d, b in reversed(load_names.RESNET_PARTS.items())}
+_ATTN_PARTS = {b: d for d, b in reversed(load_names.ATTN_PARTS.items())}
+_ROOT_PARTS = {b: d for d, b in reversed(load_names.ROOT_PARTS.items())}
 
 _RESNET = re.compile(r"(encoder|decoder)\.(down|up)\.(\d+)\.block\.(\d+)\.(\w+)\.(weight|bias)")
 _RESAMPLE = re.compile(r"(encoder|decoder)\.(down|up)\.(\d+)\.(down|up)sample\.conv\.(weight|bias)")
