@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import time
 from typing import Any
 
@@ -181,10 +182,12 @@ def run(cases: list[str], smoke: bool, rank: int = 16) -> list[dict[str, Any]]:
         if not torch.cuda.is_available():
             raise ValueError("fluxlab bench --what lora measures a GPU; add --smoke on a CPU")
         params, device, res, txt = flux_params("flux-dev"), "cuda", 1024, 512
-    rows = [
-        bench_case(c, params, torch.device(device), res, txt, rank, 2 if smoke else 5)
-        for c in cases
-    ]
+    rows = []
+    for case in cases:  # each row printed as it comes: a cut-off run keeps the cases it finished
+        rows.append(
+            bench_case(case, params, torch.device(device), res, txt, rank, 2 if smoke else 5)
+        )
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 

@@ -147,9 +147,7 @@ def _lora(args: argparse.Namespace) -> int:
 
     if args.what != "lora":
         raise ValueError("--what lora runs alone: drop the other --what entries")
-    rows = lora.run(args.lora_cases.split(","), smoke=args.smoke)
-    for r in rows:
-        print(json.dumps(r), flush=True)
+    rows = lora.run(args.lora_cases.split(","), smoke=args.smoke)  # prints each row as it comes
     print(lora.table(rows))
     if args.json:
         with open(args.json, "w") as f:

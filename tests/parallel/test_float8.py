@@ -20,6 +20,7 @@ from fluxlab.models.flux.model import Flux, FluxParams
 from fluxlab.models.flux.presets import flux_params
 from fluxlab.parallel import float8 as f8
 from fluxlab.parallel import parallelize as par
+from fluxlab.parallel.attention_kernels import for_training, training_attention, use_attention
 from fluxlab.parallel.distributed import DistInfo
 from fluxlab.parallel.epilogues import use_inference_epilogues
 
@@ -200,9 +201,11 @@ def test_float8_training_on_gpu_matches_bf16(recipe: str) -> None:
     x = inputs(params, batch=4, txt_len=13, device=cuda)
     grads = []
     for net in (ref, model):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        # The trainer's attention kernels: SDPA's own pick (cuDNN) has crashed Flux backwards.
+        use_attention(net, training_attention(cuda))
+        with for_training(cuda), torch.autocast("cuda", dtype=torch.bfloat16):
             out = net(**x).float()
-        out.square().mean().backward()
+            out.square().mean().backward()
         grads.append((out.detach(), net.single_blocks[3].linear1.weight.grad))
     (want, g_ref), (out, g) = grads
     assert (out - want).norm() / want.norm() < 0.08
