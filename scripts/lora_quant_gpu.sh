@@ -14,9 +14,11 @@ for stage in "$@"; do
     bench)
       fluxlab bench --what lora --lora-cases bf16,int8,float8,nf4,diffusers \
         --json "$OUT/lora.json" | tee "$OUT/lora.md" ;;
-    levers)  # compiled blocks; checkpointing every 2nd block where the quantized base frees memory
+    # diffusers first (the ratio's denominator), then fp8 GEMMs in all three passes (forward,
+    # recompute, backward), compiled blocks, checkpointing every 2nd block where NF4 frees memory.
+    levers)
       fluxlab bench --what lora \
-        --lora-cases bf16:compile,int8:compile:ac2,nf4:compile:ac2,nf4:compile:ac3,diffusers \
+        --lora-cases diffusers,float8:compile,float8,bf16:compile,nf4:compile:ac2 \
         --json "$OUT/levers.json" | tee "$OUT/levers.md" ;;
     *) echo "unknown stage $stage (estimate bench levers)" >&2; exit 2 ;;
   esac

@@ -10,13 +10,15 @@ peft's ``lora_A``/``lora_B`` are never quantized: they train in float32.
 peft wraps first, then each wrapped ``base_layer`` (and every other block Linear) is swapped for
 a ``FrozenQuantLinear``: peft then dispatches its plain ``lora.Linear`` (it only calls
 ``base_layer(x)``), so its torchao/bnb special cases and their merge paths stay out of the way.
-The frozen layer's backward is a custom autograd Function, ``grad @ dequantize(W)``: it works for
-every format (torchao's fp8 GEMM path has no backward of its own) and saves no activation, since
-a frozen weight needs none to pass the gradient on to its input.
+The frozen layer's backward is a custom autograd Function that passes the gradient on to the
+input only (a frozen weight needs no activation saved): ``grad @ dequantize(W)`` for int8 and NF4,
+and for fp8 a second fp8 GEMM (``Float8Linear``), so all three GEMMs of a checkpointed step
+(forward, recompute, backward) run at fp8 speed; torchao's fp8 inference tensors have no backward.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -38,10 +40,8 @@ class _FrozenLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        layer: FrozenQuantLinear = ctx.layer
         with torch.autocast(grad.device.type, enabled=False):
-            w = layer.dequantized()
-            return (grad.to(w.dtype) @ w).to(ctx.x_dtype), None
+            return ctx.layer.input_grad(grad).to(ctx.x_dtype), None
 
 
 class FrozenQuantLinear(nn.Module):
@@ -68,12 +68,17 @@ class FrozenQuantLinear(nn.Module):
         """The weight [out, in] in ``self.dtype``."""
         raise NotImplementedError
 
+    def input_grad(self, grad: Tensor) -> Tensor:
+        """dL/dx = dL/dy @ W, autocast off."""
+        w = self.dequantized()
+        return grad.to(w.dtype) @ w
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.dtype}"
 
 
 class TorchaoLinear(FrozenQuantLinear):
-    """int8 or fp8 through a torchao tensor subclass (its own ``F.linear`` and ``dequantize``)."""
+    """int8 through a torchao tensor subclass (its own ``F.linear`` and ``dequantize``)."""
 
     def __init__(self, linear: nn.Linear, config: Any) -> None:
         super().__init__(linear)
@@ -90,6 +95,65 @@ class TorchaoLinear(FrozenQuantLinear):
 
     def dequantized(self) -> Tensor:
         return self.weight.dequantize().to(self.dtype)
+
+
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+
+
+def _rowwise_e4m3(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [M, K] as e4m3 with one float32 scale per row (x ≈ q · scale), the largest |x| → 448."""
+    amax = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / E4M3_MAX
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+class Float8Linear(FrozenQuantLinear):
+    """fp8 e4m3 weights with one scale per output row; both passes are fp8 GEMMs
+    (``torch._scaled_mm``) on per-row dynamically scaled activations and output gradients.
+
+    The backward folds the weight's row scales into the gradient (they lie along its reduced
+    dimension, where ``_scaled_mm`` takes no scale): dx = (dy · s_w) @ W_q. Layers whose sizes
+    ``_scaled_mm`` refuses (not multiples of 16) compute with the dequantized weight instead.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(linear)
+        weight, scale = _rowwise_e4m3(linear.weight.detach())
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("weight_scale", scale.t().contiguous(), persistent=False)  # [1, out]
+        self.fp8_gemm = self.in_features % 16 == 0 and self.out_features % 16 == 0
+
+    def compute(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            if not self.fp8_gemm:
+                return F.linear(x.to(self.dtype), self.dequantized(), self.bias)
+            return self._fp8_linear(x)
+
+    def _fp8_linear(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features)
+        q, scale = _rowwise_e4m3(rows)
+        # Rowwise-scaled fp8 GEMMs write bf16 (the only output type cuBLAS offers for them).
+        y = torch._scaled_mm(
+            q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=torch.bfloat16
+        ).to(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def input_grad(self, grad: Tensor) -> Tensor:
+        if not self.fp8_gemm:
+            return super().input_grad(grad)
+        q, scale = _rowwise_e4m3(grad.reshape(-1, self.out_features).float() * self.weight_scale)
+        # _scaled_mm wants its second operand column-major: a transposed copy, 1 byte an element.
+        weight_cols = self.weight.t().contiguous().t()
+        ones = self.weight_scale.new_ones(1, self.in_features)
+        dx = torch._scaled_mm(
+            q, weight_cols, scale_a=scale, scale_b=ones, out_dtype=torch.bfloat16
+        ).to(self.dtype)
+        return dx.reshape(*grad.shape[:-1], self.in_features)
+
+    def dequantized(self) -> Tensor:
+        return (self.weight.float() * self.weight_scale.t()).to(self.dtype)
 
 
 class NF4Linear(FrozenQuantLinear):
@@ -118,26 +182,24 @@ class NF4Linear(FrozenQuantLinear):
         return bnbf.dequantize_4bit(self.weight, self.quant_state).to(self.dtype)
 
 
-def torchao_config(kind: str, device: torch.device) -> Any:
-    """torchao's config for ``kind`` on ``device``; a ValueError naming the field when unusable."""
+def int8_config() -> Any:
+    """torchao's int8 weight-only config; a ValueError naming the field when torchao is missing."""
     try:
         from torchao import quantization as tq  # optional (the quant extra)
     except ImportError as err:
         raise ValueError(
-            f"lora.base_quant={kind} needs torchao: pip install 'fluxlab[quant]' (or torchao)"
+            "lora.base_quant=int8 needs torchao: pip install 'fluxlab[quant]' (or torchao)"
         ) from err
-    if kind == "int8":  # weight-only: the memory halves, the GEMMs stay bf16
-        return tq.Int8WeightOnlyConfig()
-    if device.type == "cuda":
-        if torch.cuda.get_device_capability(device) < (8, 9):
-            raise ValueError(
-                "lora.base_quant=float8 needs fp8 GEMMs (an Ada, Hopper or newer GPU, SM >= 8.9); "
-                "use lora.base_quant=int8 or nf4 on this GPU"
-            )
-        # fp8 weights and per-row dynamically scaled fp8 activations: the GEMMs run in fp8.
-        return tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerRow())
-    # Elsewhere fp8 is storage only (dequantized for a float GEMM): the same weights, for tests.
-    return tq.Float8WeightOnlyConfig()
+    return tq.Int8WeightOnlyConfig()  # the memory halves, the GEMMs stay bf16
+
+
+def check_float8_device(device: torch.device) -> None:
+    """fp8 GEMMs run on SM >= 8.9 GPUs and on CPUs (PyTorch's reference kernel, for tests)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError(
+            "lora.base_quant=float8 needs fp8 GEMMs (an Ada, Hopper or newer GPU, SM >= 8.9); "
+            "use lora.base_quant=int8 or nf4 on this GPU"
+        )
 
 
 def quantizable(name: str, module: nn.Module) -> bool:
@@ -162,7 +224,13 @@ def quantize_base(model: nn.Module, kind: str, device: torch.device) -> int:
             f"lora.base_quant={kind} trains on one process (DDP and FSDP do not move quantized "
             "tensors): launch without torchrun, or set lora.base_quant=none"
         )
-    make = _nf4_factory() if kind == "nf4" else _torchao_factory(kind, device)
+    if kind == "nf4":
+        make = _nf4_factory()
+    elif kind == "float8":
+        check_float8_device(device)
+        make = Float8Linear
+    else:
+        make = partial(TorchaoLinear, config=int8_config())
     # Names, not modules: each full-precision Linear is freed as soon as it is swapped, so the
     # peak is the base plus one layer, not the base twice.
     names = [n for n, m in model.named_modules() if quantizable(n, m)]
@@ -174,11 +242,6 @@ def quantize_base(model: nn.Module, kind: str, device: torch.device) -> int:
         parent = model.get_submodule(parent_name)
         setattr(parent, child, make(getattr(parent, child)))
     return len(names)
-
-
-def _torchao_factory(kind: str, device: torch.device) -> Any:
-    config = torchao_config(kind, device)
-    return lambda linear: TorchaoLinear(linear, config)
 
 
 def _nf4_factory() -> Any:

@@ -58,7 +58,7 @@ class LoraConfig:
     # The frozen base's storage; bfloat16 halves its memory and needs bf16 autocast.
     base_dtype: Literal["float32", "bfloat16"] = "float32"
     # The frozen base's block Linears quantized (fluxlab/adapters/quantize.py): int8 (torchao,
-    # weight-only), float8 (torchao; fp8 GEMMs on SM >= 8.9), nf4 (bitsandbytes, QLoRA's).
+    # weight-only), float8 (fp8 GEMMs forward and backward, SM >= 8.9), nf4 (bitsandbytes).
     base_quant: Literal["none", "int8", "float8", "nf4"] = "none"
     # LoKr only: w1's side of each dimension (peft's decompose_factor; -1 = near the square root),
     # and whether w1 is a low-rank product too (smaller, for large factors).
@@ -104,7 +104,7 @@ class LoraConfig:
         if self.base_quant not in BASE_QUANTS:
             raise ValueError(
                 f"lora.base_quant={self.base_quant!r}: choose one of {list(BASE_QUANTS)} "
-                "(int8/float8 need torchao, nf4 bitsandbytes)"
+                "(int8 needs torchao, nf4 bitsandbytes)"
             )
         if self.base_quant != "none" and parallel_mode in ("ddp", "fsdp", "hsdp"):
             raise ValueError(

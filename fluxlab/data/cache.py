@@ -294,9 +294,15 @@ class CachedLatents(Dataset):
     def batches(
         self, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world: int = 1
     ) -> Iterator[dict[str, Any]]:
-        """Training batches forever, single-bucket, shuffled per epoch (see BucketBatchSampler)."""
+        """Training batches forever, single-bucket, shuffled per epoch (see BucketBatchSampler).
+
+        With one bucket (a fixed-resolution cache) every batch is full, as the pixel loader's: a
+        short last batch would cost a compiled run a recompile for its shape. With several, a
+        bucket smaller than a batch would otherwise never train, so short batches stay.
+        """
+        one_bucket = len(self.buckets) == 1
         for indices in BucketBatchSampler(
-            self.bucket_of, batch_size, seed, rank, world, start_batch
+            self.bucket_of, batch_size, seed, rank, world, start_batch, drop_last=one_bucket
         ):
             yield self.batch(indices)
 

@@ -1,6 +1,7 @@
 """The latent cache: round trip, resume, fingerprint, bad images, training from it, bench-cache."""
 
 import json
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from fluxlab.config.loading import load_config
 from fluxlab.data import build_dataset, cache_writer
 from fluxlab.data.cache import check_cache, open_cache
 from fluxlab.data.cache_writer import build_cache_codec, write_cache
+from fluxlab.data.samplers import InfiniteBatchSampler
 from fluxlab.models.weights.autoencoder_spec import load_autoencoder
 from fluxlab.train.trainer import Trainer
 
@@ -127,6 +129,19 @@ def test_bad_images_are_skipped_and_named_with_buckets(tmp_path, encoders) -> No
         batch = ds.batch(indices)
         h, w = ds.buckets[ds.bucket_of[indices[0]]]
         assert tuple(batch["latent"].shape[2:]) == (h // 2, w // 2)  # ae-tiny downsamples 2×
+
+
+def test_one_bucket_serves_the_pixel_loaders_full_batches(cached) -> None:
+    # A short last batch would cost a compiled run a recompile; with one bucket the cache deals the
+    # same full batches, epoch after epoch, as the pixel path's sampler.
+    cfg = cached[0]
+    ds = open_cache(cfg, "train")
+    bs = 7
+    assert len(ds) % bs and len(ds.buckets) == 1
+    steps = 3 * (len(ds) // bs) + 1  # into a fourth epoch
+    got = [b["index"].tolist() for b in islice(ds.batches(bs, seed=3, start_batch=2), steps)]
+    want = list(islice(iter(InfiniteBatchSampler(len(ds), bs, seed=3, start_batch=2)), steps))
+    assert got == want and {len(b) for b in got} == {bs}
 
 
 def test_training_from_the_cache_matches_on_the_fly(cached, tmp_path, monkeypatch) -> None:

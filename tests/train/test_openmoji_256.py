@@ -44,6 +44,7 @@ TOY_FLUX = [
     "--data.val_limit=1",
     "--sample.steps=2",
     "--sample.prompts=[red heart, frog]",
+    "--parallel.compile_backend=aot_eager",  # the presets compile their blocks; no C compiler here
 ]
 
 
@@ -74,6 +75,7 @@ def test_presets_have_fluxs_token_geometry() -> None:
     # Equal GPU time for the two transformers, the same model; every stage is time-bound.
     assert latent.train.max_minutes == pixel.train.max_minutes is not None
     assert latent.model.preset == pixel.model.preset
+    assert latent.parallel.compile and pixel.parallel.compile  # launch-bound eager on a GPU
     assert ae_cfg.ae.max_minutes is not None
     # Registered where `fluxlab train` / `train-ae` look them up, under their own names.
     assert PRESETS_256.items() <= PRESETS.items() and "ae-openmoji-256" in AE_TRAIN_PRESETS
