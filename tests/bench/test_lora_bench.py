@@ -16,10 +16,11 @@ pytest.importorskip("torchao", reason="int8/float8 bases need torchao (the quant
 
 def test_lora_bench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "lora.json"
-    argv = ["bench", "--what", "lora", "--smoke", "--lora-cases", "bf16,int8,diffusers"]
+    cases = ["bf16", "int8", "float8", "float8:compile", "diffusers"]
+    argv = ["bench", "--what", "lora", "--smoke", "--lora-cases", ",".join(cases)]
     assert main([*argv, "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
-    assert [r["case"] for r in rows] == ["bf16", "int8", "diffusers"]
+    assert [r["case"] for r in rows] == cases
     assert all(r["step_s"] > 0 and r["adapter_params_m"] > 0 for r in rows)
     # the same weights and inputs: the first losses agree across implementations and bases
     first = [r["first_losses"][0] for r in rows]
