@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from fluxlab.config.adapters import BASE_QUANTS
 
@@ -219,11 +220,6 @@ def quantize_base(model: nn.Module, kind: str, device: torch.device) -> int:
         raise ValueError(f"lora.base_quant={kind!r}: choose one of {list(BASE_QUANTS)}")
     if kind == "none":
         return 0
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        raise ValueError(
-            f"lora.base_quant={kind} trains on one process (DDP and FSDP do not move quantized "
-            "tensors): launch without torchrun, or set lora.base_quant=none"
-        )
     if kind == "nf4":
         make = _nf4_factory()
     elif kind == "float8":
@@ -241,6 +237,10 @@ def quantize_base(model: nn.Module, kind: str, device: torch.device) -> int:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, make(getattr(parent, child)))
+    # Every DDP rank quantizes the same base itself: DDP need not (and for fp8 or packed tensors
+    # cannot) broadcast these buffers from rank 0.
+    frozen = [f"{n}.{b}" for n in names for b, _ in model.get_submodule(n).named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
     return len(names)
 
 

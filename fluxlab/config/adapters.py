@@ -106,11 +106,11 @@ class LoraConfig:
                 f"lora.base_quant={self.base_quant!r}: choose one of {list(BASE_QUANTS)} "
                 "(int8 needs torchao, nf4 bitsandbytes)"
             )
-        if self.base_quant != "none" and parallel_mode in ("ddp", "fsdp", "hsdp"):
+        if self.base_quant != "none" and parallel_mode in ("fsdp", "hsdp"):
             raise ValueError(
-                f"lora.base_quant={self.base_quant} trains on one process: DDP and FSDP do not "
-                f"move quantized tensors; set parallel.mode=none (not {parallel_mode}) or "
-                "lora.base_quant=none"
+                f"lora.base_quant={self.base_quant}: FSDP does not shard quantized tensors; set "
+                f"parallel.mode=ddp (each process holds the quantized base) or none (not "
+                f"{parallel_mode}), or lora.base_quant=none"
             )
         if self.base_dtype == "bfloat16" and mixed_precision == "no":
             raise ValueError(

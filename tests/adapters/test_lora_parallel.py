@@ -1,5 +1,5 @@
 """LoRA under DDP and FSDP2 (gloo, 2 CPU processes): both train the adapter a single process
-trains on the same global batch, to float rounding."""
+trains on the same global batch, to float rounding; DDP over an fp8-quantized base too."""
 
 from __future__ import annotations
 
@@ -58,20 +58,15 @@ def test_ddp_and_fsdp_train_the_single_process_adapter(tmp_path: Path) -> None:
         "--lora.enabled=true",
         "--lora.rank=4",
     ]
-    Trainer(
-        load_config(
-            "debug", [*common, "--optim.batch_size=8", f"--train.output_dir={tmp_path / 'ref'}"]
-        ),
-        quiet=True,
-    ).train()
+    fp8 = "--lora.base_quant=float8"  # DDP also over a quantized base, each rank quantizing it
+    for name, extra in (("ref", []), ("ref-fp8", [fp8])):
+        args = [*common, *extra, "--optim.batch_size=8", f"--train.output_dir={tmp_path / name}"]
+        Trainer(load_config("debug", args), quiet=True).train()
+    runs = {"ddp": ["--parallel.mode=ddp"], "fsdp": ["--parallel.mode=fsdp"]}
+    runs["ddp-fp8"] = ["--parallel.mode=ddp", fp8]
     jobs = [
-        [
-            *common,
-            "--optim.batch_size=4",
-            f"--parallel.mode={mode}",
-            f"--train.output_dir={tmp_path / mode}",
-        ]
-        for mode in ("ddp", "fsdp")
+        [*common, *extra, "--optim.batch_size=4", f"--train.output_dir={tmp_path / name}"]
+        for name, extra in runs.items()
     ]
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     (tmp_path / "worker.py").write_text(WORKER)
@@ -80,10 +75,10 @@ def test_ddp_and_fsdp_train_the_single_process_adapter(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    ref = _adapters(tmp_path / "ref")
-    assert ref and any(v.abs().max() > 0 for k, v in ref.items() if ".lora_B." in k)
-    for mode in ("ddp", "fsdp"):
-        got = _adapters(tmp_path / mode)
-        assert got.keys() == ref.keys(), mode
+    for name in runs:
+        ref = _adapters(tmp_path / ("ref-fp8" if name.endswith("fp8") else "ref"))
+        assert ref and any(v.abs().max() > 0 for k, v in ref.items() if ".lora_B." in k)
+        got = _adapters(tmp_path / name)
+        assert got.keys() == ref.keys(), name
         for k in ref:
-            torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5, msg=f"{mode} {k}")
+            torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5, msg=f"{name} {k}")

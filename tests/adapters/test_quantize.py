@@ -277,7 +277,7 @@ def test_int8_base_run_checkpoints_adapters_and_resumes(tmp_path: Path) -> None:
     ("override", "message"),
     [
         ("--lora.base_quant=int4", "lora.base_quant"),
-        ("--parallel.mode=fsdp", "trains on one process"),
+        ("--parallel.mode=fsdp", "FSDP does not shard quantized tensors"),
     ],
 )
 def test_quantized_base_config_checks(override: str, message: str, tmp_path: Path) -> None:
