@@ -36,13 +36,14 @@ grids() {  # grids RUN NAME
 }
 
 # FID/KID against the 163 held-out emoji and against all 4,332 training emoji (one sample per
-# caption, rendered at 256² and resized to Inception's 299² inside `fluxlab eval`).
+# caption, rendered at 256² and resized to Inception's 299² inside `fluxlab eval`). Batches of
+# 256: sampling the small model in 64s is launch-bound.
 fid() {  # fid RUN NAME
   local run=$1 name=$2
   fluxlab eval --checkpoint "$run" --reference-dataset openmoji --reference-split val --seed 0 \
-    --kid-subset-size 100 --grid "$OUT/$name-val-eval.png" --json "$OUT/$name-fid-val.json"
+    --batch-size 256 --kid-subset-size 100 --grid "$OUT/$name-val-eval.png" --json "$OUT/$name-fid-val.json"
   fluxlab eval --checkpoint "$run" --reference-dataset openmoji --reference-split train --seed 0 \
-    --kid-subset-size 1000 --grid "$OUT/$name-train-eval.png" --json "$OUT/$name-fid-train.json"
+    --batch-size 256 --kid-subset-size 1000 --grid "$OUT/$name-train-eval.png" --json "$OUT/$name-fid-train.json"
 }
 
 STAGES=" render ae cache train pixel grids-latent grids-pixel fid-latent fid-pixel eval-latent eval-pixel "

@@ -18,7 +18,7 @@ AE_RUN = "runs/ae-openmoji-256"
 # Both transformers train for this long on one GPU: equal GPU time is the comparison. With the
 # autoencoder's 4.5 minutes, the whole comparison (both trainings, grids and FID) fits one
 # 30-minute GPU lease.
-TRAIN_MINUTES = 7.0
+TRAIN_MINUTES = 6.0
 
 
 def _data(**extra: Any) -> dict[str, Any]:
@@ -52,7 +52,7 @@ PRESETS_256: dict[str, dict[str, Any]] = {
     # Latent FLUX at 256² from the cache (`fluxlab cache --config openmoji-256-gpu` first):
     # flux-small at batch 256 on 256 tokens is openmoji-gpu's model, batch and token count (12.5 min
     # → recognisable 64² emoji there), and the cache keeps the autoencoder out of the step, so the
-    # 256² image costs the transformer what a 64² pixel image did. 7 min on one GPU.
+    # 256² image costs the transformer what a 64² pixel image did. 6 min on one GPU.
     "openmoji-256-gpu": {
         "model": {"preset": "flux-small"},
         "data": _data(cache_dir="runs/openmoji-256-gpu-cache"),
@@ -62,7 +62,7 @@ PRESETS_256: dict[str, dict[str, Any]] = {
             "lr": 3e-4,
             "warmup_steps": 500,
             "batch_size": 256,
-            "steps": 12000,  # a ceiling: compiled, ~4,700 fit in 7 min on an H100
+            "steps": 12000,  # a ceiling: compiled, ~3,900 fit in 6 min on an H100
             "ema_decay": 0.999,
         },
         "train": {
