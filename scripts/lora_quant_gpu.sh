@@ -4,12 +4,14 @@
 # rank 16, activation checkpointing. fluxlab's bf16 / int8 / float8 / nf4 bases and diffusers'
 # recipe (peft LoRA on FluxTransformer2DModel + gradient checkpointing) in one process.
 #   pip install -e '.[test,quant]' bitsandbytes     # float8 needs SM >= 8.9 (H100/H200/L40S/4090)
-#   bash scripts/lora_quant_gpu.sh estimate bench levers   # each stage well under 10 minutes
+#   bash scripts/lora_quant_gpu.sh tests estimate bench levers   # each stage well under 10 minutes
 set -euo pipefail
 OUT=${LORA_BENCH_OUT:-runs/lora-quant-bench}
 mkdir -p "$OUT"
 for stage in "$@"; do
   case "$stage" in
+    # the quantized layers' GPU tests (fp8 forward and backward against their emulation)
+    tests) python -m pytest -p no:cacheprovider -q -rs tests/adapters/test_quantize.py ;;
     estimate) fluxlab train --config flux-dev-lora --estimate-memory | tee "$OUT/estimate.md" ;;
     bench)
       fluxlab bench --what lora --lora-cases bf16,int8,float8,nf4,diffusers \
@@ -20,6 +22,6 @@ for stage in "$@"; do
       fluxlab bench --what lora \
         --lora-cases diffusers,float8:compile,float8,bf16:compile,nf4:compile:ac2 \
         --json "$OUT/levers.json" | tee "$OUT/levers.md" ;;
-    *) echo "unknown stage $stage (estimate bench levers)" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (tests estimate bench levers)" >&2; exit 2 ;;
   esac
 done

@@ -138,33 +138,46 @@ def _emulated_e4m3(x: torch.Tensor) -> torch.Tensor:
     return (x / scale).to(torch.float8_e4m3fn).float() * scale
 
 
-def test_float8_linear_runs_both_passes_as_scaled_fp8_gemms() -> None:
+FP8_GPU = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="fp8 GEMMs need a CUDA GPU with SM >= 8.9",
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=FP8_GPU)])
+def test_float8_linear_runs_both_passes_as_scaled_fp8_gemms(device: str) -> None:
     g = torch.Generator().manual_seed(0)
     linear = nn.Linear(64, 48)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(48, 64, generator=g) * torch.logspace(-2, 1, 48)[:, None])
+    linear.to(device)
     layer = Float8Linear(linear)
     assert layer.fp8_gemm and layer.weight.dtype == torch.float8_e4m3fn
     w = layer.dequantized()
     assert 0 < _relative(w, linear.weight) < 0.04  # e4m3: 3 mantissa bits, a scale per row
-    x = torch.randn(2, 7, 64, generator=g, requires_grad=True)
-    y = layer(x)
-    dy = torch.randn(2, 7, 48, generator=g)
-    (dx,) = torch.autograd.grad(y, x, dy)
-    # The fp8 GEMMs equal float32 products of the e4m3-rounded operands, to their bf16 output;
-    # the backward's operand is dy with the weight's row scales folded in.
-    ref_y = _emulated_e4m3(x.detach().reshape(14, 64)) @ w.t() + linear.bias
-    torch.testing.assert_close(y.detach().reshape(14, 48), ref_y, rtol=8e-3, atol=1e-3)
-    scale = layer.weight_scale
-    ref_dx = (_emulated_e4m3(dy.reshape(14, 48) * scale) / scale) @ w
-    torch.testing.assert_close(dx.reshape(14, 64), ref_dx, rtol=8e-3, atol=1e-3)
-    # and near the exact float32 results (the e4m3 rounding of x and dy: a few %)
-    assert _relative(y.detach(), linear(x).detach()) < 0.06
-    assert _relative(dx, dy @ linear.weight.detach()) < 0.06
+    # 14 rows (not a multiple of 16, as _scaled_mm needs of the other sizes) and a single row
+    # (the adaLN modulations at batch 1)
+    for rows in (14, 1):
+        x = torch.randn(rows, 64, generator=g).to(device).requires_grad_(True)
+        y = layer(x)
+        dy = torch.randn(rows, 48, generator=g).to(device)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        # The fp8 GEMMs equal float32 products of the e4m3-rounded operands, to their bf16
+        # output; the backward's operand is dy with the weight's row scales folded in.
+        ref_y = _emulated_e4m3(x.detach()) @ w.t() + linear.bias
+        torch.testing.assert_close(y.detach(), ref_y, rtol=8e-3, atol=1e-3)
+        scale = layer.weight_scale
+        ref_dx = (_emulated_e4m3(dy * scale) / scale) @ w
+        torch.testing.assert_close(dx, ref_dx, rtol=8e-3, atol=1e-3)
+        # and near the exact float32 results (the e4m3 rounding of x and dy: a few %)
+        assert _relative(y.detach(), linear(x).detach()) < 0.06
+        assert _relative(dx, dy @ linear.weight.detach()) < 0.06
+    y3 = layer(torch.randn(2, 7, 64, generator=g).to(device))  # leading dimensions kept
+    assert y3.shape == (2, 7, 48)
 
-    odd = Float8Linear(nn.Linear(24, 40))  # sizes _scaled_mm refuses: the dequantized weight
+    odd = Float8Linear(nn.Linear(24, 40).to(device))  # sizes _scaled_mm refuses: dequantized
     assert not odd.fp8_gemm
-    x = torch.randn(3, 24, generator=g)
+    x = torch.randn(3, 24, generator=g).to(device)
     torch.testing.assert_close(odd(x), x @ odd.dequantized().t() + odd.bias, rtol=0, atol=0)
 
 
@@ -232,10 +245,7 @@ def test_quantized_base_needs_a_frozen_model() -> None:
         quantize_base(model, "int8", torch.device("cpu"))
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
-    reason="fp8 GEMMs need a CUDA GPU with SM >= 8.9",
-)
+@FP8_GPU
 def test_float8_gemms_on_gpu() -> None:
     base = fluxlab_twin(tiny_diffusers()).cuda().to(torch.bfloat16)
     cfg = LoraConfig(enabled=True, rank=4, base_dtype="bfloat16", base_quant="float8")
