@@ -124,7 +124,8 @@ def test_pixel_preset_trains_at_256(tmp_path: Path) -> None:
     run = tmp_path / "pixel"
     # From its own pixel cache, as configured (float32: the rendered pixels exactly)
     cache = [f"--data.cache_dir={tmp_path / 'cache'}", "--cache.batch_size=8"]
-    assert main(["cache", "--config", "openmoji-256-pixel-gpu", "--device=cpu", *SMALL, *cache]) == 0
+    writer = ["cache", "--config", "openmoji-256-pixel-gpu", "--device=cpu"]
+    assert main([*writer, *SMALL, *cache]) == 0
     index = json.loads((tmp_path / "cache" / "index.json").read_text())
     assert index["complete"] and (tmp_path / "cache" / "train" / "256x256").is_dir()
     args = ["train", "--config", "openmoji-256-pixel-gpu", f"--train.output_dir={run}", *cache]
