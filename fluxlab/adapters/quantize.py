@@ -133,9 +133,15 @@ class Float8Linear(FrozenQuantLinear):
     def _fp8_linear(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)
         q, scale = _rowwise_e4m3(rows)
-        # Rowwise-scaled fp8 GEMMs write bf16 (the only output type cuBLAS offers for them).
+        # Rowwise-scaled fp8 GEMMs write bf16 (the only output type cuBLAS offers for them). Fast
+        # accumulation in the forward only, as torchao's float8 training recipe has it.
         y = torch._scaled_mm(
-            q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=torch.bfloat16
+            q,
+            self.weight.t(),
+            scale_a=scale,
+            scale_b=self.weight_scale,
+            out_dtype=torch.bfloat16,
+            use_fast_accum=True,
         ).to(self.dtype)
         if self.bias is not None:
             y = y + self.bias
