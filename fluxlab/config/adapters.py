@@ -124,8 +124,3 @@ class LoraConfig:
                 f"lora.lokr_factor={self.lokr_factor} must be -1 (near the square root of each "
                 "dimension) or a positive size for w1 (4 to 16 is usual)"
             )
-        if self.base_quant != "none":
-            raise ValueError(
-                f"lora.kind=lokr with lora.base_quant={self.base_quant}: a quantized base is "
-                "tested with LoRA only; set lora.kind=lora or lora.base_quant=none"
-            )

@@ -3,12 +3,15 @@ Flux holding the same weights, plus inputs that exercise every term."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
+from fluxlab.adapters.quantize import FrozenQuantLinear
 from fluxlab.conditioning.tokens import image_ids, text_ids
 from fluxlab.models.flux.model import Flux
 from fluxlab.models.weights.flux_diffusers import (
@@ -110,3 +113,25 @@ def save_debug_base(folder: Path, in_channels: int = 48, guidance: bool = False)
             p.copy_(torch.randn_like(p) * 0.1)
     model.save_pretrained(str(folder / "transformer"))
     return folder
+
+
+def dequantized_twin(model: nn.Module) -> nn.Module:
+    """The same LoRA with plain Linears holding each quantized layer's dequantized weight."""
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_modules()):
+        if isinstance(module, FrozenQuantLinear):
+            linear = nn.Linear(module.in_features, module.out_features, module.bias is not None)
+            linear.weight = nn.Parameter(module.dequantized(), requires_grad=False)
+            if module.bias is not None:
+                linear.bias = nn.Parameter(module.bias.clone(), requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(twin.get_submodule(parent), child, linear)
+    return twin
+
+
+def loss_and_grads(model: nn.Module, x: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    x = {**x, "img": x["img"].clone().requires_grad_(True)}
+    out = model(**x)
+    out.pow(2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.detach(), x["img"].grad, grads

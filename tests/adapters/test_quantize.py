@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_helpers import fluxlab_twin, inputs, save_debug_base, tiny_diffusers
+from lora_helpers import (
+    dequantized_twin,
+    fluxlab_twin,
+    inputs,
+    loss_and_grads,
+    save_debug_base,
+    tiny_diffusers,
+)
 from safetensors.torch import load_file
 from torch import nn
 
@@ -61,28 +68,6 @@ def _lora(kind: str, seed: int = 0) -> tuple[nn.Module, nn.Module]:
     return base, model
 
 
-def _dequantized_twin(model: nn.Module) -> nn.Module:
-    """The same LoRA with plain Linears holding each quantized layer's dequantized weight."""
-    twin = copy.deepcopy(model)
-    for name, module in list(twin.named_modules()):
-        if isinstance(module, FrozenQuantLinear):
-            linear = nn.Linear(module.in_features, module.out_features, module.bias is not None)
-            linear.weight = nn.Parameter(module.dequantized(), requires_grad=False)
-            if module.bias is not None:
-                linear.bias = nn.Parameter(module.bias.clone(), requires_grad=False)
-            parent, _, child = name.rpartition(".")
-            setattr(twin.get_submodule(parent), child, linear)
-    return twin
-
-
-def _loss_and_grads(model: nn.Module, x: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    x = {**x, "img": x["img"].clone().requires_grad_(True)}
-    out = model(**x)
-    out.pow(2).mean().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return out.detach(), x["img"].grad, grads
-
-
 @pytest.mark.parametrize("kind", CPU_KINDS)
 def test_quantized_base_computes_with_its_dequantized_weights(kind: str) -> None:
     base, model = _lora(kind)
@@ -97,8 +82,8 @@ def test_quantized_base_computes_with_its_dequantized_weights(kind: str) -> None
     assert not any(".base_layer" in n for n, _ in model.named_parameters())  # buffers now
 
     x = inputs()
-    out, dx, grads = _loss_and_grads(model, x)
-    ref_out, ref_dx, ref_grads = _loss_and_grads(_dequantized_twin(model), x)
+    out, dx, grads = loss_and_grads(model, x)
+    ref_out, ref_dx, ref_grads = loss_and_grads(dequantized_twin(model), x)
     # The custom backward is the plain Linear's gradient to the input.
     assert grads.keys() == ref_grads.keys() and len(grads) > 0
     if kind == "float8":
@@ -185,13 +170,13 @@ def test_float8_linear_runs_both_passes_as_scaled_fp8_gemms(device: str) -> None
 def test_checkpointed_blocks_give_the_same_gradients(kind: str) -> None:
     _, model = _lora(kind)
     x = inputs()
-    out, dx, grads = _loss_and_grads(model, x)
+    out, dx, grads = loss_and_grads(model, x)
     # float8 compiled too: its autograd Function and _scaled_mm traced (lora bench's :compile)
     compiled = {"compile": True, "compile_backend": "aot_eager"} if kind == "float8" else {}
     wrap_blocks(model, ParallelConfig(activation_checkpointing=True, **compiled))
     for p in model.parameters():
         p.grad = None
-    out2, dx2, grads2 = _loss_and_grads(model, x)
+    out2, dx2, grads2 = loss_and_grads(model, x)
     torch.testing.assert_close(out2, out, atol=0, rtol=0)
     torch.testing.assert_close(dx2, dx, atol=1e-6, rtol=1e-6)
     for name in grads:
@@ -252,7 +237,7 @@ def test_float8_gemms_on_gpu() -> None:
     model = add_lora(base, cfg)
     x = {k: v.cuda() if v is not None else None for k, v in inputs().items()}
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        _, dx, grads = _loss_and_grads(model, x)
+        _, dx, grads = loss_and_grads(model, x)
     assert dx.abs().sum() > 0 and all(torch.isfinite(g).all() for g in grads.values())
 
 
