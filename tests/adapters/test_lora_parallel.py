@@ -4,14 +4,12 @@ trains on the same global batch, to float rounding; DDP over an fp8-quantized ba
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from lora_helpers import save_debug_base
+from torchrun import run_torchrun
 
 from fluxlab.adapters.lora import is_adapter_parameter
 from fluxlab.config.loading import load_config
@@ -70,10 +68,7 @@ def test_ddp_and_fsdp_train_the_single_process_adapter(tmp_path: Path) -> None:
     ]
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     (tmp_path / "worker.py").write_text(WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    cmd += [str(tmp_path / "worker.py"), str(tmp_path / "jobs.json")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = run_torchrun([str(tmp_path / "worker.py"), str(tmp_path / "jobs.json")], timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     for name in runs:
         ref = _adapters(tmp_path / ("ref-fp8" if name.endswith("fp8") else "ref"))

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch.distributed as dist
+from torchrun import run_torchrun
 
 from fluxlab.cli import main
 from fluxlab.models.flux.model import Flux
@@ -42,17 +40,8 @@ def test_one_process(tmp_path: Path) -> None:
 
 def test_fsdp_two_processes_with_checkpointing_and_compile(tmp_path: Path) -> None:
     out = tmp_path / "two.json"
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-        "OMP_NUM_THREADS": "1",
-    }
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
         "-m",
         "fluxlab.cli",
         "bench-scale",
@@ -66,7 +55,8 @@ def test_fsdp_two_processes_with_checkpointing_and_compile(tmp_path: Path) -> No
         "--json",
         str(out),
     ]
-    subprocess.run(cmd, check=True, env=env, timeout=300, capture_output=True)
+    proc = run_torchrun(cmd, timeout=300, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     r = json.loads(out.read_text())
     assert (
         r["world"] == 2 and r["mode"] == "fsdp" and r["activation_checkpointing"] and r["compile"]

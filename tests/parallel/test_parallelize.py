@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torchrun import run_torchrun
 
 from fluxlab.cli import main
 from fluxlab.config.loading import load_config
@@ -150,17 +149,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     ]
     (root / "jobs.json").write_text(json.dumps(jobs))
     (root / "worker.py").write_text(WORKER)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        str(root / "worker.py"),
-        str(root / "jobs.json"),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = run_torchrun([str(root / "worker.py"), str(root / "jobs.json")], timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     return out
 

@@ -7,7 +7,6 @@ launches two gloo workers on the CPU; torchrun's elastic agent restarts them aft
 from __future__ import annotations
 
 import json
-import os
 import signal
 import struct
 import subprocess
@@ -22,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from torchrun import run_torchrun
 
 from fluxlab.cli import main
 from fluxlab.data import BadImageError, ImageTransform, ShardDataset, load_image
@@ -510,25 +510,9 @@ def test_torchrun_restarts_a_killed_rank_and_resumes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     script = tmp_path / "kill_rank.py"
     script.write_text(KILL_RANK.format(kill_step=3))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "--max-restarts=1",
-        str(script),
-        "train",
-        "--config",
-        "debug",
-        *FAST,
-        "--optim.steps=4",
-        "--train.checkpoint_every=2",
-        "--train.sample_every=1000",
-        f"--train.output_dir={run}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    args = ["--max-restarts=1", str(script), "train", "--config", "debug", *FAST]
+    args += ["--optim.steps=4", "--train.checkpoint_every=2", "--train.sample_every=1000"]
+    out = run_torchrun([*args, f"--train.output_dir={run}"], timeout=240)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
     assert "exitcode: -9" in log, "rank 1 was never killed"
