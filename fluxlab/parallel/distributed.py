@@ -11,6 +11,7 @@ and answers a few collective questions.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,8 +124,19 @@ def _attempt_store(info: DistInfo) -> dist.Store | None:
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+    if info.enabled:
+        destroy_group()
+
+
+def destroy_group() -> None:
+    """``dist.destroy_process_group()``, after a pause on gloo."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        # Lets gloo's workers free the last collective's tensors (they need the GIL) before the
+        # group's destructor joins them holding it: else a hang at exit (docs/distributed.md).
+        time.sleep(0.2)
+    dist.destroy_process_group()
 
 
 def barrier(info: DistInfo) -> None:

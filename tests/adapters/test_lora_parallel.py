@@ -26,13 +26,14 @@ pytestmark = pytest.mark.skipif(
 WORKER = """
 import json, sys
 import torch.distributed as dist
+from fluxlab.parallel import distributed
 from fluxlab.config.loading import load_config
 from fluxlab.train.trainer import Trainer
 
 dist.init_process_group("gloo")
 for args in json.loads(open(sys.argv[1]).read()):
     Trainer(load_config("debug", args), quiet=True).train()
-dist.destroy_process_group()
+distributed.destroy_group()
 """
 
 

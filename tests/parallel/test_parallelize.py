@@ -61,6 +61,7 @@ TOL = 1e-5
 WORKER = """
 import json, sys
 import torch.distributed as dist
+from fluxlab.parallel import distributed
 from fluxlab.config.loading import load_config
 from fluxlab.train.trainer import Trainer
 
@@ -68,7 +69,7 @@ from fluxlab.train.trainer import Trainer
 dist.init_process_group("gloo")
 for args, resume in json.loads(open(sys.argv[1]).read()):
     Trainer(load_config("debug", args), resume=resume, quiet=True).train()
-dist.destroy_process_group()
+distributed.destroy_group()
 """
 
 gloo = pytest.mark.skipif(
