@@ -113,6 +113,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
 def bench_case(
     case: str,
     params: FluxParams,
@@ -155,7 +159,7 @@ def bench_case(
 
     losses = [step().item() for _ in range(2)]  # warm-up: kernels chosen, optimizer state made
     # The peak over the first steps (compiling included) and over the steady steps alone.
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    first_peak = _peak_gib(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -165,11 +169,11 @@ def bench_case(
         step()
         _sync(device)
         times.append(time.perf_counter() - start)
-    steady = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    steady = _peak_gib(device)
     result = {
         "case": case,
         "step_s": sorted(times)[len(times) // 2],
-        "peak_mem_gb": max(peak, steady) if peak is not None else None,
+        "peak_mem_gb": max(first_peak, steady) if device.type == "cuda" else None,
         "steady_peak_gb": steady,
         "adapter_params_m": sum(p.numel() for p in trainable) / 1e6,
         "first_losses": losses,
