@@ -18,7 +18,7 @@ and for fp8 a second fp8 GEMM (``Float8Linear``), so all three GEMMs of a checkp
 
 from __future__ import annotations
 
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import torch
@@ -200,12 +200,30 @@ def int8_config() -> Any:
     return tq.Int8WeightOnlyConfig()  # the memory halves, the GEMMs stay bf16
 
 
+@cache
+def cpu_rowwise_fp8_gemm() -> bool:
+    """Whether this PyTorch's CPU ``_scaled_mm`` takes per-row scales (2.13 does, 2.11 does not)."""
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(
+            a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16
+        )
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 def check_float8_device(device: torch.device) -> None:
     """fp8 GEMMs run on SM >= 8.9 GPUs and on CPUs (PyTorch's reference kernel, for tests)."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         raise ValueError(
             "lora.base_quant=float8 needs fp8 GEMMs (an Ada, Hopper or newer GPU, SM >= 8.9); "
             "use lora.base_quant=int8 or nf4 on this GPU"
+        )
+    if device.type == "cpu" and not cpu_rowwise_fp8_gemm():
+        raise ValueError(
+            f"lora.base_quant=float8 on the CPU needs per-row scaled fp8 GEMMs, which torch "
+            f"{torch.__version__} lacks there (2.13 has them); use lora.base_quant=int8, or a GPU"
         )
 
 

@@ -22,11 +22,13 @@ from lora_helpers import (
 from safetensors.torch import load_file
 from torch import nn
 
+from fluxlab.adapters import quantize
 from fluxlab.adapters.lora import adapter_state_dict, add_lora
 from fluxlab.adapters.quantize import (
     Float8Linear,
     FrozenQuantLinear,
     check_float8_device,
+    cpu_rowwise_fp8_gemm,
     int8_config,
     quantize_base,
 )
@@ -53,7 +55,11 @@ WEIGHT_ERROR = {"int8": 0.01, "float8": 0.04, "nf4": 0.35}
 # rounding; the backward's alone adds 2%); one layer's exact fp8 arithmetic is checked apart.
 FLOAT8_TWIN_ERROR = 0.15
 OUTPUT_ERROR = {"int8": 0.03, "float8": 0.15, "nf4": float("inf")}
-CPU_KINDS = ["int8", "float8", "nf4"]  # nf4 where bitsandbytes is installed
+CPU_FP8 = pytest.mark.skipif(
+    not cpu_rowwise_fp8_gemm(),
+    reason=f"torch {torch.__version__}'s CPU _scaled_mm takes no per-row scales (2.13's does)",
+)
+CPU_KINDS = ["int8", pytest.param("float8", marks=CPU_FP8), "nf4"]  # nf4 needs bitsandbytes
 
 
 def _lora(kind: str, seed: int = 0) -> tuple[nn.Module, nn.Module]:
@@ -131,7 +137,9 @@ FP8_GPU = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=FP8_GPU)])
+@pytest.mark.parametrize(
+    "device", [pytest.param("cpu", marks=CPU_FP8), pytest.param("cuda", marks=FP8_GPU)]
+)
 def test_float8_linear_runs_both_passes_as_scaled_fp8_gemms(device: str) -> None:
     g = torch.Generator().manual_seed(0)
     linear = nn.Linear(64, 48)
@@ -168,7 +176,7 @@ def test_float8_linear_runs_both_passes_as_scaled_fp8_gemms(device: str) -> None
     torch.testing.assert_close(odd(x), x @ odd.dequantized().t() + odd.bias, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["int8", "float8"])
+@pytest.mark.parametrize("kind", ["int8", pytest.param("float8", marks=CPU_FP8)])
 def test_checkpointed_blocks_give_the_same_gradients(kind: str) -> None:
     _, model = _lora(kind)
     x = inputs()
@@ -192,40 +200,62 @@ INDUCTOR_CPU = pytest.mark.skipif(
 )
 
 
+def _first_step(device: str, kind: str, compiled: bool) -> tuple[torch.Tensor, dict]:
+    """Output and parameter gradients of a bf16 LoRA's first step over a ``kind`` base, its
+    blocks checkpointed (and inductor-compiled), as the lora bench's cases run."""
+    torch.manual_seed(0)
+    base = fluxlab_twin(tiny_diffusers()).to(device, torch.bfloat16)
+    cfg = LoraConfig(enabled=True, rank=4, base_dtype="bfloat16", base_quant=kind)
+    model = use_attention(add_lora(base, cfg), training_attention(torch.device(device)))
+    extra = {"compile": True, "compile_backend": "inductor"} if compiled else {}
+    wrap_blocks(model, ParallelConfig(activation_checkpointing=True, **extra)).train()
+    x = {k: v.to(device) if v is not None else None for k, v in inputs().items()}
+    with for_training(torch.device(device)), torch.autocast(device, dtype=torch.bfloat16):
+        out, _, grads = loss_and_grads(model, x)
+    return out.float(), {n: g.float() for n, g in grads.items()}
+
+
 @pytest.mark.parametrize(
     "device, kind",
     [
         pytest.param("cpu", "none", marks=INDUCTOR_CPU),
+        pytest.param("cpu", "float8", marks=[INDUCTOR_CPU, CPU_FP8]),
         pytest.param("cuda", "none", marks=CUDA),
         pytest.param("cuda", "float8", marks=FP8_GPU),
     ],
 )
 def test_compiled_first_lora_step_matches_eager(device: str, kind: str) -> None:
     """The bench's ``BASE:compile`` cases as a trainer's first step: inductor-compiled checkpointed
-    blocks give eager's output and adapter gradients, and leave every ``lora_A`` gradient exactly
-    zero (B starts at zero), as eager does. Adam's first step is about ±lr for any non-zero
-    gradient, so rounding noise there would move parameters that eager leaves alone."""
+    blocks leave every ``lora_A`` gradient exactly zero (B starts at zero), as eager does (Adam's
+    first step is about ±lr for any non-zero gradient, so rounding noise there would move
+    parameters eager leaves alone), and give eager's output and adapter gradients: to 2% for a
+    bf16 base; for fp8, as near the bf16 base's as eager fp8 is. Compiled kernels round bf16
+    intermediates differently, which flips e4m3 roundings, so the two fp8 runs differ by about
+    fp8's own error (8% on an H100, 5% on a CPU): only their distances to the bf16 step compare."""
     torch._dynamo.reset()
-    runs = []
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        base = fluxlab_twin(tiny_diffusers()).to(device, torch.bfloat16)
-        cfg = LoraConfig(enabled=True, rank=4, base_dtype="bfloat16", base_quant=kind)
-        model = use_attention(add_lora(base, cfg), training_attention(torch.device(device)))
-        extra = {"compile": True, "compile_backend": "inductor"} if compiled else {}
-        wrap_blocks(model, ParallelConfig(activation_checkpointing=True, **extra)).train()
-        x = {k: v.to(device) if v is not None else None for k, v in inputs().items()}
-        with for_training(torch.device(device)), torch.autocast(device, dtype=torch.bfloat16):
-            runs.append(loss_and_grads(model, x))
-    (out, _, grads), (out_c, _, grads_c) = runs
+    out, grads = _first_step(device, kind, compiled=False)
+    out_c, grads_c = _first_step(device, kind, compiled=True)
     assert grads.keys() == grads_c.keys() and any(".lora_A." in n for n in grads)
-    for name, grad in grads.items():
-        if ".lora_A." in name:
-            assert not grad.any() and not grads_c[name].any(), name
-        else:
-            assert grad.any(), name
-            assert _relative(grads_c[name].float(), grad.float()) < 0.02, name
-    assert _relative(out_c.float(), out.float()) < 0.02
+    lora_a = [n for n in grads if ".lora_A." in n]
+    for name in lora_a:
+        assert not grads[name].any(), f"{name}: eager max {grads[name].abs().max()}"
+        assert not grads_c[name].any(), f"{name}: compiled max {grads_c[name].abs().max()}"
+    rest = [n for n in grads if n not in lora_a]
+    assert all(grads[n].any() for n in rest)
+    if kind == "none":
+        for name in rest:
+            error = _relative(grads_c[name], grads[name])
+            assert error < 0.02, f"{name}: relative error {error:.4f}"
+        assert _relative(out_c, out) < 0.02
+        return
+    out_ref, grads_ref = _first_step(device, "none", compiled=False)
+    flat_ref = torch.cat([grads_ref[n].flatten() for n in rest])
+    eager, compiled = (
+        (_relative(o, out_ref), _relative(torch.cat([g[n].flatten() for n in rest]), flat_ref))
+        for o, g in ((out, grads), (out_c, grads_c))
+    )
+    assert all(0 < e < 2 * FLOAT8_TWIN_ERROR for e in eager), eager  # fp8 rounds; bf16 too
+    assert all(c < 1.5 * e + 0.01 for c, e in zip(compiled, eager)), (compiled, eager)
 
 
 def test_int8_base_lora_trains() -> None:
@@ -263,6 +293,9 @@ def test_missing_backends_are_clear_errors(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     with pytest.raises(ValueError, match="SM >= 8.9"):
         check_float8_device(torch.device("cuda"))
+    monkeypatch.setattr(quantize, "cpu_rowwise_fp8_gemm", lambda: False)  # as in torch 2.11
+    with pytest.raises(ValueError, match="float8 on the CPU needs per-row scaled fp8 GEMMs"):
+        check_float8_device(torch.device("cpu"))
     monkeypatch.setitem(sys.modules, "torchao", None)
     with pytest.raises(ValueError, match="needs torchao"):
         int8_config()
@@ -326,3 +359,44 @@ def test_quantized_base_config_checks(override: str, message: str, tmp_path: Pat
     base.append("--lora.base_quant=int8")
     with pytest.raises(ValueError, match=message):
         load_config("debug", [*base, override])
+
+
+@pytest.mark.parametrize(
+    "device", [pytest.param("cpu", marks=INDUCTOR_CPU), pytest.param("cuda", marks=CUDA)]
+)
+def test_compiled_lora_trains_as_eager_does(device: str) -> None:
+    """40 AdamW steps of a bf16 LoRA, eager and inductor-compiled, follow the float32 run's loss
+    curve alike: compiled blocks round differently (the lora bench's second losses differ by
+    0.1-0.2% on an H100), but must not train a different model."""
+
+    def curve(dtype: torch.dtype, compiled: bool) -> list[float]:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        base = fluxlab_twin(tiny_diffusers()).to(device, dtype)
+        name = "bfloat16" if dtype == torch.bfloat16 else "float32"
+        model = add_lora(base, LoraConfig(enabled=True, rank=4, base_dtype=name))
+        model = use_attention(model, training_attention(torch.device(device)))
+        extra = {"compile": True, "compile_backend": "inductor"} if compiled else {}
+        wrap_blocks(model, ParallelConfig(activation_checkpointing=True, **extra)).train()
+        x = {k: v.to(device) if v is not None else None for k, v in inputs().items()}
+        target = torch.randn(x["img"].shape, generator=torch.Generator().manual_seed(5))
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        losses = []
+        for _ in range(40):
+            bf16 = dtype == torch.bfloat16
+            with for_training(torch.device(device)):
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                    out = model(**x)
+            loss = (out.float() - target.to(device)).pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return losses
+
+    exact = torch.tensor(curve(torch.float32, compiled=False))
+    assert exact[-1] < 0.5 * exact[0]  # it learns
+    for compiled in (False, True):
+        losses = torch.tensor(curve(torch.bfloat16, compiled))
+        assert ((losses - exact).abs() / exact).max() < 0.02, (compiled, losses, exact)
