@@ -200,16 +200,23 @@ INDUCTOR_CPU = pytest.mark.skipif(
 )
 
 
-def _first_step(device: str, kind: str, compiled: bool) -> tuple[torch.Tensor, dict]:
-    """Output and parameter gradients of a bf16 LoRA's first step over a ``kind`` base, its
-    blocks checkpointed (and inductor-compiled), as the lora bench's cases run."""
+def _bench_lora(device: str, kind: str, compiled: bool, dtype: torch.dtype = torch.bfloat16):
+    """(a LoRA over a ``kind`` base in ``dtype``, its inputs on ``device``), its blocks
+    checkpointed (and inductor-compiled) as the lora bench's cases run."""
+    torch._dynamo.reset()
     torch.manual_seed(0)
-    base = fluxlab_twin(tiny_diffusers()).to(device, torch.bfloat16)
-    cfg = LoraConfig(enabled=True, rank=4, base_dtype="bfloat16", base_quant=kind)
+    base = fluxlab_twin(tiny_diffusers()).to(device, dtype)
+    name = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    cfg = LoraConfig(enabled=True, rank=4, base_dtype=name, base_quant=kind)
     model = use_attention(add_lora(base, cfg), training_attention(torch.device(device)))
     extra = {"compile": True, "compile_backend": "inductor"} if compiled else {}
     wrap_blocks(model, ParallelConfig(activation_checkpointing=True, **extra)).train()
-    x = {k: v.to(device) if v is not None else None for k, v in inputs().items()}
+    return model, {k: v.to(device) if v is not None else None for k, v in inputs().items()}
+
+
+def _first_step(device: str, kind: str, compiled: bool) -> tuple[torch.Tensor, dict]:
+    """Output and parameter gradients of a bf16 LoRA's first step."""
+    model, x = _bench_lora(device, kind, compiled)
     with for_training(torch.device(device)), torch.autocast(device, dtype=torch.bfloat16):
         out, _, grads = loss_and_grads(model, x)
     return out.float(), {n: g.float() for n, g in grads.items()}
@@ -232,7 +239,6 @@ def test_compiled_first_lora_step_matches_eager(device: str, kind: str) -> None:
     bf16 base; for fp8, as near the bf16 base's as eager fp8 is. Compiled kernels round bf16
     intermediates differently, which flips e4m3 roundings, so the two fp8 runs differ by about
     fp8's own error (8% on an H100, 5% on a CPU): only their distances to the bf16 step compare."""
-    torch._dynamo.reset()
     out, grads = _first_step(device, kind, compiled=False)
     out_c, grads_c = _first_step(device, kind, compiled=True)
     assert grads.keys() == grads_c.keys() and any(".lora_A." in n for n in grads)
@@ -370,25 +376,17 @@ def test_compiled_lora_trains_as_eager_does(device: str) -> None:
     0.1-0.2% on an H100), but must not train a different model."""
 
     def curve(dtype: torch.dtype, compiled: bool) -> list[float]:
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        base = fluxlab_twin(tiny_diffusers()).to(device, dtype)
-        name = "bfloat16" if dtype == torch.bfloat16 else "float32"
-        model = add_lora(base, LoraConfig(enabled=True, rank=4, base_dtype=name))
-        model = use_attention(model, training_attention(torch.device(device)))
-        extra = {"compile": True, "compile_backend": "inductor"} if compiled else {}
-        wrap_blocks(model, ParallelConfig(activation_checkpointing=True, **extra)).train()
-        x = {k: v.to(device) if v is not None else None for k, v in inputs().items()}
+        model, x = _bench_lora(device, "none", compiled, dtype)
         target = torch.randn(x["img"].shape, generator=torch.Generator().manual_seed(5))
+        target = target.to(device)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-3)
         losses = []
         for _ in range(40):
-            bf16 = dtype == torch.bfloat16
             with for_training(torch.device(device)):
-                with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                     out = model(**x)
-            loss = (out.float() - target.to(device)).pow(2).mean()
+            loss = (out.float() - target).pow(2).mean()
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
