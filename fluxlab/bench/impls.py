@@ -17,7 +17,11 @@ from torch import Tensor, nn
 
 from fluxlab.models.flux.model import Flux, FluxParams
 from fluxlab.models.weights.flux_diffusers import bfl_to_diffusers
-from fluxlab.parallel.attention_kernels import attention_function, use_attention
+from fluxlab.parallel.attention_kernels import (
+    attention_function,
+    use_attention,
+    use_sampling_attention,
+)
 from fluxlab.parallel.epilogues import use_inference_epilogues
 from fluxlab.parallel.float8 import (
     convert_to_float8_training,
@@ -67,8 +71,10 @@ class Impl:
         """What fluxlab's trainer converts before building the optimizer and compiling."""
 
     def prepare_inference(self, model: nn.Module) -> None:
-        """The sampling path fluxlab's pipeline runs on CUDA: the GEMM epilogues."""
+        """The sampling path fluxlab's pipeline runs on CUDA: the GEMM epilogues and its attention
+        kernel (FA4 where installed); a case's explicit kernels override the latter."""
         use_inference_epilogues(model)
+        use_sampling_attention(model)
 
     def forward(self, model: nn.Module, x: dict[str, Tensor]) -> Tensor:
         return model(
@@ -152,7 +158,7 @@ class PlainGemmImpl(Impl):
     name = "fluxlab-plain"
 
     def prepare_inference(self, model: nn.Module) -> None:
-        pass
+        use_sampling_attention(model)
 
 
 class Float8Impl(Impl):
@@ -171,6 +177,7 @@ class Float8Impl(Impl):
     def prepare_inference(self, model: nn.Module) -> None:
         # No epilogue classes: they would step aside for fp8 weights anyway (same function).
         quantize_for_sampling(model, _device_of(model))
+        use_sampling_attention(model)
 
 
 class RowwiseFloat8Impl(Float8Impl):

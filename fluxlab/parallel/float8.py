@@ -103,9 +103,9 @@ def convert_to_float8_training(
     optimizer (``MasterWeightAdamW`` then swaps bf16 weights into the fp8 layers as into any
     ``nn.Linear``).
     """
-    config = float8_training_config(recipe, emulate)
-    if not emulate:
+    if not emulate:  # first: without torchao, the config below cannot even be imported
         require_float8(device, f"parallel.float8={recipe}", "set parallel.float8=off")
+    config = float8_training_config(recipe, emulate)
     from torchao.float8 import convert_to_float8_training as convert
 
     if not float8_layer_names(model):
