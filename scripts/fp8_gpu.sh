@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # fp8 on one GPU of compute capability 8.9+ (issue #22; docs/performance.md, "fp8"). Each stage fits
 # a 10-minute command; run them in order, e.g.:
-#   bash scripts/fp8_gpu.sh tests bench-train bench-infer train-bf16 train-fp8 compare-loss
-#   bash scripts/fp8_gpu.sh teacher fid-bf16 fid-fp8 compare-fid
+#   bash scripts/fp8_gpu.sh tests bench-train | bench-infer | bench-infer-fp8 | bench-infer-peer
+#   bash scripts/fp8_gpu.sh train-bf16 train-fp8 compare-loss teacher fid-bf16 fid-fp8 compare-fid
+# On one H100 (docs/performance.md, "Issue #22 on one H100") the first fp8 sampling call compiled for
+# 256 s and the peers' fp8 recipe (diffusers-fp8:full) for over 6 minutes: hence one stage each, each
+# with its own diffusers eager baseline (ratios within one process).
 # `bench` runs bench-train's and bench-infer's cases in one process (the "same run" of the
 # acceptance) where a command may take ~15 minutes. Needs: pip install -e '.[test,quant]'.
 set -euo pipefail
@@ -14,8 +17,11 @@ TRAIN_CASES+=,fluxlab-fp8:master:block,fluxlab-fp8:master:full,fluxlab-fp8-rowwi
 # Sampling: diffusers eager, compiled, compiled + torchao fp8 (the peers' recipe), fluxlab bf16/fp8.
 # fp8 cases come last in each list: torchao patches inductor's min/max codegen process-wide (a
 # numerically identical Triton workaround), so the bf16 cases run before it.
-INFER_CASES=diffusers:eager,diffusers:full,fluxlab:block,diffusers-fp8:full,fluxlab-fp8:block
-INFER_CASES+=,fluxlab-fp8:full
+# fluxlab's cases sample with the pipeline's attention (FA4 where installed); +graphs adds CUDA graphs
+# over the compiled blocks (the fp8 step's ~5 ms of launch gaps).
+INFER_CASES=diffusers:eager,diffusers:full,fluxlab:block
+FP8_INFER_CASES=diffusers:eager,fluxlab-fp8:block,fluxlab-fp8:block+graphs
+PEER_CASES=diffusers:eager,diffusers-fp8:full
 # The 300-step loss comparison: openmoji-gpu from scratch, every step logged, compiled blocks.
 SHORT=(--config openmoji-gpu --optim.steps=300 --train.log_every=1 --train.sample_every=1000
        --train.eval_every=0 --train.checkpoint_every=300 --parallel.compile=true)
@@ -23,14 +29,24 @@ SHORT=(--config openmoji-gpu --optim.steps=300 --train.log_every=1 --train.sampl
 TEACHER=runs/openmoji-gpu
 EVAL=(--checkpoint "$TEACHER" --reference-dataset openmoji --reference-split val --seed 0
       --kid-subset-size 100)
+STAGES=" tests bench bench-train bench-infer bench-infer-fp8 bench-infer-peer profile-fp8 "
+STAGES+="train-bf16 train-fp8 train-fp8-rowwise compare-loss teacher fid-bf16 fid-fp8 compare-fid "
+for stage in "$@"; do  # a typo in the last stage should not cost the minutes of the first ones
+  if [[ "$STAGES" != *" $stage "* ]]; then echo "unknown stage $stage ($STAGES)" >&2; exit 2; fi
+done
 for stage in "$@"; do
   case "$stage" in
     tests) python -m pytest -p no:cacheprovider -q -rs tests/parallel/test_float8.py ;;
     bench)
-      fluxlab bench --what train,infer --train-cases "$TRAIN_CASES" --infer-cases "$INFER_CASES" \
+      fluxlab bench --what train,infer --train-cases "$TRAIN_CASES" \
+        --infer-cases "$INFER_CASES,${FP8_INFER_CASES#diffusers:eager,},${PEER_CASES#diffusers:eager,}" \
         --json "$OUT/bench.json" ;;
     bench-train) fluxlab bench --what train --train-cases "$TRAIN_CASES" --json "$OUT/train.json" ;;
     bench-infer) fluxlab bench --what infer --infer-cases "$INFER_CASES" --json "$OUT/infer.json" ;;
+    bench-infer-fp8)
+      fluxlab bench --what infer --infer-cases "$FP8_INFER_CASES" --json "$OUT/infer-fp8.json" ;;
+    bench-infer-peer)
+      fluxlab bench --what infer --infer-cases "$PEER_CASES" --json "$OUT/infer-peer.json" ;;
     profile-fp8)
       fluxlab bench --impls fluxlab-fp8 --what train --train-cases fluxlab-fp8:master:block \
         --profile --profile-rows 40 ;;
@@ -65,7 +81,11 @@ for name in ("loss-fp8", "loss-fp8-rowwise"):
           f"{sum(map(abs, rel)) / len(rel):.2%}, last step {ours[steps[-1]]:.5f} vs "
           f"{ref[steps[-1]]:.5f}")
 EOF
-      ;;
+      runs=(--run "$OUT/loss-bf16")
+      for name in loss-fp8 loss-fp8-rowwise; do
+        if [ -f "$OUT/$name/log.jsonl" ]; then runs+=(--run "$OUT/$name"); fi
+      done
+      fluxlab plot "${runs[@]}" --title "first 300 steps, bf16 vs fp8" --out "$OUT/loss-compare.png" ;;
     # A trained openmoji-gpu in one command: compiled blocks (2.8× the eager steps/s of this model
     # size, docs/openmoji-256.md), so 6 minutes give more steps than the preset's eager 12.5.
     teacher) fluxlab train --config openmoji-gpu --train.max_minutes=6 --parallel.compile=true ;;
@@ -83,10 +103,5 @@ print(f"FID bf16 {bf16['fid']:.3f}, fp8 {fp8['fid']:.3f} ({fp8['fid'] / bf16['fi
       f"KID bf16 {bf16.get('kid')}, fp8 {fp8.get('kid')}")
 EOF
       ;;
-    *)
-      echo "unknown stage $stage (tests bench bench-train bench-infer profile-fp8 train-bf16" \
-        "train-fp8 train-fp8-rowwise compare-loss teacher fid-bf16 fid-fp8" \
-        "compare-fid)" >&2
-      exit 2 ;;
   esac
 done

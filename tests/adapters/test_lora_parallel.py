@@ -1,5 +1,6 @@
 """LoRA under DDP and FSDP2 (gloo, 2 CPU processes): both train the adapter a single process
-trains on the same global batch, to float rounding; DDP over an fp8-quantized base too."""
+trains on the same global batch, to float rounding; DDP over an fp8-quantized base too (to its
+bf16 roundings)."""
 
 from __future__ import annotations
 
@@ -76,5 +77,19 @@ def test_ddp_and_fsdp_train_the_single_process_adapter(tmp_path: Path) -> None:
         assert ref and any(v.abs().max() > 0 for k, v in ref.items() if ".lora_B." in k)
         got = _adapters(tmp_path / name)
         assert got.keys() == ref.keys(), name
-        for k in ref:
-            torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5, msg=f"{name} {k}")
+        if not name.endswith("fp8"):
+            for k in ref:
+                torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5, msg=f"{name} {k}")
+            continue
+        # fp8 GEMMs write bf16: a float-rounding difference between half and whole batches flips
+        # some of those roundings, and 4 steps at lr 1e-2 carry it on (0.2% on a 2-core CPU). The
+        # same adapter means far closer to the single-process fp8 run than fp8 is to bf16 (~10%).
+        bf16 = _adapters(tmp_path / "ref")
+        to_fp8, fp8_to_bf16 = _distance(got, ref), _distance(bf16, ref)
+        assert to_fp8 < 0.01 and to_fp8 < fp8_to_bf16 / 10, (name, to_fp8, fp8_to_bf16)
+
+
+def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Relative L2 distance of adapter ``a`` from ``b`` over all their tensors."""
+    diff = sum((a[k].float() - b[k].float()).pow(2).sum() for k in b)
+    return (diff / sum(b[k].float().pow(2).sum() for k in b)).sqrt().item()
