@@ -42,11 +42,6 @@ def _pyplot():
     return plt
 
 
-def plot_run(log: str | Path, out: str | Path, title: str | None = None) -> Path:
-    """One PNG: training loss against step (left) and the latest loss per t-bin (right)."""
-    return plot_runs([log], out, title)
-
-
 def plot_runs(logs: Sequence[str | Path], out: str | Path, title: str | None = None) -> Path:
     """One PNG for one run or several side by side (bf16 against fp8, say): training loss against
     step (left) and the latest loss per t-bin (right), one colour per run, named by its folder."""
