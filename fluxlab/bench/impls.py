@@ -22,6 +22,7 @@ from fluxlab.parallel.attention_kernels import (
     use_attention,
     use_sampling_attention,
 )
+from fluxlab.parallel.cuda_graphs import CUDAGraphed
 from fluxlab.parallel.epilogues import use_inference_epilogues
 from fluxlab.parallel.float8 import (
     convert_to_float8_training,
@@ -42,6 +43,26 @@ def diffusers_inputs(inputs: dict[str, Tensor]) -> dict[str, Any]:
         guidance=inputs["guidance"],
         return_dict=False,
     )
+
+
+def parse_compile_spec(spec: str) -> tuple[str, dict[str, Any], bool]:
+    """``spec`` (see :meth:`Impl.compile`) as (scope, torch.compile's keyword arguments, whether
+    to wrap the forward in one CUDA graph); a ValueError for one that cannot run."""
+    scope, *extras = spec.split("+")
+    unknown = set(extras) - {"max", "graphs", "tune", "cudagraph"}
+    exclusive = len(set(extras) & {"max", "graphs", "tune"}) > 1  # a mode, or options
+    if scope not in ("eager", "block", "full") or unknown or exclusive:
+        raise ValueError(
+            f"compile spec {spec!r}: expected eager, block or full, optionally one of +max, "
+            "+graphs, +tune, and +cudagraph"
+        )
+    mode = None
+    if "max" in extras:
+        mode = "max-autotune-no-cudagraphs"
+    elif "graphs" in extras:
+        mode = "reduce-overhead"
+    options = {"coordinate_descent_tuning": True} if "tune" in extras else None
+    return scope, dict(mode=mode, options=options), "cudagraph" in extras
 
 
 class Impl:
@@ -82,27 +103,20 @@ class Impl:
         )
 
     def compile(self, model: nn.Module, spec: str) -> nn.Module:
-        """``spec``: ``block`` or ``full``, then optional ``+`` extras: ``max`` (inductor's GEMM
-        autotuning with epilogue fusion, no CUDA graphs), ``graphs`` (CUDA graphs, mode
-        reduce-overhead)."""
-        scope, *extras = spec.split("+")
-        unknown = set(extras) - {"max", "graphs"}
-        if scope not in ("block", "full") or unknown:
-            raise ValueError(
-                f"compile spec {spec!r}: expected block or full, optionally +max or +graphs"
-            )
-        mode = None
-        if "max" in extras:
-            mode = "max-autotune-no-cudagraphs"
-        elif "graphs" in extras:
-            mode = "reduce-overhead"
+        """``spec``: ``eager``, ``block`` or ``full``, then optional ``+`` extras: ``max``
+        (inductor's GEMM autotuning with epilogue fusion, no CUDA graphs), ``graphs`` (CUDA graphs
+        per compiled graph, mode reduce-overhead), ``tune`` (inductor's coordinate-descent tuning
+        of its Triton kernels), ``cudagraph`` (one CUDA graph around the whole forward, as
+        ``fluxlab sample`` replays it)."""
+        scope, kwargs, cudagraph = parse_compile_spec(spec)
         if scope == "full":
-            return torch.compile(model, mode=mode)
-        for block in self.blocks(model):
-            # Compile the bound forward, not the module: hooks (FSDP2's all-gather) stay outside the
-            # graph and the state-dict keys stay unchanged.
-            block.forward = torch.compile(block.forward, fullgraph=self.fullgraph, mode=mode)
-        return model
+            model = torch.compile(model, **kwargs)
+        elif scope == "block":
+            for block in self.blocks(model):
+                # The bound forward, not the module: hooks (FSDP2's all-gather) stay outside the
+                # graph and the state-dict keys stay unchanged.
+                block.forward = torch.compile(block.forward, fullgraph=self.fullgraph, **kwargs)
+        return CUDAGraphed(model) if cudagraph else model
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return [*model.double_blocks, *model.single_blocks]

@@ -4,8 +4,10 @@ process."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
+from collections.abc import Callable
 
 from fluxlab.parallel.attention_names import TRAINING_BACKENDS, check_backend_names
 
@@ -57,8 +59,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--infer-compile",
         default="eager,block",
-        help="comma-separated: eager, block, full (torch.compile of the whole model); '+max' adds "
-        "GEMM autotuning",
+        help="comma-separated: eager, block, full (torch.compile of the whole model); then '+max' "
+        "(GEMM autotuning), '+graphs' (reduce-overhead) or '+tune' (coordinate-descent tuning), "
+        "and '+cudagraph' (one CUDA graph per step, as fluxlab sample replays it)",
     )
     p.add_argument(
         "--infer-backends",
@@ -161,7 +164,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
     from fluxlab.bench import transformer as B
     from fluxlab.bench.gemms import bench_gemms
-    from fluxlab.bench.impls import IMPLS
+    from fluxlab.bench.impls import IMPLS, parse_compile_spec
 
     what = args.what.split(",")
     if "lora" in what:
@@ -194,11 +197,15 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             for b in args.infer_backends.split(";")
         ]
     )
-    for impl, *_ in infer_cases:
+    for impl, comp, *_ in infer_cases:
         if impl not in IMPLS:
             raise ValueError(
                 f"unknown implementation {impl!r} in a case; choose from {sorted(IMPLS)}"
             )
+        parse_compile_spec(comp)
+    for *_, comp, _ in train_cases:
+        if parse_compile_spec(comp)[2]:
+            raise ValueError(f"{comp!r}: +cudagraph replays sampling steps; training backprops")
     if not torch.cuda.is_available():
         raise ValueError("fluxlab bench measures GPU speed and needs CUDA; none is available here")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -235,18 +242,31 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             print(json.dumps({"skipped": label, "reason": reason}), flush=True)
         return reason is not None
 
-    def record(kind: str, label: str, result: dict) -> None:
+    failed: list[dict] = []
+
+    def record(kind: str, label: str, run: Callable[[], dict]) -> None:
+        """Runs one case; one that fails is reported and the others still run (a crash in the
+        last of ten cases should not cost the nine measured before it)."""
+        try:
+            result = run()
+        except Exception as err:  # noqa: BLE001 - reported, counted, exits non-zero at the end
+            failed.append({"failed": label, "error": f"{type(err).__name__}: {err}"})
+            print(json.dumps(failed[-1]), flush=True)
+            write_json(failed=failed)
+            torch.cuda.empty_cache()
+            return
         result.update(kind=kind, label=label)
         rows.append(result)
         print(json.dumps(result), flush=True)
-        write_json()
+        write_json(failed=failed)
 
     if "train" in what:
         for impl, mode, comp, backends in train_cases:
             label = f"train {impl} {mode} {comp} attn={backends}"
             if skipped(impl, label):
                 continue
-            r = B.bench_train(
+            run = functools.partial(
+                B.bench_train,
                 impl,
                 mode,
                 comp,
@@ -254,17 +274,21 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                 profile=args.profile_rows if args.profile else 0,
                 backends=tuple(backends.split("+")),
             )
-            record("train", label, r)
+            record("train", label, run)
     if "infer" in what:
         for impl, comp, backends in infer_cases:
             chosen = None if backends == "default" else tuple(backends.split("+"))
             label = f"infer {impl} {comp} sdpa={backends}"
             if skipped(impl, label):
                 continue
-            r = B.bench_infer(
-                impl, comp, backends=chosen, profile=args.profile_rows if args.profile else 0
+            run = functools.partial(
+                B.bench_infer,
+                impl,
+                comp,
+                backends=chosen,
+                profile=args.profile_rows if args.profile else 0,
             )
-            record("infer", label, r)
+            record("infer", label, run)
 
     if "gemm" in what:
         gemms = bench_gemms()
@@ -301,4 +325,6 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     )
     if rows:  # --what gemm alone printed its own table
         print(_table(rows, info["matmul_ceiling_tflops"], baseline))
-    return 0
+    for f in failed:
+        print(f"FAILED {f['failed']}: {f['error']}")
+    return 1 if failed else 0

@@ -126,6 +126,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         )
     merge_lora_files(pipe.model, args.lora, args.lora_scale)
     apply_fp8(pipe.model, device, args.fp8)
+    pipe.cuda_graphs = not args.no_cuda_graphs
     text = encode_prompts(encoder, [args.prompt])
     negative = encode_prompts(encoder, [negative_prompt])
     del encoder

@@ -10,7 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fluxlab.commands.sample_compare import read_prompts_file
-from fluxlab.commands.sampling_options import add_fp8_option, apply_fp8
+from fluxlab.commands.sampling_options import (
+    add_cuda_graphs_option,
+    add_fp8_option,
+    apply_fp8,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--sampler", choices=["euler", "heun"], default=None)
     gen.add_argument("--seed", type=int, default=0)
     add_fp8_option(gen)
+    add_cuda_graphs_option(gen)
     gen.add_argument(
         "--no-ema", action="store_true", help="sample the raw weights instead of the EMA"
     )
@@ -137,6 +142,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.checkpoint is not None:
         cfg, pipe, ckpt = load_for_sampling(args.checkpoint, device, ema=not args.no_ema)
         apply_fp8(pipe.model, device, args.fp8)
+        pipe.cuda_graphs = not args.no_cuda_graphs
         print(f"checkpoint: {ckpt}")
 
     ref_dataset = dataset_key = None

@@ -157,6 +157,7 @@ def _prompt_batches(
     cfg, pipe, path = load_for_sampling(args.checkpoint, device, ema=not args.no_ema)
     merge_lora_files(pipe.model, args.lora, args.lora_scale)
     apply_fp8(pipe.model, device, args.fp8)
+    pipe.cuda_graphs = not args.no_cuda_graphs
     s = cfg.sample
     prompts = [p for p in args.prompt for _ in range(args.num)]
     encoder = build_text_encoder(cfg.encoding.text_encoder, cfg.encoding.text_max_length, device)
@@ -205,6 +206,7 @@ def _pretrained_batches(
     )
     merge_lora_files(pipe.model, args.lora, args.lora_scale)
     apply_fp8(pipe.model, device, args.fp8)
+    pipe.cuda_graphs = not args.no_cuda_graphs
     prompts = [p for p in args.prompt for _ in range(args.num)]
     text = encode_prompts(encoder, prompts)
     negative = encode_prompts(encoder, [args.negative_prompt or ""])

@@ -1,5 +1,5 @@
 """Command-line options shared by the commands that sample: true CFG for guidance-embedded
-models, LoRAs merged before sampling, fp8 matmuls."""
+models, LoRAs merged before sampling, fp8 matmuls, CUDA graphs."""
 
 from __future__ import annotations
 
@@ -38,6 +38,18 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         help="strength of each --lora (1 = as trained); one value applies to all",
     )
     add_fp8_option(parser)
+    add_cuda_graphs_option(parser)
+
+
+def add_cuda_graphs_option(parser: argparse.ArgumentParser) -> None:
+    """``--no-cuda-graphs``: call the transformer step by step instead of replaying its graph."""
+    parser.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="on CUDA, run each step's transformer call as it is instead of capturing it once "
+        "per batch shape as a CUDA graph and replaying it (the default; it removes the GPU's "
+        "waits on Python between kernels, for a little memory per batch shape)",
+    )
 
 
 def add_fp8_option(parser: argparse.ArgumentParser) -> None:

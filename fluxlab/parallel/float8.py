@@ -150,7 +150,11 @@ def quantize_for_sampling(model: nn.Module, device: torch.device) -> nn.Module:
         layer.to(torch.bfloat16)
         if type(layer) is nn.Linear:  # a class swap: parameters and state-dict keys unchanged
             layer.__class__ = AutocastInputLinear
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    # set_inductor_config=False: torchao would otherwise switch on coordinate-descent tuning for
+    # every later compile in the process; apply_fp8 asks for it on the blocks it compiles.
+    config = Float8DynamicActivationFloat8WeightConfig(
+        granularity=PerRow(), set_inductor_config=False
+    )
     chosen = set(names)
     quantize_(model, config, filter_fn=lambda m, fqn: fqn in chosen)
     return model

@@ -20,6 +20,7 @@ from fluxlab.diffusion.guidance import classifier_free_guidance
 from fluxlab.diffusion.samplers import sample
 from fluxlab.models.flux.model import Flux
 from fluxlab.parallel.attention_kernels import use_sampling_attention
+from fluxlab.parallel.cuda_graphs import CUDAGraphed
 from fluxlab.parallel.epilogues import use_inference_epilogues
 
 
@@ -107,6 +108,17 @@ class FluxTextToImage:
                 f"latent size {self.latent_size} is not divisible by the patch size {patch_size}"
             )
         self.grid = self.latent_size // patch_size
+        # Replay each step's transformer call as one CUDA graph (fluxlab sample/edit/eval turn it
+        # on; training previews keep it off: their weights are swapped and sharded between calls).
+        self.cuda_graphs = False
+        self._graphed: CUDAGraphed | None = None
+
+    def _graphed_model(self, model: nn.Module) -> CUDAGraphed:
+        """``model`` behind a CUDA-graph wrapper kept across calls, so each batch shape is
+        captured once per pipeline."""
+        if self._graphed is None or self._graphed.module is not model:
+            self._graphed = CUDAGraphed(model)
+        return self._graphed
 
     @property
     def token_dim(self) -> int:
@@ -179,6 +191,8 @@ class FluxTextToImage:
         # The GEMM-epilogue sampling path on CUDA (idempotent; the same function elsewhere).
         model = use_inference_epilogues(model if model is not None else self.model)
         use_sampling_attention(model)
+        if self.cuda_graphs:
+            model = self._graphed_model(model)
         device = next(model.parameters()).device
         b = text.txt.shape[0]
         gen = torch.Generator(device="cpu").manual_seed(seed)
