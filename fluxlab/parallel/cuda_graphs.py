@@ -13,6 +13,7 @@ kernels first, and keep it out of training (it steps aside whenever autograd is 
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,8 +93,11 @@ def _autocast_state() -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
 
 
-def _uncached_autocast() -> torch.autocast:
+def _uncached_autocast() -> AbstractContextManager:
     """The caller's CUDA autocast with its weight-cast cache off: a cast cached outside the
-    capture would be freed when the caller's autocast exits, under the graph's feet."""
+    capture would be freed when the caller's autocast exits, under the graph's feet. (Nothing
+    changes without autocast: the flag is part of what compiled code is guarded on.)"""
     enabled, dtype = _autocast_state()
-    return torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
+    if not enabled:
+        return nullcontext()
+    return torch.autocast("cuda", dtype=dtype, cache_enabled=False)
