@@ -3,9 +3,9 @@
 # a 10-minute command; run them in order, e.g.:
 #   bash scripts/fp8_gpu.sh tests bench-train | bench-infer | bench-infer-fp8 | bench-infer-peer
 #   bash scripts/fp8_gpu.sh train-bf16 train-fp8 compare-loss teacher fid-bf16 fid-fp8 compare-fid
-# On one H100 (docs/performance.md, "Issue #22 on one H100") the first fp8 sampling call compiled for
-# 256 s and the peers' fp8 recipe (diffusers-fp8:full) for over 6 minutes: hence one stage each, each
-# with its own diffusers eager baseline (ratios within one process).
+# On one H100 (docs/performance.md, "CUDA graphs and tuning for fp8 sampling") the peers' fp8 recipe
+# (diffusers-fp8:full, torchao's inductor settings) compiled for 346 s and fluxlab's tuned fp8 blocks
+# for 39 s: hence one stage each, each with its own diffusers eager baseline (ratios within a process).
 # `bench` runs bench-train's and bench-infer's cases in one process (the "same run" of the
 # acceptance) where a command may take ~15 minutes. Needs: pip install -e '.[test,quant]'.
 set -euo pipefail
@@ -17,10 +17,11 @@ TRAIN_CASES+=,fluxlab-fp8:master:block,fluxlab-fp8:master:full,fluxlab-fp8-rowwi
 # Sampling: diffusers eager, compiled, compiled + torchao fp8 (the peers' recipe), fluxlab bf16/fp8.
 # fp8 cases come last in each list: torchao patches inductor's min/max codegen process-wide (a
 # numerically identical Triton workaround), so the bf16 cases run before it.
-# fluxlab's cases sample with the pipeline's attention (FA4 where installed); +graphs adds CUDA graphs
-# over the compiled blocks (the fp8 step's ~5 ms of launch gaps).
-INFER_CASES=diffusers:eager,diffusers:full,fluxlab:block
-FP8_INFER_CASES=diffusers:eager,fluxlab-fp8:block,fluxlab-fp8:block+graphs
+# fluxlab's cases sample with the pipeline's attention (FA4 where installed); +cudagraph replays each
+# step as one CUDA graph, as fluxlab sample does; +tune adds inductor's coordinate-descent tuning.
+INFER_CASES=diffusers:eager,diffusers:full,fluxlab:block,fluxlab:block+cudagraph
+FP8_INFER_CASES=diffusers:eager,fluxlab-fp8:block,fluxlab-fp8:block+cudagraph
+FP8_INFER_CASES+=,fluxlab-fp8:block+tune+cudagraph
 PEER_CASES=diffusers:eager,diffusers-fp8:full
 # The 300-step loss comparison: openmoji-gpu from scratch, every step logged, compiled blocks.
 SHORT=(--config openmoji-gpu --optim.steps=300 --train.log_every=1 --train.sample_every=1000

@@ -202,6 +202,17 @@ class RowwiseFloat8Impl(Float8Impl):
     recipe = "rowwise"
 
 
+class TensorwiseSamplingFloat8Impl(Float8Impl):
+    """``fluxlab-fp8`` sampling with one scale per activation and weight tensor instead of one
+    per row (a bench variant: which quantisation and GEMM kernels are faster)."""
+
+    name = "fluxlab-fp8-tensorwise"
+
+    def prepare_inference(self, model: nn.Module) -> None:
+        quantize_for_sampling(model, _device_of(model), granularity="tensorwise")
+        use_sampling_attention(model)
+
+
 class DiffusersFloat8Impl(DiffusersImpl):
     """diffusers with the peers' fp8 recipe: torchao's ``quantize_`` with
     ``Float8DynamicActivationFloat8WeightConfig(PerRow())`` over every linear layer it takes."""
@@ -228,6 +239,7 @@ IMPLS: dict[str, type[Impl]] = {
     "fluxlab-plain": PlainGemmImpl,
     "fluxlab-fp8": Float8Impl,
     "fluxlab-fp8-rowwise": RowwiseFloat8Impl,
+    "fluxlab-fp8-tensorwise": TensorwiseSamplingFloat8Impl,
     "diffusers-fp8": DiffusersFloat8Impl,
 }
 

@@ -75,7 +75,8 @@ def apply_fp8(model: nn.Module, device: torch.device, enabled: bool) -> None:
 
     quantize_for_sampling(model, device)
     # Dynamic activation quantization beats bf16 only with its casts fused by the compiler (eager
-    # fp8 was slower than bf16: docs/performance.md). Lazy: the first call compiles, after the
-    # pipeline has set the sampling attention kernel.
+    # fp8 was slower than bf16), and coordinate-descent tuning of those fused kernels took 3% off
+    # the step for ~20 s more of first-call compile (docs/performance.md). Lazy: the first call
+    # compiles, after the pipeline has set the sampling attention kernel.
     for block in blocks(model):
-        block.forward = torch.compile(block.forward)
+        block.forward = torch.compile(block.forward, options={"coordinate_descent_tuning": True})

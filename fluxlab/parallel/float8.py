@@ -130,14 +130,21 @@ class AutocastInputLinear(nn.Linear):
         return super().forward(input)
 
 
-def quantize_for_sampling(model: nn.Module, device: torch.device) -> nn.Module:
+def quantize_for_sampling(
+    model: nn.Module, device: torch.device, granularity: str = "rowwise"
+) -> nn.Module:
     """fp8 weights and row-wise dynamic fp8 activations for the :func:`float8_layer` linears of
     ``model`` (in place, for sampling only: quantized weights have no gradient); returns it.
 
     Those layers' weights and biases are cast to bf16 first, the precision fluxlab samples in.
     """
     require_float8(device, "--fp8", "sample without --fp8")
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        PerRow,
+        PerTensor,
+        quantize_,
+    )
 
     names = float8_layer_names(model)
     if not names:
@@ -153,7 +160,8 @@ def quantize_for_sampling(model: nn.Module, device: torch.device) -> nn.Module:
     # set_inductor_config=False: torchao would otherwise switch on coordinate-descent tuning for
     # every later compile in the process; apply_fp8 asks for it on the blocks it compiles.
     config = Float8DynamicActivationFloat8WeightConfig(
-        granularity=PerRow(), set_inductor_config=False
+        granularity=PerRow() if granularity == "rowwise" else PerTensor(),
+        set_inductor_config=False,
     )
     chosen = set(names)
     quantize_(model, config, filter_fn=lambda m, fqn: fqn in chosen)

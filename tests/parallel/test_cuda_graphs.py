@@ -72,8 +72,8 @@ def test_replays_match_plain_calls_and_earlier_outputs_survive(compiled: bool) -
         for block in [*model.double_blocks, *model.single_blocks]:
             block.forward = torch.compile(block.forward)
     graphed = CUDAGraphed(model)
-    calls = [inputs(model.params, 2, seed=1), inputs(model.params, 2, seed=2)]
-    calls.append(inputs(model.params, 4, seed=3))  # a CFG-doubled batch: a second graph
+    calls = [inputs(model.params, 2, seed=s, device="cuda") for s in (1, 2)]
+    calls.append(inputs(model.params, 4, seed=3, device="cuda"))  # CFG-doubled: a second graph
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         want = [model(**x).float() for x in calls]
         got = [graphed(**x).float() for x in calls]
