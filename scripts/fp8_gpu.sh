@@ -18,10 +18,11 @@ TRAIN_CASES+=,fluxlab-fp8:master:block,fluxlab-fp8:master:full,fluxlab-fp8-rowwi
 # fp8 cases come last in each list: torchao patches inductor's min/max codegen process-wide (a
 # numerically identical Triton workaround), so the bf16 cases run before it.
 # fluxlab's cases sample with the pipeline's attention (FA4 where installed); +cudagraph replays each
-# step as one CUDA graph, as fluxlab sample does; +tune adds inductor's coordinate-descent tuning.
+# step as one CUDA graph, as fluxlab sample does; +tune adds inductor's coordinate-descent tuning;
+# fluxlab-fp8-fused quantizes each MLP's GELU output in one Triton pass (parallel/fp8_gelu.py).
 INFER_CASES=diffusers:eager,diffusers:full,fluxlab:block,fluxlab:block+cudagraph
 FP8_INFER_CASES=diffusers:eager,fluxlab-fp8:block,fluxlab-fp8:block+cudagraph
-FP8_INFER_CASES+=,fluxlab-fp8:block+tune+cudagraph
+FP8_INFER_CASES+=,fluxlab-fp8:block+tune+cudagraph,fluxlab-fp8-fused:block+tune+cudagraph
 PEER_CASES=diffusers:eager,diffusers-fp8:full
 # The 300-step loss comparison: openmoji-gpu from scratch, every step logged, compiled blocks.
 SHORT=(--config openmoji-gpu --optim.steps=300 --train.log_every=1 --train.sample_every=1000
@@ -37,7 +38,9 @@ for stage in "$@"; do  # a typo in the last stage should not cost the minutes of
 done
 for stage in "$@"; do
   case "$stage" in
-    tests) python -m pytest -p no:cacheprovider -q -rs tests/parallel/test_float8.py ;;
+    tests)
+      python -m pytest -p no:cacheprovider -q -rs tests/parallel/test_float8.py \
+        tests/parallel/test_fp8_gelu.py tests/parallel/test_cuda_graphs.py ;;
     bench)
       fluxlab bench --what train,infer --train-cases "$TRAIN_CASES" \
         --infer-cases "$INFER_CASES,${FP8_INFER_CASES#diffusers:eager,},${PEER_CASES#diffusers:eager,}" \

@@ -29,6 +29,7 @@ from fluxlab.parallel.float8 import (
     float8_unsupported,
     quantize_for_sampling,
 )
+from fluxlab.parallel.fp8_gelu import use_fused_fp8_gelu
 
 
 def diffusers_inputs(inputs: dict[str, Tensor]) -> dict[str, Any]:
@@ -202,6 +203,18 @@ class RowwiseFloat8Impl(Float8Impl):
     recipe = "rowwise"
 
 
+class FusedGeluFloat8Impl(Float8Impl):
+    """``fluxlab-fp8`` sampling with each MLP's GELU and its row-wise fp8 quantisation in one Triton
+    pass (``parallel/fp8_gelu.py``), until measured a bench variant only."""
+
+    name = "fluxlab-fp8-fused"
+
+    def prepare_inference(self, model: nn.Module) -> None:
+        quantize_for_sampling(model, _device_of(model))
+        use_fused_fp8_gelu(model)
+        use_sampling_attention(model)
+
+
 class TensorwiseSamplingFloat8Impl(Float8Impl):
     """``fluxlab-fp8`` sampling with one scale per activation and weight tensor instead of one
     per row (a bench variant: which quantisation and GEMM kernels are faster)."""
@@ -240,6 +253,7 @@ IMPLS: dict[str, type[Impl]] = {
     "fluxlab-fp8": Float8Impl,
     "fluxlab-fp8-rowwise": RowwiseFloat8Impl,
     "fluxlab-fp8-tensorwise": TensorwiseSamplingFloat8Impl,
+    "fluxlab-fp8-fused": FusedGeluFloat8Impl,
     "diffusers-fp8": DiffusersFloat8Impl,
 }
 

@@ -41,7 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="fluxlab,diffusers",
         help="comma-separated: fluxlab, diffusers, fluxlab-plain (no sampling GEMM epilogues), "
         "fluxlab-fp8 (torchao float8 training, tensorwise; fp8 sampling), fluxlab-fp8-rowwise, "
-        "diffusers-fp8 (torchao fp8 sampling, the peers' recipe; not trained). fp8 cases are "
+        "fluxlab-fp8-tensorwise (tensor-wise sampling scales), fluxlab-fp8-fused (one-pass GELU "
+        "quantisation), diffusers-fp8 (torchao fp8 sampling, the peers' recipe; not trained). "
+        "fp8 cases are "
         "skipped, saying why, without torchao or a GPU of compute capability 8.9+",
     )
     p.add_argument(
