@@ -18,10 +18,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
-from fluxlab.models.flux.layers import DoubleStreamBlock, SingleStreamBlock, attention
+from fluxlab.models.flux.layers import DoubleStreamBlock, SingleStreamBlock
 from fluxlab.parallel.float8 import is_plain_weight
 
 FP8 = torch.float8_e4m3fn
@@ -215,18 +214,10 @@ class FusedGeluFloat8SingleStreamBlock(SingleStreamBlock):
     """``SingleStreamBlock`` with ``linear2``'s input, [attention, GELU(MLP)], quantized in one
     pass (no concatenation in memory either)."""
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
+    def project_out(self, attn: Tensor, mlp: Tensor) -> Tensor:
         if not fused(self.linear2):
-            return super().forward(x, vec=vec, pe=pe)
-        mod, _ = self.modulation(vec)
-        x_mod = (1 + mod.scale) * self.pre_norm(x) + mod.shift
-        qkv, mlp = torch.split(
-            self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1
-        )
-        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
-        q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, pe, self.attention_fn)
-        return x + mod.gate * fp8_linear_of_gelu(self.linear2, attn, mlp)
+            return super().project_out(attn, mlp)
+        return fp8_linear_of_gelu(self.linear2, attn, mlp)
 
 
 def use_fused_fp8_gelu(model: nn.Module) -> nn.Module:

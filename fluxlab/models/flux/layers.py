@@ -278,9 +278,12 @@ class SingleStreamBlock(nn.Module):
 
         # compute attention
         attn = attention(q, k, v, pe, self.attention_fn)
-        # compute activation in mlp stream, cat again and run second linear layer
-        output = self.linear2(torch.cat((attn, self.mlp_act(mlp)), 2))
-        return x + mod.gate * output
+        return x + mod.gate * self.project_out(attn, mlp)
+
+    def project_out(self, attn: Tensor, mlp: Tensor) -> Tensor:
+        """Activation in the mlp stream, cat again and the second linear layer (a subclass may
+        fuse these: parallel/fp8_gelu.py)."""
+        return self.linear2(torch.cat((attn, self.mlp_act(mlp)), 2))
 
 
 class LastLayer(nn.Module):
