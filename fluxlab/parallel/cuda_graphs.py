@@ -13,6 +13,7 @@ kernels first, and keep it out of training (it steps aside whenever autograd is 
 
 from __future__ import annotations
 
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -37,13 +38,13 @@ class CUDAGraphed(nn.Module):
 
     Each call copies its tensors into the graph's inputs and returns a copy of its output, so
     results of earlier calls (a CFG pair's two halves) stay valid. Off CUDA or with autograd on
-    it calls ``module`` as it is.
+    it calls ``module`` as it is; so does a signature whose capture failed, after one warning.
     """
 
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
-        self._graphs: dict[tuple, _Captured] = {}
+        self._graphs: dict[tuple, _Captured | None] = {}  # None: capture failed, run as is
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec = tree_flatten((args, kwargs))
@@ -51,20 +52,33 @@ class CUDAGraphed(nn.Module):
         if torch.is_grad_enabled() or not tensors or not all(t.is_cuda for t in tensors):
             return self.module(*args, **kwargs)
         key = (str(spec), *(_signature(x) for x in leaves), *_autocast_state())
-        captured = self._graphs.get(key)
+        if key not in self._graphs:
+            self._graphs[key] = self._try_capture(leaves, spec)
+        captured = self._graphs[key]
         if captured is None:
-            captured = self._graphs[key] = self._capture(leaves, spec)
-        else:
-            for static, x in zip(captured.inputs, leaves, strict=True):
-                if isinstance(x, Tensor):
-                    static.copy_(x)
+            return self.module(*args, **kwargs)
+        for static, x in zip(captured.inputs, leaves, strict=True):
+            if isinstance(x, Tensor):
+                static.copy_(x)
         captured.graph.replay()
         return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, captured.output)
 
     @property
     def graph_count(self) -> int:
         """How many input signatures have been captured."""
-        return len(self._graphs)
+        return sum(c is not None for c in self._graphs.values())
+
+    def _try_capture(self, leaves: list[Any], spec: Any) -> _Captured | None:
+        try:
+            return self._capture(leaves, spec)
+        except RuntimeError as err:  # an op that cannot be captured (a host sync, a recompile)
+            warnings.warn(
+                f"CUDA graph capture of {type(self.module).__name__} failed ({err}); these "
+                "inputs run step by step (--no-cuda-graphs skips the attempt)",
+                stacklevel=3,
+            )
+            torch.cuda.synchronize()
+            return None
 
     def _capture(self, leaves: list[Any], spec: Any) -> _Captured:
         inputs = [x.clone() if isinstance(x, Tensor) else x for x in leaves]

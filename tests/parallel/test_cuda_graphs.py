@@ -4,6 +4,7 @@ outputs that survive later calls; the pipeline's switch; the bench's compile spe
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -83,6 +84,28 @@ def test_replays_match_plain_calls_and_earlier_outputs_survive(compiled: bool) -
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, want[0], rtol=1e-5, atol=1e-5)
     assert (got[0] - got[1]).abs().max() > 1e-2  # the second call saw its own inputs
+
+
+class HostSync(torch.nn.Module):
+    """A forward that reads a value back to the host, which no CUDA graph can capture."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * 2 if x.sum().item() > 0 else x * 3
+
+
+@pytest.mark.skipif(NO_GPU is not None, reason=str(NO_GPU))
+def test_a_forward_that_cannot_be_captured_runs_as_it_is_after_a_warning() -> None:
+    graphed = CUDAGraphed(HostSync())
+    x = torch.ones(4, device="cuda")
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="no-cuda-graphs"):
+            first = graphed(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second attempt, no second warning
+            second = graphed(-x)
+    assert graphed.graph_count == 0
+    torch.testing.assert_close(first, 2 * x)
+    torch.testing.assert_close(second, -3 * x)
 
 
 @pytest.mark.skipif(NO_GPU is not None, reason=str(NO_GPU))
