@@ -20,10 +20,11 @@ TRAIN_CASES+=,fluxlab-fp8:master:block,fluxlab-fp8:master:full,fluxlab-fp8-rowwi
 # numerically identical Triton workaround), so the bf16 cases run before it.
 # fluxlab's cases sample with the pipeline's attention (FA4 where installed); +cudagraph replays each
 # step as one CUDA graph, as fluxlab sample does; +tune adds inductor's coordinate-descent tuning;
-# fluxlab-fp8-fused quantizes each MLP's GELU output in one Triton pass (parallel/fp8_gelu.py).
+# fluxlab-fp8 samples as fluxlab sample --fp8 (each MLP's GELU quantized in one Triton pass,
+# parallel/fp8_gelu.py); fluxlab-fp8-unfused leaves that to inductor.
 INFER_CASES=diffusers:eager,diffusers:full,fluxlab:block,fluxlab:block+cudagraph
 FP8_INFER_CASES=diffusers:eager,fluxlab-fp8:block,fluxlab-fp8:block+cudagraph
-FP8_INFER_CASES+=,fluxlab-fp8:block+tune+cudagraph,fluxlab-fp8-fused:block+tune+cudagraph
+FP8_INFER_CASES+=,fluxlab-fp8:block+tune+cudagraph,fluxlab-fp8-unfused:block+tune+cudagraph
 PEER_CASES=diffusers:eager,diffusers-fp8:full
 # The same fp8 sampling with torchao's MSLK GEMMs (offline_bundle.sh MSLK=1 unpacks them in /tmp/mslk;
 # torchao's KernelPreference.AUTO takes them over cuBLAS once importable).

@@ -190,8 +190,10 @@ class Float8Impl(Impl):
         convert_to_float8_training(model, self.recipe, _device_of(model))
 
     def prepare_inference(self, model: nn.Module) -> None:
+        # As fluxlab sample --fp8: torchao's fp8 linears, each MLP's GELU quantized in one pass.
         # No epilogue classes: they would step aside for fp8 weights anyway (same function).
         quantize_for_sampling(model, _device_of(model))
+        use_fused_fp8_gelu(model)
         use_sampling_attention(model)
 
 
@@ -203,15 +205,14 @@ class RowwiseFloat8Impl(Float8Impl):
     recipe = "rowwise"
 
 
-class FusedGeluFloat8Impl(Float8Impl):
-    """``fluxlab-fp8`` sampling with each MLP's GELU and its row-wise fp8 quantisation in one Triton
-    pass (``parallel/fp8_gelu.py``), until measured a bench variant only."""
+class UnfusedFloat8Impl(Float8Impl):
+    """``fluxlab-fp8`` sampling with torchao's fp8 linears alone, the GELU quantized by inductor
+    (a bench variant: what the one-pass kernel of ``parallel/fp8_gelu.py`` buys)."""
 
-    name = "fluxlab-fp8-fused"
+    name = "fluxlab-fp8-unfused"
 
     def prepare_inference(self, model: nn.Module) -> None:
         quantize_for_sampling(model, _device_of(model))
-        use_fused_fp8_gelu(model)
         use_sampling_attention(model)
 
 
@@ -253,7 +254,7 @@ IMPLS: dict[str, type[Impl]] = {
     "fluxlab-fp8": Float8Impl,
     "fluxlab-fp8-rowwise": RowwiseFloat8Impl,
     "fluxlab-fp8-tensorwise": TensorwiseSamplingFloat8Impl,
-    "fluxlab-fp8-fused": FusedGeluFloat8Impl,
+    "fluxlab-fp8-unfused": UnfusedFloat8Impl,
     "diffusers-fp8": DiffusersFloat8Impl,
 }
 

@@ -40,11 +40,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--impls",
         default="fluxlab,diffusers",
         help="comma-separated: fluxlab, diffusers, fluxlab-plain (no sampling GEMM epilogues), "
-        "fluxlab-fp8 (torchao float8 training, tensorwise; fp8 sampling), fluxlab-fp8-rowwise, "
-        "fluxlab-fp8-tensorwise (tensor-wise sampling scales), fluxlab-fp8-fused (one-pass GELU "
-        "quantisation), diffusers-fp8 (torchao fp8 sampling, the peers' recipe; not trained). "
-        "fp8 cases are "
-        "skipped, saying why, without torchao or a GPU of compute capability 8.9+",
+        "fluxlab-fp8 (torchao float8 training, tensorwise; fp8 sampling as fluxlab sample --fp8), "
+        "fluxlab-fp8-rowwise, fluxlab-fp8-tensorwise (tensor-wise sampling scales), "
+        "fluxlab-fp8-unfused (sampling without the one-pass GELU quantisation), diffusers-fp8 "
+        "(torchao fp8 sampling, the peers' recipe; not trained). fp8 cases are skipped, saying "
+        "why, without torchao or a GPU of compute capability 8.9+",
     )
     p.add_argument(
         "--train-modes",
