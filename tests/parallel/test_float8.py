@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from fp8_helpers import cpu_scaled_mm_takes_row_scales
 from torch import Tensor, nn
 
 from fluxlab.commands.sampling_options import apply_fp8
@@ -138,17 +139,8 @@ def test_config_names_the_field(tmp_path: Path) -> None:
         f8.quantize_for_sampling(tiny_flux(), CPU)
 
 
-def _cpu_scaled_mm_takes_row_scales() -> bool:
-    a = torch.ones(16, 16, dtype=torch.float8_e4m3fn)
-    try:
-        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16))
-    except RuntimeError:
-        return False
-    return True
-
-
 @pytest.mark.skipif(
-    not _cpu_scaled_mm_takes_row_scales(),
+    not cpu_scaled_mm_takes_row_scales(),
     reason="this torch's CPU _scaled_mm takes per-tensor scales only (rowwise needs torch >= 2.13)",
 )
 def test_fp8_sampling_layers_run_torchaos_kernels(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from fp8_helpers import cpu_scaled_mm_takes_row_scales
 from torch import nn
 
 from fluxlab.conditioning.tokens import image_ids, text_ids
@@ -39,15 +40,6 @@ def flux_inputs(model: Flux, device: str = "cpu") -> dict[str, torch.Tensor]:
         y=torch.randn(b, p.vec_in_dim, generator=gen),
     )
     return {k: v.to(device, torch.bfloat16) for k, v in x.items()}
-
-
-def cpu_scaled_mm_takes_row_scales() -> bool:
-    a = torch.ones(16, 16, dtype=torch.float8_e4m3fn)
-    try:
-        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16))
-    except RuntimeError:
-        return False
-    return True
 
 
 def rows(m: int, n: int, seed: int, scale: float = 3.0) -> torch.Tensor:
